@@ -1,0 +1,411 @@
+"""Scan-based backup of a plain directory into a snapshot (no mount needed).
+
+Strategy. The calling thread walks the source depth-first through directory fds and reads files
+block by block; a file whose size, mtime, ctime and inode match its entry in the parent snapshot is
+reused without being read. Each block read goes to a worker pool that computes its XXH3 and blob
+id and, if the blob is new, compresses, seals and packs it (`Repository.save_blob`). A semaphore
+bounds the blocks in flight, so reading never runs more than `MAX_BLOCKS_IN_FLIGHT` ahead of the
+workers. When a directory is fully listed, its tree is finished by a single finisher thread, which
+waits for that directory's blocks and subtrees: trees are submitted in post-order, so a parent
+always finds its children done, and the walk never waits for a directory to drain.
+
+Files that vanish, cannot be read, or change while being read are reported as warnings and left
+out; the backup still completes. The snapshot object is written only after everything it refers to
+is durable (`Repository.save_snapshot`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import xxhash
+
+from .errors import FsmountError, UsageError
+from .fsnode import at_path, node_from_stat, open_dir, raise_fd_limit, read_xattrs
+from .pack import DATA_BLOB
+from .progress import Progress
+from .repository import Repository
+from .snapshot import Snapshot
+from .tree import DIR, FILE, HOLE, SYMLINK, Node
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCKS_IN_FLIGHT = 64
+MAX_WARNINGS_KEPT = 1000
+
+
+@dataclass
+class BackupStats:
+    files_new: int = 0
+    files_changed: int = 0
+    files_unchanged: int = 0
+    dirs: int = 0
+    others: int = 0
+    size: int = 0
+    bytes_read: int = 0
+    bytes_added: int = 0
+    blobs_added: int = 0
+    warnings: int = 0
+    duration_ms: int = 0
+
+    @property
+    def files(self) -> int:
+        return self.files_new + self.files_changed + self.files_unchanged
+
+
+@dataclass
+class BackupResult:
+    snapshot: Snapshot
+    stats: BackupStats
+    warnings: list[str] = field(default_factory=list)
+
+
+class _SourceChanged(Exception):
+    """The file changed or vanished while it was being read."""
+
+
+@dataclass
+class _Entry:
+    """A node whose content may still be in the works."""
+
+    node: Node
+    blocks: list[Future] | None = None  # files: one future per block -> (blob id, xxh3)
+    subtree: Future | None = None  # directories: future of the subtree's id
+
+
+@dataclass
+class _DirJob:
+    fd: int
+    path: bytes
+    names: list[bytes]
+    parent_nodes: dict[bytes, Node]
+    own: _Entry | None  # this directory's entry in its parent job; None for the root
+    entries: list[_Entry] = field(default_factory=list)
+    position: int = 0
+
+
+def _completed(value: object) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+class Backup:
+    """One backup run. Call `run()` once."""
+
+    def __init__(self, repo: Repository, source: str | bytes, *, host: str | None = None,
+                 tags: list[str] | None = None, name: str | None = None,
+                 parent: Snapshot | None | str = "auto", progress: Progress | None = None,
+                 workers: int | None = None):
+        self.repo = repo
+        self.source = os.path.abspath(os.fsencode(source))
+        self.host = host or socket.gethostname()
+        self.tags = list(tags or [])
+        self.name = name
+        self.progress = progress or Progress()
+        self.stats = BackupStats()
+        self.warnings: list[str] = []
+        if parent == "auto":
+            parents = [s for s in repo.snapshots() if s.host == self.host and s.source == self.source]
+            parent = parents[-1] if parents else None
+        self.parent: Snapshot | None = parent  # type: ignore[assignment]
+        self._block_size = repo.block_size
+        self._zero_block = bytes(self._block_size)
+        self._zero_xxh = xxhash.xxh3_128_digest(self._zero_block)
+        self._workers = ThreadPoolExecutor(workers or max(2, os.cpu_count() or 2), thread_name_prefix="backup")
+        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="backup-trees")
+        self._in_flight = threading.Semaphore(MAX_BLOCKS_IN_FLIGHT)
+        self._hardlinks: dict[tuple[int, int], list[Future]] = {}
+        self._failure: BaseException | None = None
+        self._excluded = self._excluded_dirs()
+
+    def _excluded_dirs(self) -> set[tuple[int, int]]:
+        """A local repository or the cache inside the source must not back itself up."""
+        excluded = set()
+        for path in (getattr(self.repo.store, "root", None), self.repo.cache_dir):
+            if path:
+                try:
+                    st = os.stat(path)
+                    excluded.add((st.st_dev, st.st_ino))
+                except OSError:
+                    pass
+        return excluded
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def run(self) -> BackupResult:
+        started = time.monotonic()
+        written_before = self.repo.writer.statistics.bytes_added, self.repo.writer.statistics.blobs_added
+        raise_fd_limit()
+        try:
+            root_fd = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise UsageError(f"cannot open source {os.fsdecode(self.source)}: {exc.strerror}") from exc
+        self.progress.start()
+        self._started_ns = time.time_ns()
+        try:
+            tree_future = self._walk(root_fd)
+            tree_id = tree_future.result()
+            self._check_failure()
+            self.repo.flush()
+        finally:
+            self._workers.shutdown(wait=True, cancel_futures=True)
+            self._finisher.shutdown(wait=True, cancel_futures=True)
+            self.progress.finish()
+        stats = self.stats
+        stats.bytes_added = self.repo.writer.statistics.bytes_added - written_before[0]
+        stats.blobs_added = self.repo.writer.statistics.blobs_added - written_before[1]
+        stats.warnings = len(self.warnings)
+        stats.duration_ms = int((time.monotonic() - started) * 1000)
+        snapshot = Snapshot(
+            time_ns=self._started_ns, host=self.host, source=self.source, tree=tree_id, tags=self.tags,
+            name=self.name, parent=self.parent.id if self.parent else None,
+            stats={k: v for k, v in vars(stats).items()} | {"files": stats.files},
+        )
+        self.repo.save_snapshot(snapshot)
+        return BackupResult(snapshot, stats, self.warnings)
+
+    def _walk(self, root_fd: int) -> Future:
+        parent_root = self._parent_nodes(self.parent.tree) if self.parent else {}
+        stack = [_DirJob(root_fd, b"", self._list(root_fd, b""), parent_root, None)]
+        try:
+            return self._walk_stack(stack)
+        finally:
+            for job in stack:
+                os.close(job.fd)
+
+    def _walk_stack(self, stack: list[_DirJob]) -> Future:
+        root_future: Future | None = None
+        while stack:
+            job = stack[-1]
+            self._check_failure()
+            if job.position < len(job.names):
+                name = job.names[job.position]
+                job.position += 1
+                child = self._visit(job, name)
+                if child is not None:
+                    stack.append(child)
+                continue
+            stack.pop()
+            os.close(job.fd)
+            future = self._finisher.submit(self._finish_tree, job.entries, job.path)
+            if job.own is not None:
+                job.own.subtree = future
+            else:
+                root_future = future
+        assert root_future is not None
+        return root_future
+
+    def _list(self, fd: int, path: bytes) -> list[bytes]:
+        try:
+            return sorted(os.fsencode(n) for n in os.listdir(fd))
+        except OSError as exc:
+            self._warn(path, f"cannot list directory: {exc.strerror}")
+            return []
+
+    def _parent_nodes(self, tree_id: bytes) -> dict[bytes, Node]:
+        try:
+            return {n.name: n for n in self.repo.load_tree(tree_id)}
+        except FsmountError as exc:
+            log.warning("parent tree %s unreadable, reading files again: %s", tree_id.hex(), exc)
+            return {}
+
+    def _visit(self, job: _DirJob, name: bytes) -> _DirJob | None:
+        """Back up one entry of `job`; returns a job to push for a subdirectory."""
+        path = job.path + b"/" + name if job.path else name
+        try:
+            st = os.lstat(name, dir_fd=job.fd)
+        except FileNotFoundError:
+            self._warn(path, "vanished before it could be read")
+            return None
+        except OSError as exc:
+            self._warn(path, f"cannot stat: {exc.strerror}")
+            return None
+        node = node_from_stat(name, st)
+        try:
+            if node.type == DIR:
+                return self._visit_dir(job, node, path, st)
+            if node.type == FILE:
+                self._visit_file(job, node, path, st)
+            else:
+                if node.type == SYMLINK:
+                    node.target = os.readlink(name, dir_fd=job.fd)
+                node.xattrs = read_xattrs(at_path(job.fd, name))
+                self.stats.others += 1
+                job.entries.append(_Entry(node))
+        except _SourceChanged as exc:
+            self._warn(path, str(exc))
+        except FileNotFoundError:
+            self._warn(path, "vanished while being read")
+        except OSError as exc:
+            self._warn(path, f"cannot read: {exc.strerror or exc}")
+        return None
+
+    def _visit_dir(self, job: _DirJob, node: Node, path: bytes, st: os.stat_result) -> _DirJob | None:
+        if (st.st_dev, st.st_ino) in self._excluded:
+            return None
+        fd = open_dir(job.fd, node.name)
+        try:
+            if (os.fstat(fd).st_ino) != st.st_ino:
+                raise _SourceChanged("was replaced while being read")
+            node.xattrs = read_xattrs(fd)
+            names = self._list(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        previous = job.parent_nodes.get(node.name)
+        parent_nodes = self._parent_nodes(previous.subtree) if previous and previous.type == DIR else {}
+        entry = _Entry(node)
+        job.entries.append(entry)
+        self.stats.dirs += 1
+        return _DirJob(fd, path, names, parent_nodes, entry)
+
+    def _visit_file(self, job: _DirJob, node: Node, path: bytes, st: os.stat_result) -> None:
+        previous = job.parent_nodes.get(node.name)
+        link_key = (st.st_dev, st.st_ino)
+        if node.is_hardlinked and link_key in self._hardlinks:
+            blocks = self._hardlinks[link_key]
+            node.xattrs = read_xattrs(at_path(job.fd, node.name))
+            self.stats.files_unchanged += 1
+        elif previous is not None and _unchanged(previous, node):
+            node.blocks, node.xxh = previous.blocks, previous.xxh
+            node.xattrs = read_xattrs(at_path(job.fd, node.name))
+            blocks = None
+            self.stats.files_unchanged += 1
+        else:
+            blocks = self._read_file(job.fd, node)
+            if previous is None:
+                self.stats.files_new += 1
+            else:
+                self.stats.files_changed += 1
+            if node.is_hardlinked:
+                self._hardlinks[link_key] = blocks
+        self.stats.size += node.size
+        job.entries.append(_Entry(node, blocks))
+        self.progress.advance(items=1, current=os.fsdecode(path))
+
+    def _read_file(self, dir_fd: int, node: Node) -> list[Future]:
+        try:
+            fd = os.open(node.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME, dir_fd=dir_fd)
+        except PermissionError:
+            fd = os.open(node.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            before = os.fstat(fd)
+            if before.st_ino != node.ino:
+                raise _SourceChanged("was replaced while being read")
+            node.xattrs = read_xattrs(fd)
+            blocks = self._read_blocks(fd, before.st_size)
+            after = os.fstat(fd)
+            if _fingerprint(after) != _fingerprint(before):
+                raise _SourceChanged("changed while being read (left out of this snapshot)")
+        finally:
+            os.close(fd)
+        # Record what was read, not what the earlier lstat saw.
+        node.size, node.mtime_ns, node.ctime_ns = before.st_size, before.st_mtime_ns, before.st_ctime_ns
+        return blocks
+
+    def _read_blocks(self, fd: int, size: int) -> list[Future]:
+        block_size = self._block_size
+        blocks: list[Future] = []
+        next_data: int | None = 0
+        offset = 0
+        while offset < size:
+            length = min(block_size, size - offset)
+            if next_data is not None and next_data < offset:
+                next_data = _seek_data(fd, offset)
+            if next_data is None or next_data >= offset + length:  # a hole: nothing to read
+                xxh = self._zero_xxh if length == block_size else xxhash.xxh3_128_digest(bytes(length))
+                blocks.append(_completed((HOLE, xxh)))
+            else:
+                data = os.pread(fd, length, offset)
+                if len(data) != length:
+                    raise _SourceChanged("shrank while being read (left out of this snapshot)")
+                self.stats.bytes_read += length
+                self.progress.advance(nbytes=length)
+                self._in_flight.acquire()
+                try:
+                    blocks.append(self._workers.submit(self._save_block, data))
+                except BaseException:
+                    self._in_flight.release()
+                    raise
+            offset += length
+        return blocks
+
+    # -- worker and finisher threads --------------------------------------------------------------
+
+    def _save_block(self, data: bytes) -> tuple[bytes, bytes]:
+        try:
+            xxh = xxhash.xxh3_128_digest(data)
+            if data == self._zero_block[: len(data)]:
+                return HOLE, xxh
+            blob_id, _ = self.repo.save_blob(DATA_BLOB, data)
+            return blob_id, xxh
+        except BaseException as exc:
+            self._failure = self._failure or exc
+            raise
+        finally:
+            self._in_flight.release()
+
+    def _finish_tree(self, entries: list[_Entry], path: bytes) -> bytes:
+        try:
+            nodes = []
+            for entry in entries:
+                node = entry.node
+                if entry.blocks is not None:
+                    results = [f.result() for f in entry.blocks]
+                    node.blocks = b"".join(blob_id for blob_id, _ in results)
+                    node.xxh = b"".join(xxh for _, xxh in results)
+                if entry.subtree is not None:
+                    node.subtree = entry.subtree.result()
+                nodes.append(node)
+            return self.repo.save_tree(nodes)
+        except BaseException as exc:
+            self._failure = self._failure or exc
+            raise
+
+    def _check_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _warn(self, path: bytes, message: str) -> None:
+        text = f"{os.fsdecode(path) or '.'}: {message}"
+        log.warning("%s", text)
+        if len(self.warnings) < MAX_WARNINGS_KEPT:
+            self.warnings.append(text)
+        self.stats.warnings += 1
+
+
+def backup(repo: Repository, source: str | bytes, **options: object) -> BackupResult:
+    """Back up `source` into `repo`; see `Backup` for the options."""
+    return Backup(repo, source, **options).run()  # type: ignore[arg-type]
+
+
+def _unchanged(previous: Node, node: Node) -> bool:
+    return (previous.type == FILE and previous.size == node.size and previous.mtime_ns == node.mtime_ns
+            and previous.ctime_ns == node.ctime_ns and previous.ino == node.ino)
+
+
+def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _seek_data(fd: int, offset: int) -> int | None:
+    """The next offset holding data at or after `offset`, or None if only holes remain."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return None
+        if exc.errno == errno.EINVAL:  # file system without SEEK_DATA: treat everything as data
+            return offset
+        raise
+
+
+__all__ = ["Backup", "BackupResult", "BackupStats", "backup"]

@@ -1,0 +1,160 @@
+"""Turning blobs into packs in the store, with the index written after them.
+
+`BlobWriter.save()` is called from many worker threads at once. Each call hashes its plaintext, and
+only if the blob is new anywhere (index cache, or reserved earlier in this session) compresses and
+seals it in the calling thread; the one lock is held just to reserve the id and to append the sealed
+bytes. A full pack (~16 MiB) is finished and handed to a small upload pool; at most
+`uploads_in_flight` finished packs wait or travel at once, so memory stays bounded and slow stores
+push back on the savers.
+
+Durability order, which makes a crash at any point leave a valid repository:
+  1. packs are put (each complete or absent, by the store's contract);
+  2. an index object describing only uploaded packs is put, then added to the local cache;
+  3. only then (`flush()` returned) may the caller write a snapshot that references the blobs.
+Packs without an index after a crash are unreferenced and harmless (prune removes them).
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .crypto import MasterKey
+from .errors import FsmountError, StoreError
+from .index import IndexCache, encode_index
+from .pack import BlobEntry, PackWriter, pack_key
+from .stores import ObjectStore
+
+# Write an index object once this many blobs are described by uploaded packs, or at flush().
+INDEX_BATCH_BLOBS = 50_000
+
+
+@dataclass
+class WriteStatistics:
+    blobs_added: int = 0
+    bytes_added: int = 0  # sealed bytes put into packs, headers excluded
+    raw_bytes_added: int = 0
+    packs_uploaded: int = 0
+
+
+class BlobWriter:
+    def __init__(self, store: ObjectStore, key: MasterKey, index: IndexCache, pack_size: int,
+                 *, upload_workers: int = 2, uploads_in_flight: int = 2):
+        self._store = store
+        self._key = key
+        self._index = index
+        self._pack_size = pack_size
+        self._lock = threading.Lock()
+        self._packer = PackWriter(key)
+        self._reserved: set[bytes] = set()  # ids saved this session and not yet in the index cache
+        self._uploaded: list[tuple[str, list[BlobEntry]]] = []  # packs awaiting an index object
+        self._uploaded_blobs = 0
+        self._uploads: set[Future] = set()
+        self._upload_slots = threading.BoundedSemaphore(uploads_in_flight)
+        self._pool = ThreadPoolExecutor(upload_workers, thread_name_prefix="pack-upload")
+        self._failure: BaseException | None = None
+        self.statistics = WriteStatistics()
+
+    def contains(self, blob_id: bytes) -> bool:
+        with self._lock:
+            if blob_id in self._reserved:
+                return True
+        return self._index.contains(blob_id)
+
+    def save(self, blob_type: int, plaintext: bytes | memoryview, blob_id: bytes | None = None) -> tuple[bytes, bool]:
+        """Store a blob unless it is already there; returns (blob id, whether it was added)."""
+        self._raise_failure()
+        if blob_id is None:
+            blob_id = self._key.blob_id(plaintext)
+        with self._lock:
+            if blob_id in self._reserved:
+                return blob_id, False
+            self._reserved.add(blob_id)
+        if self._index.contains(blob_id):
+            with self._lock:
+                self._reserved.discard(blob_id)
+            return blob_id, False
+        sealed = self._key.seal_blob(blob_type, blob_id, plaintext)
+        full = None
+        with self._lock:
+            self._packer.add(blob_type, blob_id, sealed, len(plaintext))
+            self.statistics.blobs_added += 1
+            self.statistics.bytes_added += len(sealed)
+            self.statistics.raw_bytes_added += len(plaintext)
+            if self._packer.size >= self._pack_size:
+                full, self._packer = self._packer, PackWriter(self._key)
+        if full is not None:
+            self._upload(full)
+        return blob_id, True
+
+    def _upload(self, packer: PackWriter) -> None:
+        self._upload_slots.acquire()  # backpressure: wait while enough packs are in flight
+        try:
+            self._raise_failure()
+            future = self._pool.submit(self._finish_and_put, packer)
+        except BaseException:
+            self._upload_slots.release()
+            raise
+        with self._lock:
+            self._uploads.add(future)
+        future.add_done_callback(self._upload_done)
+
+    def _finish_and_put(self, packer: PackWriter) -> None:
+        pack_id, data, entries = packer.finish()
+        self._store.put(pack_key(pack_id), data)
+        with self._lock:
+            self._uploaded.append((pack_id, entries))
+            self._uploaded_blobs += len(entries)
+            self.statistics.packs_uploaded += 1
+            write_index = self._uploaded_blobs >= INDEX_BATCH_BLOBS
+        if write_index:
+            self._write_index()
+
+    def _upload_done(self, future: Future) -> None:
+        self._upload_slots.release()
+        with self._lock:
+            self._uploads.discard(future)
+            exc = future.exception()
+            if exc is not None and self._failure is None:
+                self._failure = exc
+
+    def _write_index(self) -> None:
+        with self._lock:
+            packs, self._uploaded, self._uploaded_blobs = self._uploaded, [], 0
+        if not packs:
+            return
+        name, data = encode_index(self._key, packs)
+        self._store.put(f"index/{name}", data)
+        self._index.add(name, packs)
+        with self._lock:
+            for _, entries in packs:
+                self._reserved.difference_update(e.blob_id for e in entries)
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            exc = self._failure
+            if isinstance(exc, FsmountError):
+                raise type(exc)(str(exc)) from exc
+            raise StoreError(f"uploading a pack failed: {exc}") from exc
+
+    def flush(self) -> None:
+        """Upload the partial pack, wait for every upload, and write the index for them."""
+        with self._lock:
+            packer = self._packer if self._packer.count else None
+            if packer is not None:
+                self._packer = PackWriter(self._key)
+        if packer is not None:
+            self._upload(packer)
+        while True:
+            with self._lock:
+                pending = list(self._uploads)
+            if not pending:
+                break
+            for future in pending:
+                future.exception()  # wait; failures are recorded by _upload_done
+        self._raise_failure()
+        self._write_index()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,70 @@
+"""The engine's exceptions: a small hierarchy, each class carrying the exit code the CLI reports.
+
+Errors are raised where something goes wrong and gain context on the way up (`raise ... from exc`);
+only `fsmount/cli.py` turns them into a one-line message and an exit code, and only the FUSE adapters
+turn them into an errno. `exit_code` values follow restic's where restic has one.
+"""
+
+from __future__ import annotations
+
+
+class FsmountError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(FsmountError):
+    """The request itself cannot be carried out as given (bad path, unknown snapshot, bad option)."""
+
+    exit_code = 2
+
+
+class RepositoryNotFound(FsmountError):
+    """There is no repository at the given location."""
+
+    exit_code = 10
+
+
+class RepositoryExists(FsmountError):
+    """`init` found a repository already at the location."""
+
+    exit_code = 10
+
+
+class LockedError(FsmountError):
+    """Another process holds an exclusive lock on the repository."""
+
+    exit_code = 11
+
+
+class WrongPassword(FsmountError):
+    """No key of the repository opens with the given passphrase."""
+
+    exit_code = 12
+
+
+class UnsupportedFormat(FsmountError):
+    """The repository was written by a newer (or unknown) format version."""
+
+    exit_code = 13
+
+
+class IntegrityError(FsmountError):
+    """An object is missing, or its content does not match its id or fails authentication."""
+
+    exit_code = 14
+
+
+class StoreError(FsmountError):
+    """The object store failed: unreachable, out of space, permission denied, or a permanent error."""
+
+    exit_code = 15
+
+
+class TransientStoreError(StoreError):
+    """A store failure worth retrying (throttling, 5xx, timeouts, dropped connections)."""
+
+
+class ObjectNotFound(StoreError):
+    """The store has no object under the requested key."""

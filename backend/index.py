@@ -1,0 +1,183 @@
+"""The block index: which blob lives in which pack, in the store and cached locally.
+
+In the store, `index/<id>` objects (id = BLAKE3 of the object) each describe some packs; they are
+written after the packs they describe, so an index never points at data that is not there. Their
+plaintext is zstd-compressed msgpack: `{"v": 1, "packs": [[pack id (32 bytes), entry table], ...]}`,
+where the entry table is the packs' header records (`pack.ENTRY`) back to back. Sealed with
+associated data `INDEX_AAD`.
+
+Locally, `IndexCache` keeps the union of all index objects in SQLite under the XDG cache dir, so
+opening a repository costs one listing of `index/` plus the objects not seen before. If an index
+object disappeared (prune rewrote them) or the cache is unreadable, the cache is rebuilt from the
+store; a repository opened on a new machine builds it on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import msgpack
+import zstandard
+
+from .crypto import MasterKey, content_hash
+from .errors import IntegrityError, ObjectNotFound
+from .pack import BlobEntry, decode_entries, encode_entries
+from .stores import ObjectStore
+
+log = logging.getLogger(__name__)
+
+INDEX_AAD = b"fsmount index"
+INDEX_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class BlobLocation:
+    pack_id: str
+    entry: BlobEntry
+
+
+def encode_index(key: MasterKey, packs: list[tuple[str, list[BlobEntry]]]) -> tuple[str, bytes]:
+    """(name, content) of an index object describing `packs`."""
+    doc = {"v": INDEX_VERSION, "packs": [[bytes.fromhex(p), encode_entries(e)] for p, e in packs]}
+    data = key.seal(zstandard.ZstdCompressor().compress(msgpack.packb(doc)), INDEX_AAD)
+    return content_hash(data), data
+
+
+def decode_index(key: MasterKey, name: str, data: bytes) -> list[tuple[str, list[BlobEntry]]]:
+    what = f"index {name}"
+    if content_hash(data) != name:
+        raise IntegrityError(f"{what} does not match its name (corrupt)")
+    plain = key.unseal(data, INDEX_AAD, what)
+    try:
+        doc = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(plain))
+        if doc["v"] != INDEX_VERSION:
+            raise IntegrityError(f"{what} has unknown version {doc['v']}")
+        return [(pack_id.hex(), decode_entries(table, what)) for pack_id, table in doc["packs"]]
+    except (ValueError, KeyError, TypeError, zstandard.ZstdError) as exc:
+        raise IntegrityError(f"{what} is malformed: {exc}") from exc
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS packs (num INTEGER PRIMARY KEY, pack_id TEXT UNIQUE NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (
+    blob_id BLOB PRIMARY KEY, blob_type INTEGER NOT NULL, pack INTEGER NOT NULL,
+    offset INTEGER NOT NULL, length INTEGER NOT NULL, raw_length INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS index_objects (name TEXT PRIMARY KEY);
+"""
+
+
+class IndexCache:
+    """SQLite copy of the repository's index objects; safe to share between threads."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = self._connect()
+        self.unreadable: dict[str, str] = {}  # index objects that failed to load -> why
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            return self._open_db()
+        except sqlite3.DatabaseError as exc:
+            log.warning("index cache %s is unreadable (%s); rebuilding it", self.path, exc)
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    os.unlink(self.path + suffix)
+                except FileNotFoundError:
+                    pass
+            return self._open_db()
+
+    def _open_db(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=60)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        db.execute("SELECT count(*) FROM index_objects").fetchone()
+        return db
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def sync(self, store: ObjectStore, key: MasterKey) -> None:
+        """Bring the cache up to date with the store's `index/` objects."""
+        in_store = {k.removeprefix("index/") for k, _ in store.list("index/")}
+        with self._lock:
+            known = {name for (name,) in self._db.execute("SELECT name FROM index_objects")}
+        if known - in_store:
+            log.info("index objects were removed from the repository; rebuilding the index cache")
+            with self._lock:
+                self._db.executescript("DELETE FROM blobs; DELETE FROM packs; DELETE FROM index_objects;")
+            known = set()
+        self.unreadable = {}
+        for name in sorted(in_store - known):
+            try:
+                self.add(name, decode_index(key, name, store.get(f"index/{name}")))
+            except (IntegrityError, ObjectNotFound) as exc:
+                # Not fatal: the blobs it lists look missing, which verify reports with their files.
+                log.warning("skipping index %s: %s", name, exc)
+                self.unreadable[name] = str(exc)
+
+    def add(self, name: str, packs: Iterable[tuple[str, list[BlobEntry]]]) -> None:
+        """Record the content of index object `name` (idempotent)."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for pack_id, entries in packs:
+                    db.execute("INSERT OR IGNORE INTO packs(pack_id) VALUES (?)", (pack_id,))
+                    (num,) = db.execute("SELECT num FROM packs WHERE pack_id=?", (pack_id,)).fetchone()
+                    db.executemany(
+                        "INSERT OR IGNORE INTO blobs VALUES (?,?,?,?,?,?)",
+                        ((e.blob_id, e.blob_type, num, e.offset, e.length, e.raw_length) for e in entries),
+                    )
+                db.execute("INSERT OR IGNORE INTO index_objects VALUES (?)", (name,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def lookup(self, blob_id: bytes) -> BlobLocation | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT p.pack_id, b.blob_type, b.offset, b.length, b.raw_length"
+                " FROM blobs b JOIN packs p ON p.num = b.pack WHERE b.blob_id=?",
+                (blob_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        pack_id, blob_type, offset, length, raw_length = row
+        return BlobLocation(pack_id, BlobEntry(blob_type, blob_id, offset, length, raw_length))
+
+    def contains(self, blob_id: bytes) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM blobs WHERE blob_id=?", (blob_id,)).fetchone() is not None
+
+    def pack_ids(self) -> Iterator[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT pack_id FROM packs ORDER BY pack_id").fetchall()
+        for (pack_id,) in rows:
+            yield pack_id
+
+    def pack_entries(self, pack_id: str) -> list[BlobEntry]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT b.blob_type, b.blob_id, b.offset, b.length, b.raw_length FROM blobs b"
+                " JOIN packs p ON p.num = b.pack WHERE p.pack_id=? ORDER BY b.offset",
+                (pack_id,),
+            ).fetchall()
+        return [BlobEntry(*row) for row in rows]
+
+    def statistics(self) -> tuple[int, int]:
+        """(packs, blobs) known to the cache."""
+        with self._lock:
+            (packs,) = self._db.execute("SELECT count(*) FROM packs").fetchone()
+            (blobs,) = self._db.execute("SELECT count(*) FROM blobs").fetchone()
+        return packs, blobs

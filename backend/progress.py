@@ -1,0 +1,20 @@
+"""How long-running engine work reports progress, without knowing who is watching.
+
+The engine calls a `Progress` object from its main thread; the CLI passes one that draws rich
+progress bars, tests and scripts pass `Progress()` (which ignores everything) or record calls.
+"""
+
+from __future__ import annotations
+
+
+class Progress:
+    """No-op base; override what you want to show."""
+
+    def start(self, total_bytes: int | None = None, total_items: int | None = None) -> None:
+        """Work begins; totals are given when known in advance."""
+
+    def advance(self, nbytes: int = 0, items: int = 0, current: str | None = None) -> None:
+        """Some bytes and/or items are done; `current` names what is being worked on."""
+
+    def finish(self) -> None:
+        """Work is over (successfully or not)."""

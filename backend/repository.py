@@ -1,0 +1,249 @@
+"""A repository: open or create one, then put and get blobs, trees and snapshots.
+
+Objects in the store (format details in docs/FORMAT.md):
+
+    config              plain JSON: version, id, block and pack size, algorithms
+    keys/<id>           the master key wrapped under a passphrase (crypto.py)
+    data/<2 hex>/<id>   packs of sealed blobs (pack.py)
+    index/<id>          which blobs are in which packs (index.py)
+    snapshots/<id>      point-in-time records, written last (snapshot.py)
+
+Writing goes through `BlobWriter` (blob_writer.py); a snapshot is saved only after `flush()`, so
+every snapshot in the store references durable data. Reading a blob is one ranged GET of its pack,
+then unsealing, which checks authenticity and the blob id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .blob_writer import BlobWriter
+from .crypto import MasterKey, content_hash, random_id
+from .errors import (IntegrityError, ObjectNotFound, RepositoryExists, RepositoryNotFound,
+                     UnsupportedFormat, UsageError, WrongPassword)
+from .index import IndexCache
+from .pack import DATA_BLOB, TREE_BLOB, pack_key
+from .snapshot import Snapshot
+from .stores import ObjectStore
+from .tree import Node, decode_tree, encode_tree
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DEFAULT_BLOCK_SIZE = 128 * 1024
+MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 64 * 1024, 4 * 1024 * 1024
+DEFAULT_PACK_SIZE = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    version: int
+    id: str
+    block_size: int
+    pack_size: int
+
+    def encode(self) -> bytes:
+        doc = {"version": self.version, "id": self.id, "block_size": self.block_size,
+               "pack_size": self.pack_size, "cipher": "aes-256-gcm", "blob_id": "blake3-keyed",
+               "compression": "zstd"}
+        return json.dumps(doc, indent=1).encode() + b"\n"
+
+    @classmethod
+    def decode(cls, data: bytes) -> Config:
+        try:
+            doc = json.loads(data)
+            version = doc["version"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"repository config is malformed: {exc}") from exc
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise UnsupportedFormat(
+                f"repository format version {version} is newer than this fsmount supports "
+                f"({FORMAT_VERSION}); upgrade fsmount")
+        try:
+            return cls(version, doc["id"], int(doc["block_size"]), int(doc["pack_size"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError(f"repository config is malformed: {exc}") from exc
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fsmount")
+
+
+class Repository:
+    """An open repository. Use as a context manager, or call `close()`."""
+
+    def __init__(self, store: ObjectStore, config: Config, key: MasterKey, cache_dir: str | None):
+        self.store = store
+        self.config = config
+        self.key = key
+        self.cache_dir = os.path.join(cache_dir or default_cache_dir(), config.id)
+        self.index = IndexCache(os.path.join(self.cache_dir, "index.sqlite"))
+        self.index.sync(store, key)
+        self.writer = BlobWriter(store, key, self.index, config.pack_size)
+
+    # -- opening ----------------------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, store: ObjectStore, passphrase: bytes, *, block_size: int = DEFAULT_BLOCK_SIZE,
+             pack_size: int = DEFAULT_PACK_SIZE, cache_dir: str | None = None) -> Repository:
+        if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size & (block_size - 1):
+            raise UsageError(f"block size must be a power of two from {MIN_BLOCK_SIZE // 1024} KiB "
+                             f"to {MAX_BLOCK_SIZE // 1024 // 1024} MiB, not {block_size}")
+        if store.exists("config"):
+            raise RepositoryExists(f"a repository already exists at {store.location}")
+        config = Config(FORMAT_VERSION, random_id(), block_size, pack_size)
+        key = MasterKey.generate()
+        wrapped = key.wrap(passphrase)
+        store.put(f"keys/{content_hash(wrapped)}", wrapped)
+        store.put("config", config.encode())  # last: its presence means "a repository is here"
+        return cls(store, config, key, cache_dir)
+
+    @classmethod
+    def open(cls, store: ObjectStore, passphrase: bytes, *, cache_dir: str | None = None) -> Repository:
+        try:
+            config = Config.decode(store.get("config"))
+        except ObjectNotFound:
+            raise RepositoryNotFound(f"no repository at {store.location} (run `fsmount init` first)") from None
+        key = open_master_key(store, passphrase)
+        return cls(store, config, key, cache_dir)
+
+    def add_key(self, passphrase: bytes) -> str:
+        wrapped = self.key.wrap(passphrase)
+        key_id = content_hash(wrapped)
+        self.store.put(f"keys/{key_id}", wrapped)
+        return key_id
+
+    def close(self) -> None:
+        self.writer.close()
+        self.index.close()
+        self.store.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- blobs ------------------------------------------------------------------------------------
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    def save_blob(self, blob_type: int, plaintext: bytes | memoryview, blob_id: bytes | None = None) -> tuple[bytes, bool]:
+        return self.writer.save(blob_type, plaintext, blob_id)
+
+    def load_blob(self, blob_type: int, blob_id: bytes) -> bytes:
+        location = self.index.lookup(blob_id)
+        if location is None:
+            raise IntegrityError(f"blob {blob_id.hex()} is not in the index (missing)")
+        entry = location.entry
+        if entry.blob_type != blob_type:
+            raise IntegrityError(f"blob {blob_id.hex()} has type {entry.blob_type}, expected {blob_type}")
+        key = pack_key(location.pack_id)
+        try:
+            sealed = self.store.get(key, entry.offset, entry.length)
+        except ObjectNotFound:
+            raise IntegrityError(f"pack {location.pack_id} holding blob {blob_id.hex()} is missing") from None
+        if len(sealed) != entry.length:
+            raise IntegrityError(f"pack {location.pack_id} is truncated (blob {blob_id.hex()})")
+        try:
+            return self.key.unseal_blob(blob_type, blob_id, sealed)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{exc} (in pack {location.pack_id})") from None
+
+    def flush(self) -> None:
+        """Make every blob saved so far durable and indexed."""
+        self.writer.flush()
+
+    # -- trees ------------------------------------------------------------------------------------
+
+    def save_tree(self, nodes: list[Node]) -> bytes:
+        blob_id, _ = self.save_blob(TREE_BLOB, encode_tree(nodes))
+        return blob_id
+
+    def load_tree(self, tree_id: bytes) -> list[Node]:
+        return decode_tree(self.load_blob(TREE_BLOB, tree_id), f"tree {tree_id.hex()}")
+
+    def load_block(self, blob_id: bytes) -> bytes:
+        return self.load_blob(DATA_BLOB, blob_id)
+
+    # -- snapshots --------------------------------------------------------------------------------
+
+    def save_snapshot(self, snapshot: Snapshot) -> str:
+        self.flush()
+        snapshot_id, data = snapshot.encode(self.key)
+        self.store.put(f"snapshots/{snapshot_id}", data)
+        snapshot.id = snapshot_id
+        return snapshot_id
+
+    def snapshot_ids(self) -> list[str]:
+        return [k.removeprefix("snapshots/") for k, _ in self.store.list("snapshots/")]
+
+    def load_snapshot(self, snapshot_id: str) -> Snapshot:
+        try:
+            data = self.store.get(f"snapshots/{snapshot_id}")
+        except ObjectNotFound:
+            raise IntegrityError(f"snapshot {snapshot_id} is missing") from None
+        return Snapshot.decode(self.key, snapshot_id, data)
+
+    def snapshots(self) -> list[Snapshot]:
+        """All snapshots, oldest first; unreadable ones are logged and left out."""
+        found = []
+        for snapshot_id in self.snapshot_ids():
+            try:
+                found.append(self.load_snapshot(snapshot_id))
+            except IntegrityError as exc:
+                log.warning("%s", exc)
+        found.sort(key=lambda s: (s.time_ns, s.id))
+        return found
+
+    def resolve_snapshot(self, ref: str, *, host: str | None = None, source: bytes | None = None) -> Snapshot:
+        """A snapshot by id prefix, or `latest` (optionally the latest of one host and source)."""
+        if ref == "latest":
+            candidates = [s for s in self.snapshots()
+                          if (host is None or s.host == host) and (source is None or s.source == source)]
+            if not candidates:
+                raise UsageError("the repository has no snapshots yet" if host is None and source is None
+                                 else "no snapshot matches that host and source")
+            return candidates[-1]
+        if len(ref) < 4 or any(c not in "0123456789abcdef" for c in ref):
+            raise UsageError(f"{ref!r} is not a snapshot id (give at least 4 hex digits, or `latest`)")
+        matches = [i for i in self.snapshot_ids() if i.startswith(ref)]
+        if not matches:
+            raise UsageError(f"no snapshot with id {ref}")
+        if len(matches) > 1:
+            raise UsageError(f"snapshot id {ref} is ambiguous ({len(matches)} snapshots match)")
+        return self.load_snapshot(matches[0])
+
+    def find_node(self, snapshot: Snapshot, path: bytes) -> Node:
+        """The node at `path` (relative, `/`-separated bytes) in a snapshot; b"" is the root."""
+        node = Node(name=b"", type="d", subtree=snapshot.tree)
+        for part in [p for p in path.split(b"/") if p and p != b"."]:
+            if node.type != "d":
+                raise UsageError(f"{path.decode(errors='replace')}: not a directory in the snapshot")
+            for child in self.load_tree(node.subtree):
+                if child.name == part:
+                    node = child
+                    break
+            else:
+                raise UsageError(f"{path.decode(errors='replace')}: no such path in snapshot {snapshot.short_id}")
+        return node
+
+
+def open_master_key(store: ObjectStore, passphrase: bytes) -> MasterKey:
+    """The master key from the first `keys/` object the passphrase opens."""
+    key_names = [k for k, _ in store.list("keys/")]
+    if not key_names:
+        raise IntegrityError(f"repository at {store.location} has no keys")
+    for name in key_names:
+        try:
+            return MasterKey.unwrap(store.get(name), passphrase)
+        except WrongPassword:
+            continue
+    raise WrongPassword("wrong passphrase: no key of the repository opens with it")

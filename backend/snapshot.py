@@ -1,0 +1,76 @@
+"""Snapshot objects: the record that makes a tree a restorable point in time.
+
+`snapshots/<id>` (id = BLAKE3 of the object) holds zstd-compressed msgpack, sealed with associated
+data `SNAPSHOT_AAD`:
+
+    {"v": 1, "time_ns": int, "host": str, "source": bytes, "tags": [str], "name": str | None,
+     "parent": str | None, "tree": bytes (32), "stats": {str: int}}
+
+A snapshot is written only after every pack and index it references is durable, so its presence
+is the commit point of a backup. `stats` carries what `fsmount snapshots` shows: files, dirs, size
+(sum of file sizes), files_new, files_changed, files_unchanged, bytes_read, bytes_added,
+blobs_added, duration_ms.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import msgpack
+import zstandard
+
+from .crypto import MasterKey, content_hash
+from .errors import IntegrityError
+
+SNAPSHOT_AAD = b"fsmount snapshot"
+SNAPSHOT_VERSION = 1
+
+
+@dataclass
+class Snapshot:
+    time_ns: int
+    host: str
+    source: bytes
+    tree: bytes
+    tags: list[str] = field(default_factory=list)
+    name: str | None = None
+    parent: str | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+    id: str = ""  # set once stored or loaded; not part of the object
+
+    @property
+    def time(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.time_ns / 1e9, tz=dt.timezone.utc).astimezone()
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:8]
+
+    def label(self) -> str:
+        """The folder name a snapshot gets in a mounted snapshot tree."""
+        stamp = self.time.strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{stamp}-{self.name}" if self.name else f"{stamp}-{self.short_id}"
+
+    def encode(self, key: MasterKey) -> tuple[str, bytes]:
+        doc = {"v": SNAPSHOT_VERSION, "time_ns": self.time_ns, "host": self.host, "source": self.source,
+               "tags": self.tags, "name": self.name, "parent": self.parent, "tree": self.tree,
+               "stats": self.stats}
+        data = key.seal(zstandard.ZstdCompressor().compress(msgpack.packb(doc)), SNAPSHOT_AAD)
+        return content_hash(data), data
+
+    @classmethod
+    def decode(cls, key: MasterKey, snapshot_id: str, data: bytes) -> Snapshot:
+        what = f"snapshot {snapshot_id}"
+        if content_hash(data) != snapshot_id:
+            raise IntegrityError(f"{what} does not match its name (corrupt)")
+        plain = key.unseal(data, SNAPSHOT_AAD, what)
+        try:
+            doc = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(plain))
+            if doc["v"] != SNAPSHOT_VERSION:
+                raise IntegrityError(f"{what} has unknown version {doc['v']}")
+            return cls(time_ns=doc["time_ns"], host=doc["host"], source=doc["source"], tree=doc["tree"],
+                       tags=list(doc["tags"]), name=doc["name"], parent=doc["parent"],
+                       stats=dict(doc["stats"]), id=snapshot_id)
+        except (ValueError, KeyError, TypeError, zstandard.ZstdError) as exc:
+            raise IntegrityError(f"{what} is malformed: {exc}") from exc

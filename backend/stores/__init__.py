@@ -1,0 +1,27 @@
+"""Object stores: where a repository's objects live, and how a location string picks one.
+
+Locations, as the user writes them (`-r/--repo`, `FSMOUNT_REPOSITORY`):
+
+- `/path/to/repo`, `local:/path/to/repo` — a local directory (`local.LocalStore`);
+- `s3:bucket/prefix`, `s3:https://endpoint/bucket/prefix` — S3-compatible storage (`s3.S3Store`).
+
+Several locations together form one replicated repository (`replicated.ReplicatedStore`).
+"""
+
+from __future__ import annotations
+
+from .base import ObjectStore
+from .local import LocalStore
+
+__all__ = ["ObjectStore", "LocalStore", "open_store"]
+
+
+def open_store(location: str) -> ObjectStore:
+    """The store a single location string names."""
+    if location.startswith("s3:"):
+        from .s3 import S3Store
+
+        return S3Store.from_location(location)
+    if location.startswith("local:"):
+        location = location[len("local:"):]
+    return LocalStore(location)

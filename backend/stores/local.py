@@ -1,0 +1,126 @@
+"""A store in a local directory: the embedded default.
+
+Every object is written to a temporary file in the same directory, fsync'd, renamed over its final
+name, and the directory is fsync'd, so a crash leaves either the old state or the whole new object.
+Temporary files carry the `.tmp-` prefix; `list` never reports them, and a later `put` of the same
+key simply writes a new one (a crash may leave stale ones behind, which are harmless).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+
+from ..errors import ObjectNotFound, StoreError
+
+_TMP_PREFIX = ".tmp-"
+
+
+class LocalStore:
+    """Objects as files under `root`; keys map to relative paths."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = os.path.abspath(os.fspath(root))
+
+    @property
+    def location(self) -> str:
+        return self.root
+
+    def _path(self, key: str) -> str:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise StoreError(f"invalid object key {key!r}")
+        return os.path.join(self.root, key)
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        directory = os.path.dirname(path)
+        tmp = os.path.join(directory, _TMP_PREFIX + secrets.token_hex(8))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+            _fsync_dir(directory)
+        except OSError as exc:
+            _remove_quietly(tmp)
+            raise _store_error(f"writing {key} to {self.root}", exc) from exc
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                if length is None:
+                    f.seek(offset)
+                    return f.read()
+                return os.pread(f.fileno(), length, offset)
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(f"object {key} not found in {self.root}") from exc
+        except OSError as exc:
+            raise _store_error(f"reading {key} from {self.root}", exc) from exc
+
+    def exists(self, key: str) -> bool:
+        return os.path.isfile(self._path(key))
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        # Walk only the directories the prefix can match: "data/ab" lists data/ab*, not all of data/.
+        base, _, leaf = prefix.rpartition("/")
+        start = os.path.join(self.root, base) if base else self.root
+        yield from self._walk(start, base, leaf)
+
+    def _walk(self, directory: str, key_dir: str, leaf_prefix: str) -> Iterator[tuple[str, int]]:
+        try:
+            entries = os.scandir(directory)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _store_error(f"listing {directory}", exc) from exc
+        with entries:
+            for entry in entries:
+                if entry.name.startswith(_TMP_PREFIX) or not entry.name.startswith(leaf_prefix):
+                    continue
+                key = f"{key_dir}/{entry.name}" if key_dir else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    yield from self._walk(entry.path, key, "")
+                elif entry.is_file(follow_symlinks=False):
+                    yield key, entry.stat(follow_symlinks=False).st_size
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _store_error(f"deleting {key} from {self.root}", exc) from exc
+
+    def close(self) -> None:
+        pass
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _store_error(doing: str, exc: OSError) -> StoreError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"{doing}: no space left on the repository's disk")
+    return StoreError(f"{doing}: {exc.strerror or exc}")

@@ -1,0 +1,91 @@
+"""The `fsmount` command: global options, the subcommands, and the one place errors become exits.
+
+Exit codes (restic's where restic has one):
+
+    0   success                       10  no repository at the location
+    1   other error                   11  repository is locked
+    2   bad usage or arguments        12  wrong passphrase
+    3   finished, with warnings       13  repository format too new
+        (files skipped or failed)     14  missing or corrupt repository data
+  130   interrupted                   15  storage failed (unreachable, full, denied)
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from backend.errors import FsmountError
+
+from .context import AppContext
+from .output import stderr
+
+EXIT_WARNINGS = 3
+EXIT_INTERRUPTED = 130
+
+
+class _StderrHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        level = {"WARNING": "warning", "ERROR": "error", "CRITICAL": "error"}.get(record.levelname, "info")
+        stderr.print(f"[bold]{level}:[/bold] {record.getMessage()}", markup=True, highlight=False, soft_wrap=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-r", "--repo", "repos", multiple=True, metavar="LOCATION", envvar=None,
+              help="Repository location: a directory, local:DIR, s3:BUCKET/PREFIX or "
+                   "s3:https://HOST/BUCKET/PREFIX. Repeat for replicas. Default: $FSMOUNT_REPOSITORY.")
+@click.option("--password-file", metavar="FILE",
+              help="Read the passphrase from FILE. Default: $FSMOUNT_PASSWORD_FILE, $FSMOUNT_PASSWORD, "
+                   "or a prompt.")
+@click.option("--cache-dir", metavar="DIR", help="Local cache (index). Default: $XDG_CACHE_HOME/fsmount.")
+@click.option("--json", "json_output", is_flag=True, help="Print machine-readable JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors and warnings.")
+@click.option("-v", "--verbose", count=True, help="More log output (repeat for debug).")
+@click.version_option(package_name="fsmount")
+@click.pass_context
+def main(ctx: click.Context, repos: tuple[str, ...], password_file: str | None, cache_dir: str | None,
+         json_output: bool, quiet: bool, verbose: int) -> None:
+    """Continuous, encrypted, incremental backup of your folders.
+
+    \b
+    Start:
+      export FSMOUNT_REPOSITORY=~/backups/repo FSMOUNT_PASSWORD_FILE=~/.fsmount-pass
+      fsmount init
+      fsmount backup ~/projects
+      fsmount snapshots
+      fsmount restore latest --target ~/restored
+
+    Every command accepts --help.
+    """
+    handler = _StderrHandler()
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    logging.getLogger().setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG))
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 3 else logging.DEBUG)
+    ctx.obj = AppContext(list(repos), password_file, cache_dir, json_output, quiet)
+
+
+def run() -> None:
+    """Console-script entry point: run the CLI and turn our errors into messages and exit codes."""
+    from .commands import register
+
+    register(main)
+    try:
+        code = main.main(standalone_mode=False)
+    except FsmountError as exc:
+        stderr.print(f"[bold red]fsmount:[/bold red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        stderr.print("fsmount: interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        stderr.print("fsmount: interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.exit(1)
+    sys.exit(code or 0)

@@ -1,0 +1,13 @@
+"""The subcommands, one module per concern; `register` adds them all to the `fsmount` group."""
+
+from __future__ import annotations
+
+import click
+
+
+def register(group: click.Group) -> None:
+    from . import backup_cmd, repository_cmds, restore_cmd, verify_cmd
+
+    for module in (repository_cmds, backup_cmd, restore_cmd, verify_cmd):
+        for command in module.COMMANDS:
+            group.add_command(command)

@@ -1,0 +1,56 @@
+"""`fsmount backup`: a scan-based snapshot of a folder."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from backend.backup import Backup
+
+from ..context import AppContext
+from ..output import json_option, BarProgress, emit_json, human_bytes, stdout
+from .repository_cmds import snapshot_doc
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--tag", "tags", multiple=True, help="Tag the snapshot (repeatable).")
+@click.option("--name", help="A name for the snapshot, shown in listings and mounted snapshot folders.")
+@click.option("--host", help="Record this host name instead of this machine's.")
+@click.option("--parent", "parent_ref", metavar="SNAPSHOT",
+              help="Compare against this snapshot instead of the latest of the same host and folder.")
+@click.option("--force", is_flag=True, help="Read every file again, even ones whose metadata did not change.")
+@json_option
+@click.pass_obj
+def backup(app: AppContext, source: str, tags: tuple[str, ...], name: str | None, host: str | None,
+           parent_ref: str | None, force: bool) -> int:
+    """Back up the folder SOURCE into a new snapshot.
+
+    The first backup reads everything. Later ones read only files whose size, mtime, ctime or
+    inode changed since the latest snapshot of the same host and folder, and store only the blocks
+    that are new to the repository. Files that vanish or cannot be read are reported and left out;
+    the exit code is then 3.
+    """
+    with app.open_repository() as repo:
+        parent: object = "auto"
+        if force:
+            parent = None
+        elif parent_ref:
+            parent = repo.resolve_snapshot(parent_ref)
+        progress = BarProgress("backup", enabled=not app.quiet and not app.json)
+        result = Backup(repo, os.fsencode(source), host=host, tags=list(tags), name=name,
+                        parent=parent, progress=progress).run()  # type: ignore[arg-type]
+    s = result.stats
+    if app.json:
+        emit_json(snapshot_doc(result.snapshot) | {"warnings": result.warnings})
+    elif not app.quiet:
+        stdout.print(
+            f"snapshot {result.snapshot.short_id} saved: {s.files_new} new, {s.files_changed} changed, "
+            f"{s.files_unchanged} unchanged files, {s.dirs} dirs; read {human_bytes(s.bytes_read)}, "
+            f"added {human_bytes(s.bytes_added)} in {s.duration_ms / 1000:.1f} s"
+            + (f"; {s.warnings} warning{'s' if s.warnings != 1 else ''}" if s.warnings else ""))
+    return 3 if result.warnings else 0
+
+
+COMMANDS = [backup]

@@ -1,0 +1,151 @@
+"""`init`, `snapshots` and `ls`: creating a repository and looking at what it holds."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import stat as statmod
+from collections.abc import Iterator
+
+import click
+
+from backend.repository import DEFAULT_BLOCK_SIZE, Repository
+from backend.snapshot import Snapshot
+from backend.tree import DIR, Node
+
+from ..context import AppContext
+from ..output import json_option, display_name, emit_json, human_bytes, stdout
+
+
+_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size like 128K, 1M, 4MiB or 65536."""
+    number = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if number and number[-1] in _UNITS:
+        return int(number[:-1]) * _UNITS[number[-1]]
+    return int(number)
+
+
+@click.command()
+@click.option("--block-size", default=f"{DEFAULT_BLOCK_SIZE // 1024}K", show_default=True, metavar="SIZE",
+              help="Fixed block size for file content, a power of two from 64K to 4M. Smaller blocks make "
+                   "small edits to big files cheaper; larger ones make full backups faster.")
+@json_option
+@click.pass_obj
+def init(app: AppContext, block_size: str) -> None:
+    """Create a new encrypted repository.
+
+    The repository goes where -r/--repo (or $FSMOUNT_REPOSITORY) says: a local directory is created
+    if needed. Remember the passphrase: without it the backups cannot be read by anyone.
+    """
+    try:
+        size = parse_size(block_size)
+    except ValueError:
+        raise click.BadParameter(f"{block_size!r} is not a size like 128K or 1M", param_hint="--block-size")
+    store = app.open_store()
+    create_bucket = getattr(store, "create_bucket_if_missing", None)
+    if create_bucket is not None:
+        create_bucket()
+    with Repository.init(store, app.passphrase(confirm=True), block_size=size, cache_dir=app.cache_dir) as repo:
+        if app.json:
+            emit_json({"id": repo.config.id, "location": store.location, "block_size": repo.block_size})
+        elif not app.quiet:
+            stdout.print(f"created repository {repo.config.id[:8]} at {store.location} "
+                         f"(block size {human_bytes(repo.block_size)})")
+
+
+def snapshot_doc(snap: Snapshot) -> dict:
+    return {"id": snap.id, "short_id": snap.short_id, "time": snap.time.isoformat(), "host": snap.host,
+            "source": snap.source, "tags": snap.tags, "name": snap.name, "parent": snap.parent,
+            "tree": snap.tree.hex(), "stats": snap.stats}
+
+
+@click.command()
+@click.option("--host", help="Only snapshots of this host.")
+@click.option("--tag", "tags", multiple=True, help="Only snapshots with this tag (repeatable: all must match).")
+@json_option
+@click.pass_obj
+def snapshots(app: AppContext, host: str | None, tags: tuple[str, ...]) -> None:
+    """List the snapshots in the repository, oldest first.
+
+    Columns: id, time, host, source, tags, files, size (sum of file sizes) and the bytes that
+    snapshot added to the repository. Use an id prefix (or `latest`) wherever a SNAPSHOT is asked for.
+    """
+    with app.open_repository() as repo:
+        found = [s for s in repo.snapshots()
+                 if (host is None or s.host == host) and all(t in s.tags for t in tags)]
+    if app.json:
+        emit_json([snapshot_doc(s) for s in found])
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in ("id", "time", "host", "source", "tags", "files", "size", "added"):
+        table.add_column(column, justify="right" if column in ("files", "size", "added") else "left",
+                         no_wrap=column != "source")
+    for s in found:
+        table.add_row(s.short_id, s.time.strftime("%Y-%m-%d %H:%M:%S"), s.host, display_name(s.source),
+                      ",".join(s.tags) + (f" [{s.name}]" if s.name else ""), str(s.stats.get("files", "")),
+                      human_bytes(s.stats.get("size", 0)), human_bytes(s.stats.get("bytes_added", 0)))
+    stdout.print(table)
+    stdout.print(f"{len(found)} snapshot{'s' if len(found) != 1 else ''}")
+
+
+def _listing(repo: Repository, node: Node, path: bytes) -> Iterator[tuple[bytes, Node]]:
+    """(path, node) for `node` and everything under it, depth first in name order; trees load lazily."""
+    yield path, node
+    if node.type != DIR:
+        return
+    stack = [iter([(path, c) for c in repo.load_tree(node.subtree)])]
+    while stack:
+        try:
+            prefix, child = next(stack[-1])
+        except StopIteration:
+            stack.pop()
+            continue
+        child_path = prefix + b"/" + child.name if prefix else child.name
+        yield child_path, child
+        if child.type == DIR:
+            stack.append(iter([(child_path, c) for c in repo.load_tree(child.subtree)]))
+
+
+@click.command(name="ls")
+@click.argument("snapshot_ref", metavar="SNAPSHOT")
+@click.argument("path", required=False, default="")
+@click.option("-l", "--long", "long_format", is_flag=True, help="Show mode, owner, size and time.")
+@json_option
+@click.pass_obj
+def ls(app: AppContext, snapshot_ref: str, path: str, long_format: bool) -> None:
+    """List the files of SNAPSHOT (an id prefix or `latest`), from PATH down.
+
+    Paths are relative to the backed-up folder. Names that are not valid UTF-8 are shown with \\xNN
+    escapes; --json gives them the same way.
+    """
+    with app.open_repository() as repo:
+        snap = repo.resolve_snapshot(snapshot_ref)
+        rel = os.fsencode(path).strip(b"/")
+        start = repo.find_node(snap, rel)
+        entries = _listing(repo, start, rel)
+        if app.json:
+            emit_json([{"path": "/" + display_name(p), "type": n.type, "mode": n.mode, "uid": n.uid,
+                        "gid": n.gid, "size": n.size, "mtime_ns": n.mtime_ns,
+                        **({"target": display_name(n.target)} if n.target else {})}
+                       for p, n in entries if p])
+            return
+        for p, n in entries:
+            if not p:
+                continue
+            shown = "/" + display_name(p) + ("/" if n.type == DIR else "")
+            if n.target:
+                shown += " -> " + display_name(n.target)
+            if long_format:
+                when = dt.datetime.fromtimestamp(n.mtime_ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
+                stdout.print(f"{statmod.filemode(n.st_mode)} {n.uid:>5} {n.gid:>5} {n.size:>12} {when} {shown}",
+                             markup=False, highlight=False, soft_wrap=True)
+            else:
+                stdout.print(shown, markup=False, highlight=False, soft_wrap=True)
+
+
+COMMANDS = [init, snapshots, ls]

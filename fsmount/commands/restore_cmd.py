@@ -1,0 +1,60 @@
+"""`fsmount restore`: a snapshot, or part of it, to a new folder or back onto the original."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from backend.errors import UsageError
+from backend.restore import Restore
+
+from ..context import AppContext
+from ..output import json_option, BarProgress, emit_json, human_bytes, stdout
+
+
+@click.command()
+@click.argument("snapshot_ref", metavar="SNAPSHOT")
+@click.argument("paths", nargs=-1, metavar="[PATH]...")
+@click.option("--target", metavar="DIR", help="Restore into DIR (created if needed).")
+@click.option("--in-place", "in_place", metavar="DIR",
+              help="Restore onto DIR, the original folder, rewriting only blocks that differ.")
+@click.option("--delete", is_flag=True, help="Remove files in the target that are not in the snapshot.")
+@json_option
+@click.pass_obj
+def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: str | None,
+            in_place: str | None, delete: bool) -> int:
+    """Restore SNAPSHOT (an id prefix or `latest`) into a folder.
+
+    \b
+      fsmount restore latest --target ~/restored                 everything, to a new folder
+      fsmount restore 1a2b3c4d --target ~/r docs/report.odt      one file (as ~/r/docs/report.odt)
+      fsmount restore latest --in-place ~/projects --delete      put ~/projects back as it was
+
+    Files already in the target are compared block by block (XXH3) and only differing blocks are
+    rewritten. Nothing outside the target is touched; symlinks inside it are never followed.
+    Files that cannot be restored are reported and the exit code is 3.
+    """
+    if (target is None) == (in_place is None):
+        raise UsageError("give exactly one of --target DIR or --in-place DIR")
+    destination = target or in_place
+    assert destination is not None
+    with app.open_repository() as repo:
+        snap = repo.resolve_snapshot(snapshot_ref)
+        progress = BarProgress("restore", enabled=not app.quiet and not app.json)
+        result = Restore(repo, snap, os.fsencode(destination), paths=[os.fsencode(p) for p in paths],
+                         delete=delete, progress=progress).run()
+    s = result.stats
+    if app.json:
+        emit_json({"snapshot": snap.id, "target": os.path.abspath(destination), "stats": vars(s),
+                   "errors": result.errors})
+    elif not app.quiet:
+        stdout.print(f"restored snapshot {snap.short_id} to {destination}: {s.files} files, {s.dirs} dirs; "
+                     f"wrote {human_bytes(s.bytes_written)}, {s.blocks_unchanged} blocks already matched"
+                     + (f", deleted {s.deleted}" if s.deleted else "")
+                     + f" in {s.duration_ms / 1000:.1f} s"
+                     + (f"; {len(result.errors)} failed" if result.errors else ""))
+    return 3 if result.errors else 0
+
+
+COMMANDS = [restore]

@@ -1,0 +1,85 @@
+"""Everything the CLI prints: sizes for humans, JSON for scripts, progress bars for terminals."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress as RichBar, TaskID, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+
+from backend.progress import Progress
+
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+# Piped output is not cut to 80 columns: tables keep whole paths for whoever reads the file.
+stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+
+
+def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.obj.json = True
+
+
+json_option = click.option("--json", "json_output", is_flag=True, expose_value=False, callback=_set_json,
+                           help="Print machine-readable JSON on stdout.")
+"""`--json` accepted after the subcommand too (`fsmount snapshots --json`), as scripts expect."""
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def emit_json(doc: Any) -> None:
+    json.dump(doc, sys.stdout, indent=2, default=_json_default)
+    sys.stdout.write("\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="surrogateescape").encode("utf-8", "backslashreplace").decode()
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def display_name(name: bytes) -> str:
+    """A name as a terminal can show it; bytes that are not UTF-8 appear as \\xNN escapes."""
+    return name.decode("utf-8", errors="backslashreplace")
+
+
+class BarProgress(Progress):
+    """A rich progress bar on stderr; nothing at all when stderr is not a terminal."""
+
+    def __init__(self, description: str, *, enabled: bool = True):
+        self.description = description
+        self.enabled = enabled and stderr.is_terminal
+        self._bar: RichBar | None = None
+        self._task: TaskID | None = None
+
+    def start(self, total_bytes: int | None = None, total_items: int | None = None) -> None:
+        if not self.enabled:
+            return
+        self._bar = RichBar(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                            TransferSpeedColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                            TextColumn("{task.fields[current]}", style="dim"),
+                            console=stderr, transient=True)
+        self._bar.start()
+        self._task = self._bar.add_task(self.description, total=total_bytes, current="")
+
+    def advance(self, nbytes: int = 0, items: int = 0, current: str | None = None) -> None:
+        if self._bar is not None and self._task is not None:
+            if current is not None:
+                self._bar.update(self._task, advance=nbytes, current=current[-40:])
+            else:
+                self._bar.update(self._task, advance=nbytes)
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
