@@ -276,7 +276,10 @@ class Restore:
                 data = self.repo.load_block(blob_id)
                 if len(data) != length:
                     raise FsmountError(f"block {i} has {len(data)} bytes, the snapshot says {length}")
-                os.pwrite(fd, data, offset)
+                if compare:
+                    os.pwrite(fd, data, offset)
+                else:
+                    _write_skipping_zero_pages(fd, data, offset)
                 with self._lock:
                     self.stats.blocks_written += 1
                     self.stats.bytes_written += length
@@ -322,6 +325,25 @@ class Restore:
         log.error("%s", text)
         with self._lock:
             self.errors.append(text)
+
+
+PAGE = 4096
+_ZERO_PAGE = bytes(PAGE)
+
+
+def _write_skipping_zero_pages(fd: int, data: bytes, offset: int) -> None:
+    """Write `data` into a new file, leaving all-zero pages as holes (as the original had them)."""
+    view = memoryview(data)
+    run_start = None
+    for page in range(0, len(data), PAGE):
+        zero = view[page:page + PAGE] == _ZERO_PAGE[: min(PAGE, len(data) - page)]
+        if not zero and run_start is None:
+            run_start = page
+        elif zero and run_start is not None:
+            os.pwrite(fd, view[run_start:page], offset + run_start)
+            run_start = None
+    if run_start is not None:
+        os.pwrite(fd, view[run_start:], offset + run_start)
 
 
 def restore(repo: Repository, snapshot: Snapshot, target: str | bytes, **options: object) -> RestoreResult:

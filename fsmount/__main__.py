@@ -1,0 +1,5 @@
+"""`python -m fsmount` is the `fsmount` command."""
+
+from .cli import run
+
+run()

@@ -1,0 +1,61 @@
+"""Writes tests/data/format-v1/: a small repository of format version 1 that every later fsmount
+must keep reading, and manifest.json describing what restoring its latest snapshot must give.
+Run once per released format (python tests/data/make_format_v1.py); commit the result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from backend.backup import backup  # noqa: E402
+from backend.repository import Repository  # noqa: E402
+from backend.stores import LocalStore  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PASSPHRASE = b"format-v1 test passphrase"
+
+
+def main() -> None:
+    out = os.path.join(HERE, "format-v1")
+    shutil.rmtree(out, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "src").encode()
+        os.makedirs(os.path.join(src, b"dir"))
+        with open(os.path.join(src, b"dir", b"\xff\xfe latin"), "wb") as f:
+            f.write(b"bytes that are not utf-8 in the name\n")
+        with open(os.path.join(src, b"big"), "wb") as f:
+            f.write(bytes(range(256)) * 1024)  # 256 KiB, compressible, 4 blocks
+        with open(os.path.join(src, b"sparse"), "wb") as f:
+            f.truncate(300_000)
+        os.link(os.path.join(src, b"big"), os.path.join(src, b"big-link"))
+        os.symlink(b"dir", os.path.join(src, b"link"))
+        os.chmod(os.path.join(src, b"big"), 0o640)
+        for path in (b"dir/\xff\xfe latin", b"big", b"sparse"):
+            os.utime(os.path.join(src, path), ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
+        with Repository.init(LocalStore(out), PASSPHRASE, block_size=64 * 1024,
+                             cache_dir=os.path.join(tmp, "cache")) as repo:
+            backup(repo, src, host="format-v1", tags=["v1"])
+        manifest = {}
+        for dirpath, dirnames, filenames in os.walk(src):
+            for name in dirnames + filenames:
+                path = os.path.join(dirpath, name)
+                st = os.lstat(path)
+                entry = {"mode": st.st_mode, "size": st.st_size if not os.path.isdir(path) else 0,
+                         "mtime_ns": st.st_mtime_ns}
+                if os.path.islink(path):
+                    entry["target"] = os.readlink(path).decode()
+                elif os.path.isfile(path):
+                    entry["sha256"] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+                manifest[os.path.relpath(path, src).hex()] = entry
+    with open(os.path.join(HERE, "format-v1.manifest.json"), "w") as f:
+        json.dump({"passphrase": PASSPHRASE.decode(), "entries": manifest}, f, indent=1, sort_keys=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The `fsmount` command as a user and a script see it: output, JSON, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from treecompare import differences
+
+# root reads everything; dropping these capabilities makes permissions bite, as for any user
+WITHOUT_DAC_OVERRIDE = ("setpriv", "--bounding-set=-dac_override,-dac_read_search")
+
+
+def make_source(root: Path) -> Path:
+    (root / "sub").mkdir(parents=True)
+    (root / "hello.txt").write_text("hello\n")
+    (root / "sub" / b"\xff-not-utf8".decode(errors="surrogateescape")).write_bytes(os.urandom(100_000))
+    return root
+
+
+def test_init_backup_snapshots_ls_restore_verify(cli, tmp_path: Path) -> None:
+    source = make_source(tmp_path / "src")
+    cli("init", "--block-size", "64K")
+    cli("backup", source, "--tag", "daily", "--tag", "test")
+    (source / "hello.txt").write_text("hello again\n")
+    out = cli("backup", source, "--json").stdout
+    second = json.loads(out)
+    assert second["stats"]["files_changed"] == 1 and second["stats"]["files_unchanged"] == 1
+
+    snapshots = json.loads(cli("snapshots", "--json").stdout)
+    assert len(snapshots) == 2
+    assert snapshots[0]["tags"] == ["daily", "test"]
+    assert snapshots[1]["parent"] == snapshots[0]["id"]
+    for key in ("id", "time", "host", "source", "tags", "stats"):
+        assert key in snapshots[0]
+    assert {"files", "size", "bytes_added"} <= snapshots[0]["stats"].keys()
+
+    listing = json.loads(cli("ls", "latest", "--json").stdout)
+    assert [e["path"] for e in listing] == ["/hello.txt", "/sub", "/sub/\\xff-not-utf8"]
+    human = cli("ls", snapshots[0]["short_id"]).stdout.decode()
+    assert "/hello.txt" in human and "/sub/\\xff-not-utf8" in human
+
+    cli("restore", "latest", "--target", tmp_path / "restored")
+    assert differences(source, tmp_path / "restored") == []
+    cli("restore", snapshots[0]["id"][:10], "--target", tmp_path / "old", "hello.txt")
+    assert (tmp_path / "old" / "hello.txt").read_text() == "hello\n"
+    assert cli("verify", "--read-data").returncode == 0
+
+
+def test_second_init_refuses(cli) -> None:
+    cli("init")
+    proc = cli("init", check=10)
+    assert proc.stderr.decode().strip() == f"fsmount: a repository already exists at {cli.env['FSMOUNT_REPOSITORY']}"
+
+
+def test_wrong_passphrase_is_one_line_exit_12(cli) -> None:
+    cli("init")
+    cli.env["FSMOUNT_PASSWORD"] = "not the passphrase"
+    proc = cli("snapshots", check=12)
+    assert proc.stderr.decode().count("\n") == 1 and "wrong passphrase" in proc.stderr.decode()
+
+
+def test_no_repository_exit_10(cli) -> None:
+    proc = cli("snapshots", check=10)
+    assert "no repository at" in proc.stderr.decode()
+
+
+def test_newer_format_exit_13(cli, repo_path: Path) -> None:
+    cli("init")
+    config = json.loads((repo_path / "config").read_text())
+    config["version"] = 99
+    (repo_path / "config").write_text(json.dumps(config))
+    proc = cli("snapshots", check=13)
+    assert "newer than this fsmount supports" in proc.stderr.decode()
+
+
+def test_password_file_and_missing_password(cli, tmp_path: Path) -> None:
+    secret = tmp_path / "pass"
+    secret.write_text(cli.env.pop("FSMOUNT_PASSWORD") + "\n")
+    cli("--password-file", secret, "init")
+    cli.env["FSMOUNT_PASSWORD_FILE"] = str(secret)
+    cli("snapshots")
+    del cli.env["FSMOUNT_PASSWORD_FILE"]
+    proc = cli("snapshots", check=2, stdin=open(os.devnull))
+    assert "no passphrase" in proc.stderr.decode()
+
+
+def test_usage_errors_exit_2(cli, tmp_path: Path) -> None:
+    cli("init")
+    assert "no snapshots yet" in cli("ls", "latest", check=2).stderr.decode()
+    assert "give exactly one of" in cli("restore", "latest", check=2).stderr.decode()
+    assert "not a snapshot id" in cli("restore", "zz", "--target", tmp_path, check=2).stderr.decode()
+    cli("init", "--block-size", "3K", check=2)
+
+
+def test_unreadable_file_is_a_warning_exit_3(cli, tmp_path: Path) -> None:
+    """Without the capability to override permissions, a mode-000 file really is unreadable."""
+    source = make_source(tmp_path / "src")
+    (source / "secret").write_text("no")
+    (source / "secret").chmod(0)
+    cli("init")
+
+    proc = cli("backup", source, check=3, prefix=WITHOUT_DAC_OVERRIDE)
+
+    assert "secret: cannot read: Permission denied" in proc.stderr.decode()
+    listing = [e["path"] for e in json.loads(cli("ls", "latest", "--json").stdout)]
+    assert "/hello.txt" in listing and "/secret" not in listing
+
+
+def test_help_teaches_every_command(cli) -> None:
+    top = cli("--help").stdout.decode()
+    for command in ("init", "backup", "snapshots", "ls", "restore", "verify"):
+        assert command in top
+        text = cli(command, "--help").stdout.decode()
+        assert "Usage: " in text and len(text.splitlines()) > 5

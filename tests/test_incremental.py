@@ -1,0 +1,151 @@
+"""Later backups read only what changed and store only blocks the repository does not have."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from backend.backup import Backup, backup
+from backend.progress import Progress
+from backend.restore import restore
+from conftest import TEST_BLOCK_SIZE
+from treecompare import differences
+
+
+def make_source(root: Path, files: int = 20, big_size: int = 4 * 1024 * 1024) -> Path:
+    (root / "docs").mkdir(parents=True)
+    for i in range(files):
+        (root / "docs" / f"note-{i}.txt").write_bytes(os.urandom(3000))
+    (root / "big.bin").write_bytes(os.urandom(big_size))
+    return root
+
+
+def test_unchanged_files_are_not_read_again(repo, tmp_path: Path) -> None:
+    source = make_source(tmp_path / "src")
+    first = backup(repo, source)
+    second = backup(repo, source)
+
+    assert first.stats.files_new == 21
+    assert second.stats.files_unchanged == 21
+    assert second.stats.bytes_read == 0
+    assert second.stats.bytes_added == 0
+    assert second.snapshot.tree == first.snapshot.tree
+    assert second.snapshot.parent == first.snapshot.id
+
+
+def test_small_edit_to_a_big_file_adds_about_one_block(repo, tmp_path: Path) -> None:
+    source = make_source(tmp_path / "src")
+    backup(repo, source)
+    with open(source / "big.bin", "r+b") as f:
+        f.seek(1_000_000)
+        f.write(os.urandom(4096))  # inside one 64 KiB block
+
+    result = backup(repo, source)
+
+    assert result.stats.files_changed == 1
+    assert result.stats.files_unchanged == 20
+    # the changed block and the one tree on the changed path (big.bin is at the root)
+    assert result.stats.blobs_added == 2
+    assert TEST_BLOCK_SIZE <= result.stats.bytes_added < TEST_BLOCK_SIZE + 8 * 1024
+
+
+def test_identical_content_is_stored_once(repo, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    payload = os.urandom(10 * TEST_BLOCK_SIZE)
+    for name in ("a", "b", "c"):
+        (source / name).write_bytes(payload)
+
+    result = backup(repo, source)
+
+    assert result.stats.bytes_read == 3 * len(payload)
+    assert len(payload) <= result.stats.bytes_added < len(payload) * 1.05
+
+
+def test_two_sources_share_blocks_across_snapshots(repo, tmp_path: Path) -> None:
+    payload = os.urandom(8 * TEST_BLOCK_SIZE)
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "same.bin").write_bytes(payload)
+    first = backup(repo, tmp_path / "one")
+    second = backup(repo, tmp_path / "two", host="another-host")
+    assert first.stats.bytes_added >= len(payload)
+    assert second.stats.bytes_added < 4096  # only its tree
+
+
+class _AppendWhileReading(Progress):
+    """Changes a file the moment the backup starts reading it: a seam, not a race."""
+
+    def __init__(self, path: Path):
+        self.path, self.done = path, False
+
+    def advance(self, nbytes: int = 0, items: int = 0, current: str | None = None) -> None:
+        if nbytes and not self.done:
+            self.done = True
+            with open(self.path, "ab") as f:
+                f.write(b"more")
+
+
+def test_file_changing_while_read_is_reported_and_left_out(repo, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "growing.log").write_bytes(os.urandom(3 * TEST_BLOCK_SIZE))
+
+    result = Backup(repo, source, progress=_AppendWhileReading(source / "growing.log")).run()
+
+    assert len(result.warnings) == 1 and "growing.log" in result.warnings[0]
+    assert "changed while being read" in result.warnings[0]
+    assert [n.name for n in repo.load_tree(result.snapshot.tree)] == []
+
+
+def test_in_place_restore_rewrites_only_differing_blocks(repo, tmp_path: Path) -> None:
+    source = make_source(tmp_path / "src", files=3)
+    result = backup(repo, source)
+    with open(source / "big.bin", "r+b") as f:
+        f.seek(3 * TEST_BLOCK_SIZE + 10)
+        f.write(b"damage")
+    (source / "docs" / "note-0.txt").unlink()
+    (source / "stray.tmp").write_bytes(b"not in the snapshot")
+
+    restored = restore(repo, result.snapshot, source)
+
+    assert restored.stats.blocks_written == 2  # the damaged block, and the deleted small file
+    assert (source / "stray.tmp").exists()  # no --delete: extra files stay
+
+    restored = restore(repo, result.snapshot, source, delete=True)
+    assert restored.stats.blocks_written == 0
+    assert restored.stats.deleted == 1
+    assert not (source / "stray.tmp").exists()
+    restore(repo, result.snapshot, tmp_path / "fresh")
+    assert differences(source, tmp_path / "fresh") == []
+
+
+def test_restore_never_writes_through_a_symlink_outside_the_target(repo, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    (source / "docs").mkdir(parents=True)
+    (source / "docs" / "file.txt").write_bytes(b"snapshot content")
+    result = backup(repo, source)
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "file.txt").write_bytes(b"precious, outside the target")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "docs").symlink_to(outside)  # an attacker-planted link where the snapshot has a dir
+
+    restore(repo, result.snapshot, target, delete=True)
+
+    assert (outside / "file.txt").read_bytes() == b"precious, outside the target"
+    assert not (target / "docs").is_symlink()
+    assert (target / "docs" / "file.txt").read_bytes() == b"snapshot content"
+
+
+def test_restore_selected_paths_only(repo, tmp_path: Path) -> None:
+    source = make_source(tmp_path / "src", files=3, big_size=1000)
+    result = backup(repo, source)
+    target = tmp_path / "target"
+
+    restore(repo, result.snapshot, target, paths=[b"docs/note-1.txt"])
+
+    assert sorted(p.name for p in target.rglob("*")) == ["docs", "note-1.txt"]
+    assert (target / "docs" / "note-1.txt").read_bytes() == (source / "docs" / "note-1.txt").read_bytes()
