@@ -1,6 +1,6 @@
 """A repository: open or create one, then put and get blobs, trees and snapshots.
 
-Objects in the store (format details in docs/FORMAT.md):
+Objects in the store (format details in backend/FORMAT.md):
 
     config              plain JSON: version, id, block and pack size, algorithms
     keys/<id>           the master key wrapped under a passphrase (crypto.py)
