@@ -9,6 +9,9 @@ workers. When a directory is fully listed, its tree is finished by a single fini
 waits for that directory's blocks and subtrees: trees are submitted in post-order, so a parent
 always finds its children done, and the walk never waits for a directory to drain.
 
+Given a `ChangeSet` (see changes.py), the walk lists only directories on a changed path and reads
+only the blocks that were written; everything else is taken from the parent snapshot.
+
 Files that vanish, cannot be read, or change while being read are reported as warnings and left
 out; the backup still completes. The snapshot object is written only after everything it refers to
 is durable (`Repository.save_snapshot`).
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
+from .changes import ALL, CLEAN, ChangeSet
 from .errors import FsmountError, UsageError
 from .fsnode import at_path, node_from_stat, open_dir, raise_fd_limit, read_xattrs
 from .pack import DATA_BLOB
@@ -103,7 +107,7 @@ class Backup:
     def __init__(self, repo: Repository, source: str | bytes, *, host: str | None = None,
                  tags: list[str] | None = None, name: str | None = None,
                  parent: Snapshot | None | str = "auto", progress: Progress | None = None,
-                 workers: int | None = None):
+                 workers: int | None = None, changes: ChangeSet | None = None):
         self.repo = repo
         self.source = os.path.abspath(os.fsencode(source))
         self.host = host or socket.gethostname()
@@ -116,6 +120,9 @@ class Backup:
             parents = [s for s in repo.snapshots() if s.host == self.host and s.source == self.source]
             parent = parents[-1] if parents else None
         self.parent: Snapshot | None = parent  # type: ignore[assignment]
+        if changes is not None and self.parent is None:
+            raise UsageError("a change-driven backup needs the parent snapshot the changes are relative to")
+        self.changes = changes
         self._block_size = repo.block_size
         self._zero_block = bytes(self._block_size)
         self._zero_xxh = xxhash.xxh3_128_digest(self._zero_block)
@@ -173,6 +180,10 @@ class Backup:
         return BackupResult(snapshot, stats, self.warnings)
 
     def _walk(self, root_fd: int) -> Future:
+        if self.changes is not None and not self.changes.subtree_dirty(b""):
+            assert self.parent is not None
+            os.close(root_fd)
+            return _completed(self.parent.tree)  # nothing changed anywhere: not even a listing
         parent_root = self._parent_nodes(self.parent.tree) if self.parent else {}
         stack = [_DirJob(root_fd, b"", self._list(root_fd, b""), parent_root, None)]
         try:
@@ -229,11 +240,12 @@ class Backup:
             self._warn(path, f"cannot stat: {exc.strerror}")
             return None
         node = node_from_stat(name, st)
+        previous = self._previous(job, name, path)
         try:
             if node.type == DIR:
-                return self._visit_dir(job, node, path, st)
+                return self._visit_dir(job, node, path, st, previous)
             if node.type == FILE:
-                self._visit_file(job, node, path, st)
+                self._visit_file(job, node, path, st, previous)
             else:
                 if node.type == SYMLINK:
                     node.target = os.readlink(name, dir_fd=job.fd)
@@ -248,8 +260,31 @@ class Backup:
             self._warn(path, f"cannot read: {exc.strerror or exc}")
         return None
 
-    def _visit_dir(self, job: _DirJob, node: Node, path: bytes, st: os.stat_result) -> _DirJob | None:
+    def _previous(self, job: _DirJob, name: bytes, path: bytes) -> Node | None:
+        """The entry's node in the parent snapshot, following renames the change set knows of."""
+        if self.changes is None:
+            return job.parent_nodes.get(name)
+        if self.changes.is_new(path):
+            return None
+        origin = self.changes.origin(path)
+        if origin is None:
+            return job.parent_nodes.get(name)
+        assert self.parent is not None
+        try:
+            return self.repo.find_node(self.parent, origin)
+        except FsmountError:
+            return None
+
+    def _visit_dir(self, job: _DirJob, node: Node, path: bytes, st: os.stat_result,
+                   previous: Node | None) -> _DirJob | None:
         if (st.st_dev, st.st_ino) in self._excluded:
+            return None
+        if (self.changes is not None and previous is not None and previous.type == DIR
+                and not self.changes.subtree_dirty(path)):
+            node.subtree = previous.subtree  # nothing below changed: reuse it without listing
+            node.xattrs = read_xattrs(at_path(job.fd, node.name))
+            job.entries.append(_Entry(node))
+            self.stats.dirs += 1
             return None
         fd = open_dir(job.fd, node.name)
         try:
@@ -260,27 +295,32 @@ class Backup:
         except BaseException:
             os.close(fd)
             raise
-        previous = job.parent_nodes.get(node.name)
         parent_nodes = self._parent_nodes(previous.subtree) if previous and previous.type == DIR else {}
         entry = _Entry(node)
         job.entries.append(entry)
         self.stats.dirs += 1
         return _DirJob(fd, path, names, parent_nodes, entry)
 
-    def _visit_file(self, job: _DirJob, node: Node, path: bytes, st: os.stat_result) -> None:
-        previous = job.parent_nodes.get(node.name)
+    def _visit_file(self, job: _DirJob, node: Node, path: bytes, st: os.stat_result,
+                    previous: Node | None) -> None:
         link_key = (st.st_dev, st.st_ino)
+        content = self.changes.content(path) if self.changes is not None else None
+        if previous is not None and previous.type != FILE:
+            previous = None
+        if content == CLEAN and (previous is None or previous.size != node.size):
+            content = ALL  # "clean" but nothing to reuse, or the sizes disagree: read it rather than guess
         if node.is_hardlinked and link_key in self._hardlinks:
             blocks = self._hardlinks[link_key]
             node.xattrs = read_xattrs(at_path(job.fd, node.name))
             self.stats.files_unchanged += 1
-        elif previous is not None and _unchanged(previous, node):
+        elif previous is not None and (content == CLEAN or (content is None and _unchanged(previous, node))):
             node.blocks, node.xxh = previous.blocks, previous.xxh
             node.xattrs = read_xattrs(at_path(job.fd, node.name))
             blocks = None
             self.stats.files_unchanged += 1
         else:
-            blocks = self._read_file(job.fd, node)
+            written = content if isinstance(content, list) and previous is not None else None
+            blocks = self._read_file(job.fd, node, previous if written is not None else None, written)
             if previous is None:
                 self.stats.files_new += 1
             else:
@@ -291,7 +331,9 @@ class Backup:
         job.entries.append(_Entry(node, blocks))
         self.progress.advance(items=1, current=os.fsdecode(path))
 
-    def _read_file(self, dir_fd: int, node: Node) -> list[Future]:
+    def _read_file(self, dir_fd: int, node: Node, previous: Node | None = None,
+                   written: list[int] | None = None) -> list[Future]:
+        """Read a file's blocks; with `previous` and `written`, only the blocks that may differ."""
         try:
             fd = os.open(node.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME, dir_fd=dir_fd)
         except PermissionError:
@@ -301,7 +343,7 @@ class Backup:
             if before.st_ino != node.ino:
                 raise _SourceChanged("was replaced while being read")
             node.xattrs = read_xattrs(fd)
-            blocks = self._read_blocks(fd, before.st_size)
+            blocks = self._read_blocks(fd, before.st_size, previous, set(written or ()))
             after = os.fstat(fd)
             if _fingerprint(after) != _fingerprint(before):
                 raise _SourceChanged("changed while being read (left out of this snapshot)")
@@ -311,13 +353,21 @@ class Backup:
         node.size, node.mtime_ns, node.ctime_ns = before.st_size, before.st_mtime_ns, before.st_ctime_ns
         return blocks
 
-    def _read_blocks(self, fd: int, size: int) -> list[Future]:
+    def _read_blocks(self, fd: int, size: int, previous: Node | None, written: set[int]) -> list[Future]:
         block_size = self._block_size
+        # Blocks that were whole in the previous version, are whole now, and were not written.
+        reusable = 0 if previous is None else min(previous.size, size) // block_size
         blocks: list[Future] = []
         next_data: int | None = 0
         offset = 0
         while offset < size:
             length = min(block_size, size - offset)
+            i = offset // block_size
+            if i < reusable and i not in written:
+                assert previous is not None
+                blocks.append(_completed((previous.block_id(i), previous.block_xxh(i))))
+                offset += length
+                continue
             if next_data is not None and next_data < offset:
                 next_data = _seek_data(fd, offset)
             if next_data is None or next_data >= offset + length:  # a hole: nothing to read

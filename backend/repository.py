@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from .blob_writer import BlobWriter
@@ -37,6 +38,7 @@ FORMAT_VERSION = 1
 DEFAULT_BLOCK_SIZE = 128 * 1024
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 64 * 1024, 4 * 1024 * 1024
 DEFAULT_PACK_SIZE = 16 * 1024 * 1024
+TREE_CACHE_NODES = 100_000  # decoded tree entries kept in memory (~30 MiB), whatever the tree sizes
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,9 @@ class Repository:
         self.index = IndexCache(os.path.join(self.cache_dir, "index.sqlite"))
         self.index.sync(store, key)
         self.writer = BlobWriter(store, key, self.index, config.pack_size)
+        self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
+        self._trees_lock = threading.Lock()
+        self._cached_nodes = 0
 
     # -- opening ----------------------------------------------------------------------------------
 
@@ -168,7 +173,21 @@ class Repository:
         return blob_id
 
     def load_tree(self, tree_id: bytes) -> list[Node]:
-        return decode_tree(self.load_blob(TREE_BLOB, tree_id), f"tree {tree_id.hex()}")
+        """The nodes of a tree, sorted by name. Shared with a cache: treat them as read-only."""
+        with self._trees_lock:
+            nodes = self._trees.get(tree_id)
+            if nodes is not None:
+                self._trees.move_to_end(tree_id)
+                return list(nodes)
+        nodes = decode_tree(self.load_blob(TREE_BLOB, tree_id), f"tree {tree_id.hex()}")
+        with self._trees_lock:
+            if tree_id not in self._trees:
+                self._trees[tree_id] = nodes
+                self._cached_nodes += len(nodes)
+            while self._cached_nodes > TREE_CACHE_NODES and len(self._trees) > 1:
+                _, evicted = self._trees.popitem(last=False)
+                self._cached_nodes -= len(evicted)
+        return list(nodes)
 
     def load_block(self, blob_id: bytes) -> bytes:
         return self.load_blob(DATA_BLOB, blob_id)

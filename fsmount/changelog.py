@@ -1,0 +1,303 @@
+"""The changelog: what changed in the live tree since the last snapshot, in epochs.
+
+The live tree's handlers call `mark_*` on the event loop thread; marks land in memory first and are
+flushed to SQLite (WAL) at least every second, at fsync and release, and before every rename, so a
+burst of writes grows the database, not the daemon's memory. A snapshot `freeze()`s the current
+epoch (flush, then start the next epoch: writers wait only for that) and hands the frozen epoch to
+the engine as a `ChangeSet` (backend/changes.py), read through its own SQLite connection while new
+marks go into the next epoch.
+
+What is durable when. Marks are committed without fsync (synchronous=NORMAL): a crash may lose the
+last second of marks. That is safe because every mount start runs a full metadata scan of the
+source against the last snapshot (size, mtime, ctime, inode), which finds those edits and everything
+done while unmounted; DESIGN asks for that scan anyway, and fsync'ing a record before each file's
+first write would cost a disk flush per created file.
+
+Paths are bytes relative to the source root (b"" is the root). Records of one epoch:
+
+    changes(epoch, path, flags)     flags: CONTENT some blocks written (see blocks), ALL whole
+                                    content, META metadata, ENTRIES a directory's entries changed,
+                                    NEW created in this epoch (no match by name in the parent)
+    blocks(epoch, path, block)      block numbers written
+    origins(epoch, path, origin)    path was at `origin` in the parent snapshot (renamed)
+
+A rename moves the current epoch's records under the old path to the new one, so records always
+name current paths, and `origin` always names a path of the parent snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from collections.abc import Iterable
+
+from backend.changes import ALL, CLEAN, Content
+
+log = logging.getLogger(__name__)
+
+CONTENT, WHOLE, META, ENTRIES, NEW = 1, 2, 4, 8, 16
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS changes (epoch INTEGER, path BLOB, flags INTEGER, PRIMARY KEY (epoch, path))
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blocks (epoch INTEGER, path BLOB, block INTEGER, PRIMARY KEY (epoch, path, block))
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS origins (epoch INTEGER, path BLOB, origin BLOB, PRIMARY KEY (epoch, path))
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value);
+"""
+
+
+def parent_of(path: bytes) -> bytes:
+    return path.rpartition(b"/")[0]
+
+
+def _below(path: bytes) -> tuple[bytes, bytes]:
+    """Bounds of the paths strictly below a non-root `path`: (path + "/", path + "0"), as "0" = "/" + 1."""
+    assert path, "the root has no bounds; every other path is below it"
+    return path + b"/", path + b"0"
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=60)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
+class Changelog:
+    """Marks from the live tree, grouped in epochs; one per mounted source."""
+
+    def __init__(self, path: str, block_size: int):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.path = path
+        self.block_size = block_size
+        self._db = _connect(path)
+        self._db.executescript(_SCHEMA)
+        self.epoch = int(self._get("epoch", 1))
+        self.clean_shutdown = bool(self._get("clean_shutdown", 1))
+        self._set("clean_shutdown", 0)
+        # Not yet flushed marks of the current epoch.
+        self._flags: dict[bytes, int] = {}
+        self._blocks: dict[bytes, set[int]] = {}
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def _get(self, key: str, default: object) -> object:
+        row = self._db.execute("SELECT value FROM state WHERE key=?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def _set(self, key: str, value: object) -> None:
+        self._db.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, value))
+
+    def close(self, *, clean: bool) -> None:
+        self.flush()
+        if clean:
+            self._set("clean_shutdown", 1)
+        self._db.close()
+
+    # -- marks (event loop thread) ----------------------------------------------------------------
+
+    def _mark(self, path: bytes, flags: int) -> None:
+        self._flags[path] = self._flags.get(path, 0) | flags
+
+    def mark_written(self, path: bytes, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        self._mark(path, CONTENT)
+        first, last = offset // self.block_size, (offset + length - 1) // self.block_size
+        blocks = self._blocks.setdefault(path, set())
+        blocks.update(range(first, last + 1))
+
+    def mark_truncated(self, path: bytes) -> None:
+        self._mark(path, WHOLE)
+
+    def mark_metadata(self, path: bytes) -> None:
+        self._mark(path, META)
+
+    def mark_created(self, path: bytes) -> None:
+        self._mark(path, NEW | WHOLE | META)
+        self._mark(parent_of(path), ENTRIES)
+
+    def mark_removed(self, path: bytes) -> None:
+        self.flush()
+        self._delete_records([path], self.epoch)
+        self._mark(parent_of(path), ENTRIES)
+
+    def mark_renamed(self, old: bytes, new: bytes, *, exchange: bool = False) -> None:
+        """`old` now lives at `new` (and with `exchange`, `new` at `old`)."""
+        self.flush()
+        epoch = self.epoch
+        old_origin, new_origin = self._parent_path(old), self._parent_path(new) if exchange else None
+        moved_old = self._take_records(old, epoch)
+        moved_new = self._take_records(new, epoch)  # replaced (or, with exchange, moved to `old`)
+        self._put_records(moved_old, old, new, epoch)
+        self._set_origin(new, old_origin, epoch)
+        if exchange:
+            self._put_records(moved_new, new, old, epoch)
+            self._set_origin(old, new_origin, epoch)
+        self._mark(new, META)
+        if exchange:
+            self._mark(old, META)
+        self._mark(parent_of(old), ENTRIES)
+        self._mark(parent_of(new), ENTRIES)
+
+    def _set_origin(self, path: bytes, origin: bytes | None, epoch: int) -> None:
+        if origin is None:
+            self._mark(path, NEW | WHOLE | META)
+            self.flush()
+            self._db.execute("DELETE FROM origins WHERE epoch=? AND path=?", (epoch, path))
+        else:
+            self._db.execute("INSERT OR REPLACE INTO origins VALUES (?, ?, ?)", (epoch, path, origin))
+
+    def _parent_path(self, path: bytes) -> bytes | None:
+        """Where `path` was in the parent snapshot, or None if it was created since."""
+        db, epoch = self._db, self.epoch
+        prefix = path
+        while True:
+            row = db.execute("SELECT flags FROM changes WHERE epoch=? AND path=?", (epoch, prefix)).fetchone()
+            if row is not None and row[0] & NEW:
+                return None
+            row = db.execute("SELECT origin FROM origins WHERE epoch=? AND path=?", (epoch, prefix)).fetchone()
+            if row is not None:
+                return row[0] + path[len(prefix):]
+            if not prefix:
+                return path
+            prefix = parent_of(prefix)
+
+    def _take_records(self, path: bytes, epoch: int) -> list[tuple[str, tuple]]:
+        low, high = _below(path)
+        taken: list[tuple[str, tuple]] = []
+        for table, columns in (("changes", "path, flags"), ("blocks", "path, block"), ("origins", "path, origin")):
+            rows = self._db.execute(
+                f"SELECT {columns} FROM {table} WHERE epoch=? AND (path=? OR (path>? AND path<?))",
+                (epoch, path, low, high)).fetchall()
+            taken += [(table, row) for row in rows]
+        self._delete_records([path], epoch)
+        return taken
+
+    def _put_records(self, records: Iterable[tuple[str, tuple]], old: bytes, new: bytes, epoch: int) -> None:
+        for table, (path, value) in records:
+            moved = new + path[len(old):]
+            self._db.execute(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?)", (epoch, moved, value))
+
+    def _delete_records(self, paths: Iterable[bytes], epoch: int) -> None:
+        for path in paths:
+            low, high = _below(path)
+            for table in ("changes", "blocks", "origins"):
+                self._db.execute(f"DELETE FROM {table} WHERE epoch=? AND (path=? OR (path>? AND path<?))",
+                                 (epoch, path, low, high))
+
+    def flush(self) -> None:
+        """Move the marks held in memory into SQLite."""
+        if not self._flags and not self._blocks:
+            return
+        db, epoch = self._db, self.epoch
+        db.execute("BEGIN")
+        try:
+            db.executemany(
+                "INSERT INTO changes VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET flags = flags | excluded.flags",
+                ((epoch, path, flags) for path, flags in self._flags.items()))
+            db.executemany("INSERT OR IGNORE INTO blocks VALUES (?, ?, ?)",
+                           ((epoch, path, b) for path, blocks in self._blocks.items() for b in blocks))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._flags.clear()
+        self._blocks.clear()
+
+    # -- snapshots --------------------------------------------------------------------------------
+
+    @property
+    def needs_full_scan(self) -> bool:
+        return bool(self._get("needs_full_scan", 1))
+
+    def require_full_scan(self, why: str) -> None:
+        if not self.needs_full_scan:
+            log.info("next snapshot will rescan the whole folder: %s", why)
+        self._set("needs_full_scan", 1)
+
+    def freeze(self) -> FrozenEpoch:
+        """Close the current epoch and start the next; returns the closed one's changes."""
+        self.flush()
+        frozen = self.epoch
+        self.epoch += 1
+        self._set("epoch", self.epoch)
+        return FrozenEpoch(self.path, frozen, full_scan=self.needs_full_scan)
+
+    def snapshot_done(self, frozen: FrozenEpoch, snapshot_id: str) -> None:
+        for table in ("changes", "blocks", "origins"):
+            self._db.execute(f"DELETE FROM {table} WHERE epoch<=?", (frozen.epoch,))
+        self._set("last_snapshot", snapshot_id)
+        if frozen.full_scan:
+            self._set("needs_full_scan", 0)
+
+    def snapshot_failed(self, frozen: FrozenEpoch) -> None:
+        # Its changes and the next epoch's are relative to different parents: rescan to be sure.
+        self.require_full_scan(f"snapshot of epoch {frozen.epoch} failed")
+
+    def statistics(self) -> dict[str, int]:
+        self.flush()
+        (paths,) = self._db.execute("SELECT count(*) FROM changes WHERE flags & ?", (CONTENT | WHOLE,)).fetchone()
+        (blocks,) = self._db.execute("SELECT count(*) FROM blocks").fetchone()
+        return {"epoch": self.epoch, "pending_files": paths, "pending_blocks": blocks,
+                "pending_bytes": blocks * self.block_size}
+
+
+class FrozenEpoch:
+    """A closed epoch's changes, read on the uploader's thread through its own connection."""
+
+    def __init__(self, path: str, epoch: int, *, full_scan: bool):
+        self.db_path = path
+        self.epoch = epoch
+        self.full_scan = full_scan
+        self._db: sqlite3.Connection | None = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._db = _connect(self.db_path)
+        return self._db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _flags(self, path: bytes) -> int:
+        row = self.db.execute("SELECT flags FROM changes WHERE epoch=? AND path=?", (self.epoch, path)).fetchone()
+        return 0 if row is None else row[0]
+
+    def is_empty(self) -> bool:
+        return self.db.execute("SELECT 1 FROM changes WHERE epoch=? LIMIT 1", (self.epoch,)).fetchone() is None
+
+    # -- backend.changes.ChangeSet ----------------------------------------------------------------
+
+    def subtree_dirty(self, path: bytes) -> bool:
+        if self._flags(path) & (ENTRIES | NEW):
+            return True
+        if not path:  # the root: any record of a path below it
+            query, args = "path != x''", ()
+        else:
+            query, args = "path > ? AND path < ?", _below(path)
+        return self.db.execute(f"SELECT 1 FROM changes WHERE epoch=? AND {query} LIMIT 1",
+                               (self.epoch, *args)).fetchone() is not None
+
+    def content(self, path: bytes) -> Content:
+        flags = self._flags(path)
+        if flags & (WHOLE | NEW):
+            return ALL
+        if flags & CONTENT:
+            rows = self.db.execute("SELECT block FROM blocks WHERE epoch=? AND path=? ORDER BY block",
+                                   (self.epoch, path)).fetchall()
+            return [b for (b,) in rows]
+        return CLEAN
+
+    def origin(self, path: bytes) -> bytes | None:
+        row = self.db.execute("SELECT origin FROM origins WHERE epoch=? AND path=?", (self.epoch, path)).fetchone()
+        return None if row is None else row[0]
+
+    def is_new(self, path: bytes) -> bool:
+        return bool(self._flags(path) & NEW)
