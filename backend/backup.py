@@ -107,7 +107,8 @@ class Backup:
     def __init__(self, repo: Repository, source: str | bytes, *, host: str | None = None,
                  tags: list[str] | None = None, name: str | None = None,
                  parent: Snapshot | None | str = "auto", progress: Progress | None = None,
-                 workers: int | None = None, changes: ChangeSet | None = None):
+                 workers: int | None = None, changes: ChangeSet | None = None,
+                 source_fd: int | None = None):
         self.repo = repo
         self.source = os.path.abspath(os.fsencode(source))
         self.host = host or socket.gethostname()
@@ -123,6 +124,7 @@ class Backup:
         if changes is not None and self.parent is None:
             raise UsageError("a change-driven backup needs the parent snapshot the changes are relative to")
         self.changes = changes
+        self._source_fd = source_fd  # read through this fd (e.g. a folder hidden under a mount)
         self._block_size = repo.block_size
         self._zero_block = bytes(self._block_size)
         self._zero_xxh = xxhash.xxh3_128_digest(self._zero_block)
@@ -152,14 +154,16 @@ class Backup:
         written_before = self.repo.writer.statistics.bytes_added, self.repo.writer.statistics.blobs_added
         raise_fd_limit()
         try:
-            root_fd = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            if self._source_fd is not None:
+                root_fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._source_fd)
+            else:
+                root_fd = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise UsageError(f"cannot open source {os.fsdecode(self.source)}: {exc.strerror}") from exc
         self.progress.start()
         self._started_ns = time.time_ns()
         try:
-            tree_future = self._walk(root_fd)
-            tree_id = tree_future.result()
+            tree_id, total_files, total_size = self._walk(root_fd).result()
             self._check_failure()
             self.repo.flush()
         finally:
@@ -174,7 +178,9 @@ class Backup:
         snapshot = Snapshot(
             time_ns=self._started_ns, host=self.host, source=self.source, tree=tree_id, tags=self.tags,
             name=self.name, parent=self.parent.id if self.parent else None,
-            stats={k: v for k, v in vars(stats).items()} | {"files": stats.files},
+            # files and size describe the whole snapshot, even where a change-driven backup
+            # reused subtrees without visiting them; the counters describe this run's work
+            stats=vars(stats) | {"files": total_files, "size": total_size},
         )
         self.repo.save_snapshot(snapshot)
         return BackupResult(snapshot, stats, self.warnings)
@@ -183,7 +189,8 @@ class Backup:
         if self.changes is not None and not self.changes.subtree_dirty(b""):
             assert self.parent is not None
             os.close(root_fd)
-            return _completed(self.parent.tree)  # nothing changed anywhere: not even a listing
+            # nothing changed anywhere: not even a listing
+            return _completed((self.parent.tree, self.parent.stats.get("files", 0), self.parent.stats.get("size", 0)))
         parent_root = self._parent_nodes(self.parent.tree) if self.parent else {}
         stack = [_DirJob(root_fd, b"", self._list(root_fd, b""), parent_root, None)]
         try:
@@ -282,6 +289,7 @@ class Backup:
         if (self.changes is not None and previous is not None and previous.type == DIR
                 and not self.changes.subtree_dirty(path)):
             node.subtree = previous.subtree  # nothing below changed: reuse it without listing
+            node.files_below, node.bytes_below = previous.files_below, previous.bytes_below
             node.xattrs = read_xattrs(at_path(job.fd, node.name))
             job.entries.append(_Entry(node))
             self.stats.dirs += 1
@@ -403,9 +411,11 @@ class Backup:
         finally:
             self._in_flight.release()
 
-    def _finish_tree(self, entries: list[_Entry], path: bytes) -> bytes:
+    def _finish_tree(self, entries: list[_Entry], path: bytes) -> tuple[bytes, int, int]:
+        """(tree id, regular files below, their total size) of one directory."""
         try:
             nodes = []
+            files = size = 0
             for entry in entries:
                 node = entry.node
                 if entry.blocks is not None:
@@ -413,9 +423,13 @@ class Backup:
                     node.blocks = b"".join(blob_id for blob_id, _ in results)
                     node.xxh = b"".join(xxh for _, xxh in results)
                 if entry.subtree is not None:
-                    node.subtree = entry.subtree.result()
+                    node.subtree, node.files_below, node.bytes_below = entry.subtree.result()
+                if node.type == FILE:
+                    files, size = files + 1, size + node.size
+                elif node.type == DIR:
+                    files, size = files + node.files_below, size + node.bytes_below
                 nodes.append(node)
-            return self.repo.save_tree(nodes)
+            return self.repo.save_tree(nodes), files, size
         except BaseException as exc:
             self._failure = self._failure or exc
             raise

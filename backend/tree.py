@@ -20,6 +20,7 @@ A tree blob (type `TREE_BLOB`) is msgpack `{"v": 1, "nodes": [node, ...]}`, node
 | `b` | file content: 32-byte blob ids of its fixed-size blocks back to back; 32 zero bytes = hole |
 | `h` | XXH3-128 of each block, 16 bytes each back to back, same order as `b` |
 | `st` | directories: 32-byte id of the subtree's tree blob |
+| `nf`, `ns` | directories: number of regular files and sum of their sizes in the whole subtree |
 
 Block *i* of a file covers bytes `[i * block_size, (i + 1) * block_size)` (the repository's block
 size, from `config`); the last block may be short. Entries of files with `nl > 1` that share
@@ -81,6 +82,8 @@ class Node:
     blocks: bytes = b""
     xxh: bytes = b""
     subtree: bytes = b""
+    files_below: int = 0
+    bytes_below: int = 0
 
     @property
     def block_count(self) -> int:
@@ -109,7 +112,7 @@ class Node:
                      "mt": self.mtime_ns, "ct": self.ctime_ns}
         for key, value in (("at", self.atime_ns), ("sz", self.size), ("dev", self.dev), ("ino", self.ino), ("rdev", self.rdev),
                            ("tg", self.target), ("x", self.xattrs), ("b", self.blocks), ("h", self.xxh),
-                           ("st", self.subtree)):
+                           ("st", self.subtree), ("nf", self.files_below), ("ns", self.bytes_below)):
             if value:
                 doc[key] = value
         if self.nlink != 1:
@@ -124,6 +127,7 @@ class Node:
             size=doc.get("sz", 0), dev=doc.get("dev", 0), ino=doc.get("ino", 0), nlink=doc.get("nl", 1),
             rdev=doc.get("rdev", 0), target=doc.get("tg", b""), xattrs=doc.get("x", {}),
             blocks=doc.get("b", b""), xxh=doc.get("h", b""), subtree=doc.get("st", b""),
+            files_below=doc.get("nf", 0), bytes_below=doc.get("ns", 0),
         )
 
 

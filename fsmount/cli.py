@@ -19,6 +19,7 @@ import click
 
 from backend.errors import FsmountError
 
+from . import background
 from .context import AppContext
 from .output import stderr
 
@@ -75,6 +76,7 @@ def run() -> None:
     try:
         code = main.main(standalone_mode=False)
     except FsmountError as exc:
+        background.report_failure(str(exc), exc.exit_code)
         stderr.print(f"[bold red]fsmount:[/bold red] {exc}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:

@@ -16,6 +16,8 @@ from backend.errors import UsageError
 from backend.repository import Repository
 from backend.stores import ObjectStore, open_store
 
+from .background import inherited_passphrase
+
 
 @dataclass
 class AppContext:
@@ -24,6 +26,7 @@ class AppContext:
     cache_dir: str | None = None
     json: bool = False
     quiet: bool = False
+    _passphrase: bytes | None = field(default=None, repr=False)
 
     def locations(self) -> list[str]:
         if self.repo_locations:
@@ -42,6 +45,15 @@ class AppContext:
         return ReplicatedStore([open_store(loc) for loc in locations])
 
     def passphrase(self, *, confirm: bool = False) -> bytes:
+        if self._passphrase is not None:
+            return self._passphrase
+        secret = inherited_passphrase() or self._read_passphrase(confirm)
+        if not secret:
+            raise UsageError("the passphrase is empty")
+        self._passphrase = secret
+        return secret
+
+    def _read_passphrase(self, confirm: bool) -> bytes:
         path = self.password_file or os.environ.get("FSMOUNT_PASSWORD_FILE")
         if path:
             try:
@@ -57,8 +69,6 @@ class AppContext:
                 raise UsageError("the passphrases do not match")
         else:
             raise UsageError("no passphrase: use --password-file, FSMOUNT_PASSWORD_FILE or FSMOUNT_PASSWORD")
-        if not secret:
-            raise UsageError("the passphrase is empty")
         return secret
 
     def open_repository(self) -> Repository:

@@ -1,0 +1,163 @@
+"""`mount`, `snapshot`, `status`: working in a folder that backs itself up continuously."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+
+import click
+
+from backend.errors import FsmountError, UsageError
+
+from .. import background, control
+from ..context import AppContext
+from ..output import emit_json, human_bytes, json_option, stdout
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration like 90, 30s, 15m, 2h or 1d."""
+    match = _DURATION.match(text.strip().lower())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 30s, 15m or 2h", param_hint="--every")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.argument("mountpoint", required=False, type=click.Path(path_type=str))
+@click.option("--every", metavar="DURATION", help="Also take a snapshot every DURATION (e.g. 15m, 1h).")
+@click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground (logs go to the terminal).")
+@click.option("--host", help="Record this host name in snapshots instead of this machine's.")
+@click.pass_obj
+def mount(app: AppContext, source: str, mountpoint: str | None, every: str | None, foreground: bool,
+          host: str | None) -> None:
+    """Mount SOURCE so that everything written to it is backed up continuously.
+
+    \b
+      fsmount mount ~/projects --every 15m      over the folder itself: same path, same files
+      fsmount mount ~/projects ~/work           or at another mountpoint
+
+    Every write, rename and deletion is recorded as it happens, so a snapshot reads only what
+    changed. Snapshots are taken with `fsmount snapshot MOUNT`, with `mkdir MOUNT/.snapshots/NAME`,
+    every DURATION with --every, and at `fsmount umount MOUNT`. Every snapshot of the folder can be
+    browsed, read-only, in MOUNT/.snapshots/ (hidden from listings; reach it by its path).
+    """
+    every_s = parse_duration(every) if every else None
+    target = mountpoint or source
+    if not foreground:
+        log_path = os.path.join(control.runtime_dir(), control.mount_id(target) + ".log")
+        argv = [*(arg for loc in app.locations() for arg in ("-r", loc)), "mount", "-f", source, target]
+        if app.cache_dir:
+            argv = ["--cache-dir", app.cache_dir, *argv]
+        if every:
+            argv += ["--every", every]
+        if host:
+            argv += ["--host", host]
+        pid = background.start(argv, log_path, app.passphrase())
+        if not app.quiet:
+            stdout.print(f"mounted {source} at {target} (daemon pid {pid}, log {log_path})")
+        return
+    from ..live_daemon import LiveMount
+
+    with app.open_repository() as repo:
+        live = LiveMount(repo, os.fsencode(source), os.fsencode(target), every_s=every_s, host=host)
+
+        def ready() -> None:
+            background.report_ready()
+            if not app.quiet:
+                stdout.print(f"mounted {source} at {target}; Ctrl-C or `fsmount umount {target}` unmounts")
+
+        live.run(ready)
+    if live.final_error:
+        raise FsmountError(f"unmounted, but the final snapshot failed: {live.final_error}")
+
+
+@click.command()
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--name", help="A name for the snapshot (shown in .snapshots/ and `fsmount snapshots`).")
+@json_option
+@click.pass_obj
+def snapshot(app: AppContext, mountpoint: str, name: str | None) -> None:
+    """Take a snapshot of a live mount now.
+
+    It shows the folder at this instant; writers are held only while the change log is switched to
+    a new epoch, not during the upload. The same as `mkdir MOUNTPOINT/.snapshots/NAME`.
+    """
+    reply = _ask(mountpoint, {"op": "snapshot", "name": name}, timeout=None)
+    if app.json:
+        emit_json(reply)
+    elif not app.quiet:
+        stdout.print(f"snapshot {reply['short_id']} taken ({reply['label']})")
+
+
+@click.command()
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False, path_type=str))
+@json_option
+@click.pass_obj
+def status(app: AppContext, mountpoint: str) -> None:
+    """Show what a live mount has pending and how its snapshots are going."""
+    reply = _ask(mountpoint, {"op": "status"})
+    if app.json:
+        emit_json(reply)
+        return
+    when = (dt.datetime.fromtimestamp(reply["last_snapshot_time"]).strftime("%Y-%m-%d %H:%M:%S")
+            if reply.get("last_snapshot_time") else "none this mount")
+    lines = [
+        f"mount        {reply['mountpoint']} (pid {reply['pid']}) of {reply['source']}",
+        f"pending      {reply['pending_files']} files, {human_bytes(reply['pending_bytes'])} in dirty blocks",
+        f"last         {(reply.get('last_snapshot') or '-')[:8]} at {when}"
+        + (f", {reply['last_duration_s']:.1f} s, added {human_bytes(reply['last_bytes_added'])}"
+           if reply.get("last_duration_s") is not None else ""),
+        f"schedule     every {reply['every_s']:.0f} s" if reply.get("every_s") else "schedule     on demand",
+    ]
+    if reply.get("running"):
+        lines.append("now          a snapshot is being uploaded")
+    if reply.get("last_error"):
+        lines.append(f"error        {reply['last_error']}")
+    for line in lines:
+        stdout.print(line, markup=False)
+
+
+def _ask(mountpoint: str, request: dict, *, timeout: float | None = 30.0) -> dict:
+    reply = control.request(mountpoint, request, timeout=timeout)
+    if not reply.get("ok"):
+        error = FsmountError(reply.get("error", "the mount refused the request"))
+        error.exit_code = reply.get("exit_code", 1)
+        raise error
+    return reply
+
+
+def unmount_live(mountpoint: str, app: AppContext) -> bool:
+    """Unmount a live mount through its control socket; False if MOUNTPOINT is not one."""
+    try:
+        reply = _ask(mountpoint, {"op": "unmount"}, timeout=None)
+    except UsageError:
+        return False
+    if reply.get("final_error"):
+        raise FsmountError(f"unmounted {mountpoint}, but the final snapshot failed: {reply['final_error']}")
+    if not app.quiet:
+        stdout.print(f"unmounted {mountpoint}; final snapshot {(reply.get('final_snapshot') or '-')[:8]}")
+    return True
+
+
+@click.command()
+@click.argument("mountpoint", type=click.Path(path_type=str))
+@click.pass_obj
+def umount(app: AppContext, mountpoint: str) -> None:
+    """Unmount a live mount, after its final snapshot is stored, or a snapshot mount."""
+    if unmount_live(mountpoint, app):
+        return
+    import subprocess
+
+    proc = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UsageError(proc.stderr.strip().removeprefix("fusermount3: ") or f"cannot unmount {mountpoint}")
+    if not app.quiet:
+        stdout.print(f"unmounted {mountpoint}")
+
+
+COMMANDS = [mount, snapshot, status, umount]

@@ -1,0 +1,175 @@
+"""A live mount from start to finish: claim the source, mount, serve, and snapshot at the end.
+
+Order matters. The source directory is opened before mounting, so the mount can sit over the
+source's own path and still reach it. A lock file in the repository's cache claims the source, so a
+second mount of the same folder is refused. After mounting, one event loop runs the FUSE handlers,
+the changelog flush (every second), the schedule, the control socket and the signal watcher. When
+the file system is unmounted — `fsmount umount`, SIGTERM/SIGINT, or `fusermount3 -u` — the final
+snapshot is taken from the source fd: nothing can be written any more, so it is complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from backend.errors import FsmountError, UsageError
+from backend.repository import Repository
+
+from . import control
+from .changelog import Changelog
+from .live_tree import LiveTree
+from .uploader import Uploader
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL_S = 1.0
+
+
+def check_mountpoint(mountpoint: bytes) -> None:
+    """Refuse a missing mountpoint, a stale one, or one where something is mounted already."""
+    shown = os.fsdecode(mountpoint)
+    try:
+        os.stat(mountpoint)
+    except FileNotFoundError:
+        raise UsageError(f"mountpoint {shown} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise UsageError(f"{shown} is a stale mount left by a process that died; "
+                             f"run `fusermount3 -u {shown}` and mount again") from None
+        raise UsageError(f"cannot use {shown} as mountpoint: {exc.strerror}") from None
+    if not os.path.isdir(mountpoint):
+        raise UsageError(f"mountpoint {shown} is not a directory")
+    real = os.path.realpath(mountpoint)
+    if os.path.ismount(real) or _mounted_at(real):
+        raise UsageError(f"{shown} is already a mountpoint (unmount it first)")
+
+
+def _mounted_at(path: bytes) -> bool:
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ")
+            if len(fields) > 4 and fields[4].replace(b"\\040", b" ") == path:
+                return True
+    return False
+
+
+class SourceLock:
+    """An exclusive claim on a source folder, held for the life of its mount."""
+
+    def __init__(self, directory: str):
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, "lock")
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip()
+            os.close(self._fd)
+            raise UsageError(f"this folder is already mounted by another fsmount (pid {holder or '?'})") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        os.close(self._fd)
+
+
+class LiveMount:
+    def __init__(self, repo: Repository, source: bytes, mountpoint: bytes, *, every_s: float | None = None,
+                 host: str | None = None):
+        self.repo = repo
+        self.source = os.path.realpath(source)
+        self.mountpoint = os.path.realpath(mountpoint)
+        self.every_s = every_s
+        self.host = host or socket.gethostname()
+        self.final_snapshot: str | None = None
+        self.final_error: str | None = None
+
+    def run(self, ready: Callable[[], None]) -> None:
+        """Mount, call `ready()`, serve until unmounted, take the final snapshot."""
+        try:
+            source_fd = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise UsageError(f"cannot open source {os.fsdecode(self.source)}: {exc.strerror}") from None
+        if self.mountpoint != self.source:
+            check_mountpoint(self.mountpoint)
+        elif _mounted_at(self.mountpoint):
+            raise UsageError(f"{os.fsdecode(self.mountpoint)} is already a mountpoint (unmount it first)")
+        live_dir = os.path.join(self.repo.cache_dir, "live", hashlib.sha256(self.source).hexdigest()[:16])
+        lock = SourceLock(live_dir)
+        changelog = Changelog(os.path.join(live_dir, "changelog.sqlite"), self.repo.block_size)
+        try:
+            changelog.require_full_scan("mount start: the folder may have changed while unmounted")
+            self.uploader = Uploader(self.repo, changelog, self.source, source_fd, self.host)
+            self.changelog = changelog
+            self.operations = LiveTree(source_fd, changelog)
+            os.umask(0)
+            options = {"fsname=fsmount", "subtype=fsmount", "default_permissions"}
+            if os.geteuid() == 0:
+                options.add("allow_other")
+            # Nothing may touch the mountpoint's path once mounted: the event loop that would answer
+            # is this thread. Everything path-based is resolved now.
+            self._socket_path = control.socket_path(self.mountpoint)
+            pyfuse3.init(self.operations, os.fsdecode(self.mountpoint), options)
+            ready()
+            trio.run(self._serve)
+        finally:
+            changelog.close(clean=True)
+            lock.release()
+            os.close(source_fd)
+
+    async def _serve(self) -> None:
+        self._final_done = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.serve, self._socket_path, self._handle)
+            nursery.start_soon(self._flush_changelog)
+            nursery.start_soon(self._watch_signals)
+            if self.every_s:
+                nursery.start_soon(self.uploader.run_schedule, self.every_s)
+            try:
+                await pyfuse3.main()
+            finally:
+                pyfuse3.close(unmount=True)
+            log.info("unmounted %s; taking the final snapshot", os.fsdecode(self.mountpoint))
+            try:
+                self.final_snapshot = (await self.uploader.snapshot()).id
+            except FsmountError as exc:
+                self.final_error = str(exc)
+                log.error("final snapshot failed: %s (the next mount will catch up)", exc)
+            self._final_done.set()
+            await trio.sleep(0)  # let waiting `umount` requests see the result
+            nursery.cancel_scope.cancel()
+
+    async def _flush_changelog(self) -> None:
+        while True:
+            await trio.sleep(FLUSH_INTERVAL_S)
+            self.changelog.flush()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("received %s: unmounting", signal.Signals(signum).name)
+                pyfuse3.terminate()
+
+    async def _handle(self, request: dict) -> dict:
+        op = request["op"]
+        if op == "status":
+            return {"mountpoint": os.fsdecode(self.mountpoint), "pid": os.getpid(),
+                    "every_s": self.every_s, **self.uploader.describe()}
+        if op == "snapshot":
+            snapshot = await self.uploader.snapshot(request.get("name"))
+            return {"id": snapshot.id, "short_id": snapshot.short_id, "label": snapshot.label()}
+        if op == "unmount":
+            pyfuse3.terminate()
+            await self._final_done.wait()
+            return {"final_snapshot": self.final_snapshot, "final_error": self.final_error}
+        raise UsageError(f"unknown control request {op!r}")

@@ -1,0 +1,182 @@
+"""The live tree's inode table: FUSE inode numbers for the source's files, and how to reach them.
+
+Each source inode (st_dev, st_ino) the kernel knows gets one FUSE inode number, so hard links share
+one inode as they do natively. An inode records the names it is known by — (parent inode, name)
+pairs — which give its current paths for the changelog, and reach it for system calls: every call
+goes through the parent directory's fd and the name, never through an absolute path, because the
+source is hidden under the mount and may be deeper than PATH_MAX.
+
+Directory fds are O_PATH descriptors opened on demand and kept in a bounded LRU (the process may
+hold ~20,000 descriptors, and a large tree has more directories than that); an evicted one is
+reopened from its parent. The root's descriptor was opened before mounting and is never closed.
+The table is used only on the event loop thread.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+ROOT = pyfuse3.ROOT_INODE
+MAX_DIR_FDS = 2048
+
+
+@dataclass
+class Inode:
+    number: int
+    key: tuple[int, int]
+    is_dir: bool
+    names: set[tuple[int, bytes]] = field(default_factory=set)
+    nlink: int = 1
+    lookups: int = 0
+    open_fds: set[int] = field(default_factory=set)
+
+
+class InodeTable:
+    def __init__(self, root_fd: int):
+        self.root_fd = root_fd
+        st = os.fstat(root_fd)
+        root = Inode(ROOT, (st.st_dev, st.st_ino), True, lookups=1)
+        self._by_number: dict[int, Inode] = {ROOT: root}
+        self._by_key: dict[tuple[int, int], Inode] = {root.key: root}
+        self._by_name: dict[tuple[int, bytes], Inode] = {}
+        self._next = ROOT + 1
+        self._dir_fds: OrderedDict[int, int] = OrderedDict()
+
+    def __getitem__(self, number: int) -> Inode:
+        try:
+            return self._by_number[number]
+        except KeyError:
+            raise pyfuse3.FUSEError(2) from None  # ENOENT: the kernel asked about a forgotten inode
+
+    def get(self, number: int) -> Inode | None:
+        return self._by_number.get(number)
+
+    def __len__(self) -> int:
+        return len(self._by_number)
+
+    # -- knowing entries --------------------------------------------------------------------------
+
+    def remember(self, parent: int, name: bytes, st: os.stat_result, *, lookup: bool = True) -> Inode:
+        """The inode for entry `name` of `parent` (created if new); counts a kernel lookup."""
+        key = (st.st_dev, st.st_ino)
+        inode = self._by_key.get(key)
+        if inode is None:
+            inode = Inode(self._next, key, stat.S_ISDIR(st.st_mode))
+            self._next += 1
+            self._by_number[inode.number] = inode
+            self._by_key[key] = inode
+        self._name(inode, (parent, name))
+        inode.nlink = st.st_nlink
+        if lookup:
+            inode.lookups += 1
+        return inode
+
+    def forget(self, number: int, count: int) -> None:
+        inode = self._by_number.get(number)
+        if inode is None or number == ROOT:
+            return
+        inode.lookups -= count
+        self._drop_if_unused(inode)
+
+    def _name(self, inode: Inode, entry: tuple[int, bytes]) -> None:
+        previous = self._by_name.get(entry)
+        if previous is not None and previous is not inode:
+            previous.names.discard(entry)
+        self._by_name[entry] = inode
+        inode.names.add(entry)
+
+    def _unname(self, inode: Inode, entry: tuple[int, bytes]) -> None:
+        inode.names.discard(entry)
+        if self._by_name.get(entry) is inode:
+            del self._by_name[entry]
+
+    def _drop_if_unused(self, inode: Inode) -> None:
+        if inode.lookups <= 0 and not inode.open_fds:
+            for entry in list(inode.names):
+                self._unname(inode, entry)
+            del self._by_number[inode.number]
+            if self._by_key.get(inode.key) is inode:
+                del self._by_key[inode.key]
+            fd = self._dir_fds.pop(inode.number, None)
+            if fd is not None:
+                os.close(fd)
+
+    def unlinked(self, parent: int, name: bytes) -> Inode | None:
+        """Forget that `name` in `parent` names anything (after unlink, rmdir, or being replaced)."""
+        inode = self._by_name.get((parent, name))
+        if inode is not None:
+            self._unname(inode, (parent, name))
+            if inode.is_dir:
+                self._close_dir_fd(inode.number)
+        return inode
+
+    def renamed(self, old: tuple[int, bytes], new: tuple[int, bytes], *, exchange: bool) -> None:
+        moving, other = self._by_name.get(old), self._by_name.get(new)
+        if other is not None:
+            self._unname(other, new)
+        if moving is not None:
+            self._unname(moving, old)
+            self._name(moving, new)
+        if other is not None and exchange:
+            self._name(other, old)
+        for inode in (moving, other):
+            if inode is not None and inode.is_dir:
+                self._close_dir_fd(inode.number)  # reopened through its new name when needed
+
+    # -- reaching entries -------------------------------------------------------------------------
+
+    def where(self, number: int) -> tuple[int, bytes]:
+        """(parent directory fd, name) through which inode `number` is reached."""
+        inode = self[number]
+        for parent, name in sorted(inode.names):
+            return self.dir_fd(parent), name
+        raise pyfuse3.FUSEError(116)  # ESTALE: it has no name left (unlinked)
+
+    def dir_fd(self, number: int) -> int:
+        if number == ROOT:
+            return self.root_fd
+        fd = self._dir_fds.get(number)
+        if fd is not None:
+            self._dir_fds.move_to_end(number)
+            return fd
+        parent_fd, name = self.where(number)
+        fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        self._dir_fds[number] = fd
+        if len(self._dir_fds) > MAX_DIR_FDS:
+            _, evicted = self._dir_fds.popitem(last=False)
+            os.close(evicted)
+        return fd
+
+    def _close_dir_fd(self, number: int) -> None:
+        fd = self._dir_fds.pop(number, None)
+        if fd is not None:
+            os.close(fd)
+
+    def paths(self, number: int) -> list[bytes]:
+        """Every current path of an inode relative to the source root (empty if unlinked)."""
+        if number == ROOT:
+            return [b""]
+        inode = self._by_number.get(number)
+        if inode is None:
+            return []
+        found = []
+        for parent, name in inode.names:
+            for parent_path in self.paths(parent):
+                found.append(parent_path + b"/" + name if parent_path else name)
+        return found
+
+    def path_of(self, parent: int, name: bytes) -> bytes:
+        parents = self.paths(parent)
+        if not parents:
+            raise pyfuse3.FUSEError(2)
+        return parents[0] + b"/" + name if parents[0] else name
+
+    def close(self) -> None:
+        for fd in self._dir_fds.values():
+            os.close(fd)
+        self._dir_fds.clear()

@@ -1,0 +1,482 @@
+"""The live tree: a passthrough over the source folder that records every change in the changelog.
+
+Each handler checks, calls the source through directory fds (live_inodes.py), marks the changelog,
+and replies; no SQL and no repository work happen here. Native semantics: created entries belong
+to the caller (when mounted by root), the kernel checks permissions (`default_permissions`) and has
+already applied the caller's umask (the daemon runs with umask 0), and operations on an open file
+go through its descriptor, so a file unlinked while open keeps working.
+
+The mount owns its source while mounted, so the kernel may cache boldly: long entry and attribute
+timeouts, the writeback cache, `keep_cache`. Blocking calls (fsync, large reads and writes) run on
+worker threads so one slow file does not stall the others.
+
+`MOUNT/.snapshots` is not in the source: it is the read-only snapshot view, hidden from listings.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from typing import Any
+
+import pyfuse3
+import trio
+
+from .changelog import Changelog
+from .live_inodes import ROOT, InodeTable
+
+log = logging.getLogger(__name__)
+
+SNAPSHOTS_DIR = b".snapshots"
+TIMEOUT_S = 300.0  # entry/attribute cache: nothing but this mount changes the source
+THREAD_THRESHOLD = 64 * 1024  # reads and writes larger than this go to a worker thread
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = _libc.renameat2
+_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+def renameat2(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int) -> None:
+    if _renameat2(old_dir, old, new_dir, new, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _fuse_errors(method: Callable) -> Callable:
+    """Turn OSError into the FUSEError the kernel understands."""
+
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(*args, **kwargs)
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
+class _Handle:
+    __slots__ = ("fd", "inode", "entries")
+
+    def __init__(self, fd: int, inode: int, entries: list | None = None):
+        self.fd, self.inode, self.entries = fd, inode, entries
+
+
+class LiveTree(pyfuse3.Operations):
+    enable_writeback_cache = True
+
+    def __init__(self, root_fd: int, changelog: Changelog, snapshots: Any = None):
+        super().__init__()
+        self.inodes = InodeTable(root_fd)
+        self.changelog = changelog
+        self.snapshots = snapshots  # the .snapshots view, or None
+        self.as_root = os.geteuid() == 0
+        self._handles: dict[int, _Handle] = {}
+        self._next_handle = 1
+        self.limiter = trio.CapacityLimiter(8)
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _attr(self, number: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = number
+        for name in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize",
+                     "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
+            setattr(attr, name, getattr(st, name))
+        attr.generation = 0
+        attr.entry_timeout = TIMEOUT_S
+        attr.attr_timeout = TIMEOUT_S
+        return attr
+
+    def _entry(self, parent: int, name: bytes, *, lookup: bool = True) -> pyfuse3.EntryAttributes:
+        st = os.lstat(name, dir_fd=self.inodes.dir_fd(parent))
+        inode = self.inodes.remember(parent, name, st, lookup=lookup)
+        return self._attr(inode.number, st)
+
+    def _stat(self, number: int) -> os.stat_result:
+        inode = self.inodes[number]
+        if number == ROOT:
+            return os.fstat(self.inodes.root_fd)
+        if inode.open_fds:
+            return os.fstat(next(iter(inode.open_fds)))
+        dir_fd, name = self.inodes.where(number)
+        return os.lstat(name, dir_fd=dir_fd)
+
+    def _paths(self, number: int) -> list[bytes]:
+        paths = self.inodes.paths(number)
+        inode = self.inodes[number]
+        if not inode.is_dir and paths and inode.nlink > len(paths):
+            # a name the kernel never looked up shares this inode: only a rescan finds it
+            self.changelog.require_full_scan("a hard-linked file changed through one of its names")
+        return paths
+
+    def _owner(self, parent: int, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
+        """Owner for a new entry: the caller, or the parent's group in a setgid directory."""
+        parent_st = os.fstat(self.inodes.dir_fd(parent))
+        gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else ctx.gid
+        return ctx.uid, gid
+
+    def _new_handle(self, fd: int, inode: int, entries: list | None = None) -> int:
+        handle = self._next_handle
+        self._next_handle += 1
+        self._handles[handle] = _Handle(fd, inode, entries)
+        if entries is None:
+            self.inodes[inode].open_fds.add(fd)
+        return handle
+
+    def _is_snapshots(self, parent: int, name: bytes) -> bool:
+        return parent == ROOT and name == SNAPSHOTS_DIR and self.snapshots is not None
+
+    # -- lookups and attributes -------------------------------------------------------------------
+
+    @_fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if self._is_snapshots(parent_inode, name):
+            return await self.snapshots.root_entry()
+        if self.snapshots is not None and self.snapshots.owns(parent_inode):
+            return await self.snapshots.lookup(parent_inode, name, ctx)
+        return self._entry(parent_inode, name)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for number, count in inode_list:
+            if self.snapshots is not None and self.snapshots.owns(number):
+                await self.snapshots.forget([(number, count)])
+            else:
+                self.inodes.forget(number, count)
+
+    @_fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if self.snapshots is not None and self.snapshots.owns(inode):
+            return await self.snapshots.getattr(inode, ctx)
+        return self._attr(inode, self._stat(inode))
+
+    @_fuse_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._refuse_snapshots(inode)
+        handle = self._handles.get(fh) if fh is not None else None
+        if fields.update_size:
+            if handle is not None:
+                os.ftruncate(handle.fd, attr.st_size)
+            else:
+                dir_fd, name = self.inodes.where(inode)
+                fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    os.ftruncate(fd, attr.st_size)
+                finally:
+                    os.close(fd)
+            for path in self._paths(inode):
+                self.changelog.mark_truncated(path)
+        if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime or fields.update_mtime:
+            self._set_metadata(inode, attr, fields, handle)
+            for path in self._paths(inode):
+                self.changelog.mark_metadata(path)
+        return self._attr(inode, self._stat(inode))
+
+    def _set_metadata(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      handle: _Handle | None) -> None:
+        if inode == ROOT:
+            dir_fd, name, target = self.inodes.root_fd, b"", f"/proc/self/fd/{self.inodes.root_fd}".encode()
+        else:
+            dir_fd, name = self.inodes.where(inode)
+            target = b"/proc/self/fd/%d/%s" % (dir_fd, name)
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            if name:
+                os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+            else:
+                os.fchown(dir_fd, uid, gid)
+        if fields.update_mode:
+            if handle is not None:
+                os.fchmod(handle.fd, stat.S_IMODE(attr.st_mode))
+            else:
+                os.chmod(target, stat.S_IMODE(attr.st_mode))
+        if fields.update_atime or fields.update_mtime:
+            current = self._stat(inode)
+            atime = attr.st_atime_ns if fields.update_atime else current.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns
+            if name:
+                os.utime(name, ns=(atime, mtime), dir_fd=dir_fd, follow_symlinks=False)
+            else:
+                os.utime(target, ns=(atime, mtime))
+
+    def _refuse_snapshots(self, inode: int) -> None:
+        if self.snapshots is not None and self.snapshots.owns(inode):
+            raise pyfuse3.FUSEError(errno.EROFS)
+
+    @_fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        if self.snapshots is not None and self.snapshots.owns(inode):
+            return await self.snapshots.readlink(inode, ctx)
+        dir_fd, name = self.inodes.where(inode)
+        return os.readlink(name, dir_fd=dir_fd)
+
+    @_fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = os.statvfs(f"/proc/self/fd/{self.inodes.root_fd}")
+        data = pyfuse3.StatvfsData()
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
+                     "f_favail", "f_namemax"):
+            setattr(data, name, getattr(st, name))
+        return data
+
+    # -- directories ------------------------------------------------------------------------------
+
+    @_fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if self.snapshots is not None and self.snapshots.owns(inode):
+            return await self.snapshots.opendir(inode, ctx)
+        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.inodes.dir_fd(inode))
+        try:
+            names = sorted(os.fsencode(n) for n in os.listdir(fd))
+        finally:
+            os.close(fd)
+        if inode == ROOT:
+            names = [n for n in names if n != SNAPSHOTS_DIR]
+        return self._new_handle(-1, inode, [b".", b"..", *names])
+
+    @_fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._handles.get(fh)
+        if handle is None and self.snapshots is not None:
+            return await self.snapshots.readdir(fh, start_id, token)
+        assert handle is not None and handle.entries is not None
+        for index in range(start_id, len(handle.entries)):
+            name = handle.entries[index]
+            try:
+                if name in (b".", b".."):  # the kernel takes no lookup reference for these
+                    attr = self._attr(handle.inode, self._stat(handle.inode))
+                    if not pyfuse3.readdir_reply(token, name, attr, index + 1):
+                        break
+                    continue
+                attr = self._entry(handle.inode, name, lookup=False)
+            except FileNotFoundError:
+                continue
+            if not pyfuse3.readdir_reply(token, name, attr, index + 1):
+                break
+            self.inodes[attr.st_ino].lookups += 1
+
+    async def releasedir(self, fh: int) -> None:
+        if self._handles.pop(fh, None) is None and self.snapshots is not None:
+            await self.snapshots.releasedir(fh)
+
+    @_fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if self._is_snapshots(parent_inode, name):
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        if self.snapshots is not None and self.snapshots.owns(parent_inode):
+            return await self.snapshots.mkdir(parent_inode, name, mode, ctx)
+        dir_fd = self.inodes.dir_fd(parent_inode)
+        os.mkdir(name, mode, dir_fd=dir_fd)
+        self._chown_new(parent_inode, dir_fd, name, ctx)
+        self.changelog.mark_created(self.inodes.path_of(parent_inode, name))
+        return self._entry(parent_inode, name)
+
+    def _chown_new(self, parent: int, dir_fd: int, name: bytes, ctx: pyfuse3.RequestContext,
+                   fd: int | None = None) -> None:
+        if not self.as_root:
+            return
+        uid, gid = self._owner(parent, ctx)
+        if fd is not None:
+            os.fchown(fd, uid, gid)
+        else:
+            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+    @_fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._refuse_snapshots(parent_inode)
+        if self._is_snapshots(parent_inode, name):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        path = self.inodes.path_of(parent_inode, name)
+        os.rmdir(name, dir_fd=self.inodes.dir_fd(parent_inode))
+        self.inodes.unlinked(parent_inode, name)
+        self.changelog.mark_removed(path)
+
+    # -- names ------------------------------------------------------------------------------------
+
+    @_fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._refuse_snapshots(parent_inode)
+        path = self.inodes.path_of(parent_inode, name)
+        os.unlink(name, dir_fd=self.inodes.dir_fd(parent_inode))
+        self.inodes.unlinked(parent_inode, name)
+        self.changelog.mark_removed(path)
+
+    @_fuse_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        for parent, name in ((parent_inode_old, name_old), (parent_inode_new, name_new)):
+            self._refuse_snapshots(parent)
+            if self._is_snapshots(parent, name):
+                raise pyfuse3.FUSEError(errno.EROFS)
+        old_path = self.inodes.path_of(parent_inode_old, name_old)
+        new_path = self.inodes.path_of(parent_inode_new, name_new)
+        renameat2(self.inodes.dir_fd(parent_inode_old), name_old, self.inodes.dir_fd(parent_inode_new),
+                  name_new, flags)
+        exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
+        self.inodes.renamed((parent_inode_old, name_old), (parent_inode_new, name_new), exchange=exchange)
+        self.changelog.mark_renamed(old_path, new_path, exchange=exchange)
+
+    @_fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._refuse_snapshots(new_parent_inode)
+        dir_fd, name = self.inodes.where(inode)
+        os.link(name, new_name, src_dir_fd=dir_fd, dst_dir_fd=self.inodes.dir_fd(new_parent_inode),
+                follow_symlinks=False)
+        self.changelog.mark_created(self.inodes.path_of(new_parent_inode, new_name))
+        return self._entry(new_parent_inode, new_name)
+
+    @_fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._refuse_snapshots(parent_inode)
+        dir_fd = self.inodes.dir_fd(parent_inode)
+        os.symlink(target, name, dir_fd=dir_fd)
+        self._chown_new(parent_inode, dir_fd, name, ctx)
+        self.changelog.mark_created(self.inodes.path_of(parent_inode, name))
+        return self._entry(parent_inode, name)
+
+    @_fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._refuse_snapshots(parent_inode)
+        dir_fd = self.inodes.dir_fd(parent_inode)
+        os.mknod(name, mode, rdev, dir_fd=dir_fd)
+        self._chown_new(parent_inode, dir_fd, name, ctx)
+        self.changelog.mark_created(self.inodes.path_of(parent_inode, name))
+        return self._entry(parent_inode, name)
+
+    # -- files ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _open_flags(flags: int) -> int:
+        # With the writeback cache the kernel may read back pages of a write-only file and does
+        # O_APPEND itself (libfuse's passthrough_hp does the same).
+        if flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return (flags & ~os.O_APPEND) | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    @_fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if self.snapshots is not None and self.snapshots.owns(inode):
+            return await self.snapshots.open(inode, flags, ctx)
+        dir_fd, name = self.inodes.where(inode)
+        fd = os.open(name, self._open_flags(flags) & ~os.O_CREAT, dir_fd=dir_fd)
+        if flags & os.O_TRUNC:
+            for path in self._paths(inode):
+                self.changelog.mark_truncated(path)
+        return pyfuse3.FileInfo(fh=self._new_handle(fd, inode), keep_cache=True)
+
+    @_fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._refuse_snapshots(parent_inode)
+        if self._is_snapshots(parent_inode, name):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        dir_fd = self.inodes.dir_fd(parent_inode)
+        fd = os.open(name, self._open_flags(flags) | os.O_CREAT, mode, dir_fd=dir_fd)
+        try:
+            self._chown_new(parent_inode, dir_fd, name, ctx, fd)
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.changelog.mark_created(self.inodes.path_of(parent_inode, name))
+        number = self.inodes.remember(parent_inode, name, st).number
+        return pyfuse3.FileInfo(fh=self._new_handle(fd, number), keep_cache=True), self._attr(number, st)
+
+    @_fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles.get(fh)
+        if handle is None and self.snapshots is not None:
+            return await self.snapshots.read(fh, off, size)
+        assert handle is not None
+        if size > THREAD_THRESHOLD:
+            return await trio.to_thread.run_sync(os.pread, handle.fd, size, off, limiter=self.limiter)
+        return os.pread(handle.fd, size, off)
+
+    @_fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handles[fh]
+        paths = self._paths(handle.inode)
+        if len(buf) > THREAD_THRESHOLD:
+            written = await trio.to_thread.run_sync(os.pwrite, handle.fd, buf, off, limiter=self.limiter)
+        else:
+            written = os.pwrite(handle.fd, buf, off)
+        for path in paths:
+            self.changelog.mark_written(path, off, written)
+        return written
+
+    @_fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._handles[fh]
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, handle.fd, limiter=self.limiter)
+        self.changelog.flush()
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    @_fuse_errors
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            if self.snapshots is not None:
+                await self.snapshots.release(fh)
+            return
+        os.close(handle.fd)
+        inode = self.inodes.get(handle.inode)
+        if inode is not None:
+            inode.open_fds.discard(handle.fd)
+            self.inodes.forget(handle.inode, 0)
+        self.changelog.flush()
+
+    # -- extended attributes ----------------------------------------------------------------------
+
+    def _xattr_target(self, inode: int) -> bytes:
+        if inode == ROOT:
+            return f"/proc/self/fd/{self.inodes.root_fd}".encode()
+        dir_fd, name = self.inodes.where(inode)
+        return b"/proc/self/fd/%d/%s" % (dir_fd, name)
+
+    @_fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if self.snapshots is not None and self.snapshots.owns(inode):
+            return await self.snapshots.getxattr(inode, name, ctx)
+        try:
+            return os.getxattr(self._xattr_target(inode), name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @_fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        if self.snapshots is not None and self.snapshots.owns(inode):
+            return await self.snapshots.listxattr(inode, ctx)
+        return [os.fsencode(n) for n in os.listxattr(self._xattr_target(inode), follow_symlinks=False)]
+
+    @_fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._refuse_snapshots(inode)
+        os.setxattr(self._xattr_target(inode), name, value, follow_symlinks=False)
+        for path in self._paths(inode):
+            self.changelog.mark_metadata(path)
+
+    @_fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._refuse_snapshots(inode)
+        try:
+            os.removexattr(self._xattr_target(inode), name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+        for path in self._paths(inode):
+            self.changelog.mark_metadata(path)
