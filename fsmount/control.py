@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,8 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from backend.errors import FsmountError, UsageError
+
+log = logging.getLogger(__name__)
 
 MAX_LINE = 1 << 20
 
@@ -46,8 +49,8 @@ def socket_path(mountpoint: str | bytes) -> str:
 Handler = Callable[[dict], Awaitable[dict]]
 
 
-async def serve(path: str, handler: Handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Answer requests on `path` until cancelled."""
+async def serve(path: str, handler: Handler, *, stop: trio.Event, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Answer requests on `path` until `stop` is set; requests in flight still get their replies."""
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -61,16 +64,23 @@ async def serve(path: str, handler: Handler, *, task_status=trio.TASK_STATUS_IGN
     listener.listen(8)
     task_status.started()
     try:
-        async with trio.open_nursery() as nursery:
-            while True:
-                conn, _ = await listener.accept()
-                nursery.start_soon(_answer, trio.SocketStream(conn), handler)
+        async with trio.open_nursery() as connections:
+            with trio.CancelScope() as accepting:
+                connections.start_soon(_cancel_when_set, stop, accepting)
+                while True:
+                    conn, _ = await listener.accept()
+                    connections.start_soon(_answer, trio.SocketStream(conn), handler)
     finally:
         listener.close()
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def _answer(stream: trio.SocketStream, handler: Handler) -> None:
@@ -89,6 +99,9 @@ async def _answer(stream: trio.SocketStream, handler: Handler) -> None:
             reply = {"ok": False, "error": str(exc), "exit_code": exc.exit_code}
         except (ValueError, KeyError, TypeError) as exc:
             reply = {"ok": False, "error": f"bad request: {exc}", "exit_code": 2}
+        except Exception as exc:  # a bug must cost one request, never the mount
+            log.exception("control request failed")
+            reply = {"ok": False, "error": f"internal error: {exc!r} (see the mount's log)", "exit_code": 1}
         try:
             await stream.send_all(json.dumps(reply).encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError):

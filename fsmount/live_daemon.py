@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 from collections.abc import Callable
+from functools import partial
 
 import pyfuse3
 import trio
@@ -93,6 +94,7 @@ class LiveMount:
         self.host = host or socket.gethostname()
         self.final_snapshot: str | None = None
         self.final_error: str | None = None
+        self._mounted = False
 
     def run(self, ready: Callable[[], None]) -> None:
         """Mount, call `ready()`, serve until unmounted, take the final snapshot."""
@@ -109,7 +111,8 @@ class LiveMount:
         changelog = Changelog(os.path.join(live_dir, "changelog.sqlite"), self.repo.block_size)
         try:
             changelog.require_full_scan("mount start: the folder may have changed while unmounted")
-            self.uploader = Uploader(self.repo, changelog, self.source, source_fd, self.host)
+            self.uploader = Uploader(self.repo, changelog, self.source, source_fd, self.host,
+                                     sync_kernel=self._sync_kernel)
             self.changelog = changelog
             self.operations = LiveTree(source_fd, changelog)
             os.umask(0)
@@ -129,25 +132,34 @@ class LiveMount:
 
     async def _serve(self) -> None:
         self._final_done = trio.Event()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(control.serve, self._socket_path, self._handle)
-            nursery.start_soon(self._flush_changelog)
-            nursery.start_soon(self._watch_signals)
-            if self.every_s:
-                nursery.start_soon(self.uploader.run_schedule, self.every_s)
-            try:
-                await pyfuse3.main()
-            finally:
-                pyfuse3.close(unmount=True)
-            log.info("unmounted %s; taking the final snapshot", os.fsdecode(self.mountpoint))
-            try:
-                self.final_snapshot = (await self.uploader.snapshot()).id
-            except FsmountError as exc:
-                self.final_error = str(exc)
-                log.error("final snapshot failed: %s (the next mount will catch up)", exc)
-            self._final_done.set()
-            await trio.sleep(0)  # let waiting `umount` requests see the result
-            nursery.cancel_scope.cancel()
+        stop_control = trio.Event()
+        async with trio.open_nursery() as outer:
+            await outer.start(partial(control.serve, self._socket_path, self._handle, stop=stop_control))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._flush_changelog)
+                nursery.start_soon(self._watch_signals)
+                if self.every_s:
+                    nursery.start_soon(self.uploader.run_schedule, self.every_s)
+                self._mounted = True
+                try:
+                    await pyfuse3.main()
+                finally:
+                    self._mounted = False
+                    pyfuse3.close(unmount=True)
+                log.info("unmounted %s; taking the final snapshot", os.fsdecode(self.mountpoint))
+                try:
+                    self.final_snapshot = (await self.uploader.snapshot()).id
+                except FsmountError as exc:
+                    self.final_error = str(exc)
+                    log.error("final snapshot failed: %s (the next mount will catch up)", exc)
+                self._final_done.set()
+                nursery.cancel_scope.cancel()
+            stop_control.set()  # the control server ends once pending replies (`umount`) are sent
+
+    def _sync_kernel(self) -> None:
+        """Make the kernel write back data and times it caches for this mount (worker thread)."""
+        if self._mounted:
+            pyfuse3.syncfs(os.fsdecode(self.mountpoint))
 
     async def _flush_changelog(self) -> None:
         while True:

@@ -131,7 +131,9 @@ class InodeTable:
     # -- reaching entries -------------------------------------------------------------------------
 
     def where(self, number: int) -> tuple[int, bytes]:
-        """(parent directory fd, name) through which inode `number` is reached."""
+        """(directory fd, name) through which inode `number` is reached; the root is (its fd, ".")."""
+        if number == ROOT:
+            return self.root_fd, b"."
         inode = self[number]
         for parent, name in sorted(inode.names):
             return self.dir_fd(parent), name

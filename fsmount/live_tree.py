@@ -160,6 +160,10 @@ class LiveTree(pyfuse3.Operations):
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._refuse_snapshots(inode)
         handle = self._handles.get(fh) if fh is not None else None
+        record = self.inodes[inode]
+        if inode != ROOT and not record.names and not record.open_fds:
+            # Unlinked and closed: the kernel is only writing back cached times. Nothing to keep.
+            return attr
         if fields.update_size:
             if handle is not None:
                 os.ftruncate(handle.fd, attr.st_size)
@@ -180,18 +184,12 @@ class LiveTree(pyfuse3.Operations):
 
     def _set_metadata(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       handle: _Handle | None) -> None:
-        if inode == ROOT:
-            dir_fd, name, target = self.inodes.root_fd, b"", f"/proc/self/fd/{self.inodes.root_fd}".encode()
-        else:
-            dir_fd, name = self.inodes.where(inode)
-            target = b"/proc/self/fd/%d/%s" % (dir_fd, name)
+        dir_fd, name = self.inodes.where(inode)
+        target = b"/proc/self/fd/%d/%s" % (dir_fd, name)
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
-            if name:
-                os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
-            else:
-                os.fchown(dir_fd, uid, gid)
+            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
         if fields.update_mode:
             if handle is not None:
                 os.fchmod(handle.fd, stat.S_IMODE(attr.st_mode))
@@ -201,10 +199,7 @@ class LiveTree(pyfuse3.Operations):
             current = self._stat(inode)
             atime = attr.st_atime_ns if fields.update_atime else current.st_atime_ns
             mtime = attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns
-            if name:
-                os.utime(name, ns=(atime, mtime), dir_fd=dir_fd, follow_symlinks=False)
-            else:
-                os.utime(target, ns=(atime, mtime))
+            os.utime(name, ns=(atime, mtime), dir_fd=dir_fd, follow_symlinks=False)
 
     def _refuse_snapshots(self, inode: int) -> None:
         if self.snapshots is not None and self.snapshots.owns(inode):
@@ -440,8 +435,6 @@ class LiveTree(pyfuse3.Operations):
     # -- extended attributes ----------------------------------------------------------------------
 
     def _xattr_target(self, inode: int) -> bytes:
-        if inode == ROOT:
-            return f"/proc/self/fd/{self.inodes.root_fd}".encode()
         dir_fd, name = self.inodes.where(inode)
         return b"/proc/self/fd/%d/%s" % (dir_fd, name)
 

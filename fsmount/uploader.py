@@ -1,7 +1,9 @@
 """The uploader: turns the changelog into snapshots, one at a time.
 
-A snapshot freezes the changelog's current epoch on the event loop thread (writers wait only for
-that: a flush and a counter), then runs the engine's change-driven backup on a worker thread, through
+A snapshot first has the kernel write back what it caches for the mount (`sync_kernel`: with the
+writeback cache, just-written bytes and times may not have reached the daemon yet), then freezes
+the changelog's current epoch on the event loop thread (writers wait only for that: a flush and a
+counter), then runs the engine's change-driven backup on a worker thread, through
 the source fd opened before mounting: it lists only directories on changed paths, reads only the
 written blocks, and reuses the parent snapshot everywhere else (backend/backup.py). The first
 snapshot after a mount starts, and any after a failed one, is a full metadata scan instead, which
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -45,8 +48,10 @@ class UploaderStatus:
 
 
 class Uploader:
-    def __init__(self, repo: Repository, changelog: Changelog, source: bytes, source_fd: int, host: str):
+    def __init__(self, repo: Repository, changelog: Changelog, source: bytes, source_fd: int, host: str,
+                 sync_kernel: Callable[[], None] | None = None):
         self.repo = repo
+        self.sync_kernel = sync_kernel
         self.changelog = changelog
         self.source = source
         self.source_fd = source_fd
@@ -62,6 +67,9 @@ class Uploader:
     async def snapshot(self, name: str | None = None) -> Snapshot:
         """Take a snapshot of the folder as it is now; raises FsmountError if it cannot be stored."""
         async with self._lock:
+            if self.sync_kernel is not None:
+                # on a worker thread: the write-back it causes is served by the event loop meanwhile
+                await trio.to_thread.run_sync(self.sync_kernel)
             frozen = self.changelog.freeze()
             full_scan = frozen.full_scan or self.parent is None
             self.status.running = True

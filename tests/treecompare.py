@@ -73,9 +73,18 @@ def describe(root: bytes, *, times: bool = True, owners: bool = True, sparse: bo
     return result
 
 
-def differences(a: bytes | str, b: bytes | str, **options: bool) -> list[str]:
-    """Readable differences between trees `a` and `b` (empty when they are equal)."""
+def differences(a: bytes | str, b: bytes | str, *, file_mtime_slack_ns: int = 0, **options: bool) -> list[str]:
+    """Readable differences between trees `a` and `b` (empty when they are equal).
+
+    `file_mtime_slack_ns` tolerates that much difference in regular files' mtimes (see the live
+    tree tests for why a mount with the kernel's writeback cache needs it)."""
     da, db = describe(os.fsencode(a), **options), describe(os.fsencode(b), **options)
+    if file_mtime_slack_ns:
+        for rel in da.keys() & db.keys():
+            ea, eb = da[rel], db[rel]
+            if "sha256" in ea and "mtime_ns" in ea and "mtime_ns" in eb:
+                if abs(ea["mtime_ns"] - eb["mtime_ns"]) <= file_mtime_slack_ns:
+                    eb["mtime_ns"] = ea["mtime_ns"]
     out = []
     for rel in sorted(da.keys() | db.keys()):
         shown = rel.decode(errors="backslashreplace")

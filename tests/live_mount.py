@@ -1,0 +1,79 @@
+"""A live mount for tests: started with the real CLI, always cleaned up, even after a failure.
+
+`with live_mount(cli, source) as mnt:` mounts (over the source itself unless a mountpoint is
+given), yields the mountpoint, and unmounts with `fsmount umount` (which takes the final snapshot).
+If the test left the mount broken, the FUSE connection is aborted and the daemon killed, so one
+failing test cannot hang the rest of the suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import IN_CI
+
+
+def require_fuse() -> None:
+    if not os.path.exists("/dev/fuse"):
+        if IN_CI:
+            pytest.fail("/dev/fuse is missing: FUSE tests must run in CI")
+        pytest.skip("/dev/fuse is missing")
+
+
+def _fuse_mounts() -> dict[str, str]:
+    """mountpoint -> fs type for FUSE mounts of this machine."""
+    found = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fstype = right.split(" ")[0]
+            if fstype.startswith("fuse"):
+                found[left.split(" ")[4].replace("\\040", " ")] = fstype
+    return found
+
+
+def force_unmount(mountpoint: Path) -> None:
+    """Abort a FUSE mount that no daemon serves any more, then detach it."""
+    connections = Path("/sys/fs/fuse/connections")
+    if not any(connections.iterdir()) if connections.exists() else True:
+        subprocess.run(["mount", "-t", "fusectl", "none", str(connections)], check=False, capture_output=True)
+    try:
+        device = os.stat(mountpoint).st_dev
+        abort = connections / str(os.minor(device)) / "abort"
+        if abort.exists():
+            abort.write_text("1")
+    except OSError:
+        for entry in connections.iterdir():  # cannot stat it: abort every connection of ours
+            if (entry / "abort").exists():
+                with contextlib.suppress(OSError):
+                    (entry / "abort").write_text("1")
+    subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    return str(mountpoint.resolve()) in _fuse_mounts()
+
+
+@contextlib.contextmanager
+def live_mount(cli, source: Path, mountpoint: Path | None = None, *extra: str) -> Iterator[Path]:
+    require_fuse()
+    target = mountpoint or source
+    cli("mount", source, *([target] if mountpoint else []), *extra)
+    status = json.loads(cli("status", target, "--json").stdout)
+    try:
+        yield target
+        if is_mounted(target):
+            cli("umount", target)
+    finally:
+        if is_mounted(target):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(status["pid"], signal.SIGKILL)
+            force_unmount(target)

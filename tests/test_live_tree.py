@@ -1,0 +1,197 @@
+"""The live tree: ordinary work in a mounted folder, and snapshots that hold exactly that work."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from live_mount import is_mounted, live_mount
+from treecompare import differences
+
+
+@pytest.fixture
+def source(tmp_path: Path, cli) -> Path:
+    cli("init")
+    root = tmp_path / "projects"
+    (root / "src" / "pkg").mkdir(parents=True)
+    for i in range(20):
+        (root / "src" / "pkg" / f"mod{i}.py").write_text(f"print({i})\n" * 50)
+    (root / "notes.md").write_text("# notes\n")
+    return root
+
+
+# With the writeback cache the kernel keeps the mtime of a written file to itself: the mount shows
+# the time of write(2), the source (and so the snapshot) the time the data was written back to the
+# daemon, milliseconds later. Everything else is compared exactly.
+WRITEBACK_MTIME_SLACK_NS = 2 * 10**9
+
+
+def same_tree(mounted: Path, restored: Path) -> list[str]:
+    return differences(mounted, restored, file_mtime_slack_ns=WRITEBACK_MTIME_SLACK_NS)
+
+
+def snapshots(cli) -> list[dict]:
+    return json.loads(cli("snapshots", "--json").stdout)
+
+
+def restore_latest(cli, tmp_path: Path, name: str) -> Path:
+    target = tmp_path / name
+    cli("restore", "latest", "--target", target)
+    return target
+
+
+def test_work_through_the_mount_lands_in_the_snapshot(cli, source: Path, tmp_path: Path) -> None:
+    with live_mount(cli, source) as mnt:
+        assert (mnt / "notes.md").read_text() == "# notes\n"  # the folder keeps its path and files
+        (mnt / "notes.md").write_text("# notes\nrevised\n")
+        with open(mnt / "log.txt", "a") as f:
+            f.write("line 1\n")
+        (mnt / "docs").mkdir()
+        (mnt / "docs" / "a.txt").write_bytes(os.urandom(300_000))
+        os.rename(mnt / "src" / "pkg", mnt / "src" / "package")
+        os.link(mnt / "docs" / "a.txt", mnt / "docs" / "a-link.txt")
+        os.symlink("docs/a.txt", mnt / "shortcut")
+        os.unlink(mnt / "src" / "package" / "mod3.py")
+        os.chmod(mnt / "notes.md", 0o600)
+        os.truncate(mnt / "docs" / "a.txt", 100_000)
+        os.setxattr(mnt / "notes.md", b"user.tag", b"important")
+        os.mkfifo(mnt / "pipe")
+        os.utime(mnt / "docs", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+        cli("snapshot", mnt)
+        assert same_tree(mnt, restore_latest(cli, tmp_path, "first")) == []
+
+        os.rename(mnt / "docs", mnt / "documents")
+        with open(mnt / "documents" / "a.txt", "r+b") as f:
+            f.seek(50_000)
+            f.write(b"patched")
+        cli("snapshot", mnt, "--name", "second")
+        assert same_tree(mnt, restore_latest(cli, tmp_path, "second")) == []
+    assert snapshots(cli)[-2]["name"] == "second"
+
+
+def test_small_write_into_a_huge_file_adds_about_one_block(cli, source: Path) -> None:
+    big = source / "disk.img"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)  # 1 GiB, sparse: cheap to back up, the point is the tracking
+        f.seek(512 << 20)
+        f.write(os.urandom(8 << 20))
+    with live_mount(cli, source) as mnt:
+        cli("snapshot", mnt)  # the mount's first snapshot scans the whole folder
+        with open(mnt / "disk.img", "r+b") as f:
+            f.seek((512 << 20) + 5_000_000)
+            f.write(os.urandom(4096))
+        cli("snapshot", mnt)
+    change = snapshots(cli)[-2]["stats"]  # the last one is the (empty) final snapshot at unmount
+    assert change["bytes_read"] == 128 * 1024
+    assert 128 * 1024 <= change["bytes_added"] < 140 * 1024
+
+
+def test_renaming_a_large_directory_adds_only_trees(cli, source: Path) -> None:
+    for i in range(200):
+        (source / "src" / "pkg" / f"data{i}.bin").write_bytes(os.urandom(20_000))
+    with live_mount(cli, source) as mnt:
+        cli("snapshot", mnt)
+        os.rename(mnt / "src" / "pkg", mnt / "renamed")
+        cli("snapshot", mnt)
+    change = snapshots(cli)[-2]["stats"]
+    assert change["bytes_read"] == 0
+    assert change["blobs_added"] == 2 and change["bytes_added"] < 4096  # the root and src trees
+
+
+def test_no_change_snapshot_costs_nothing(cli, source: Path) -> None:
+    with live_mount(cli, source) as mnt:
+        cli("snapshot", mnt)
+        cli("snapshot", mnt)
+    quiet = snapshots(cli)[-2]
+    assert quiet["stats"]["bytes_read"] == 0 and quiet["stats"]["bytes_added"] == 0
+    assert quiet["stats"]["files"] == 21  # totals still describe the whole folder
+
+
+def test_edits_while_unmounted_are_found_at_the_next_mount(cli, source: Path, tmp_path: Path) -> None:
+    with live_mount(cli, source):
+        pass
+    (source / "notes.md").write_text("edited behind fsmount's back\n")
+    (source / "added-offline.txt").write_text("new\n")
+    with live_mount(cli, source) as mnt:
+        cli("snapshot", mnt)
+        assert same_tree(mnt, restore_latest(cli, tmp_path, "after")) == []
+
+
+def test_mount_at_a_separate_mountpoint(cli, source: Path, tmp_path: Path) -> None:
+    mountpoint = tmp_path / "work"
+    mountpoint.mkdir()
+    with live_mount(cli, source, mountpoint) as mnt:
+        (mnt / "via-mountpoint.txt").write_text("hi")
+    assert (source / "via-mountpoint.txt").read_text() == "hi"
+    assert not is_mounted(mountpoint)
+    listing = [e["path"] for e in json.loads(cli("ls", "latest", "--json").stdout)]
+    assert "/via-mountpoint.txt" in listing
+
+
+def test_scheduled_snapshots(cli, source: Path) -> None:
+    with live_mount(cli, source, None, "--every", "1s") as mnt:
+        (mnt / "tick").write_text("x")
+        deadline = time.monotonic() + 30
+        while len(snapshots(cli)) < 2:
+            assert time.monotonic() < deadline, "no scheduled snapshots"
+            time.sleep(0.2)
+        assert json.loads(cli("status", mnt, "--json").stdout)["snapshots_taken"] >= 2
+
+
+def test_status_reports_pending_work(cli, source: Path) -> None:
+    with live_mount(cli, source) as mnt:
+        cli("snapshot", mnt)
+        (mnt / "notes.md").write_text("pending\n")
+        time.sleep(1.5)  # the changelog is flushed every second; status flushes too
+        status = json.loads(cli("status", mnt, "--json").stdout)
+        assert status["pending_files"] == 1 and status["last_snapshot"] == snapshots(cli)[-1]["id"]
+        human = cli("status", mnt).stdout.decode()
+        assert "pending      1 files" in human
+
+
+def test_second_mount_of_the_same_source_is_refused(cli, source: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with live_mount(cli, source, elsewhere):
+        proc = cli("mount", source, check=2)
+        assert "already a mountpoint" in proc.stderr.decode() or "already mounted" in proc.stderr.decode()
+        other = tmp_path / "other"
+        other.mkdir()
+        proc = cli("mount", source, other, check=2)
+        assert "already mounted by another fsmount" in proc.stderr.decode()
+
+
+@pytest.fixture
+def public_dir():
+    """A directory other users can reach (pytest's own temp root is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="fsmount-public-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def as_nobody(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", script],
+                          capture_output=True)
+
+
+def test_ownership_and_permissions_are_native(cli, source: Path, public_dir: Path) -> None:
+    shared = public_dir / "shared"
+    shutil.copytree(source, shared)
+    shared.chmod(0o777)
+    with live_mount(cli, shared) as mnt:
+        made = as_nobody(f"umask 027 && echo hi > {mnt}/by-nobody && mkdir {mnt}/dir-by-nobody")
+        assert made.returncode == 0, made.stderr
+        st = os.stat(mnt / "by-nobody")
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o640)
+        assert stat.S_IMODE(os.stat(mnt / "dir-by-nobody").st_mode) == 0o750
+        denied = as_nobody(f"echo no >> {mnt}/notes.md")
+        assert denied.returncode != 0 and b"Permission denied" in denied.stderr
