@@ -42,9 +42,9 @@ def _xattrs(path: bytes) -> dict[str, bytes]:
 
 def describe(root: bytes, *, times: bool = True, owners: bool = True, sparse: bool = True,
              xattrs: bool = True) -> dict[bytes, dict]:
-    """Everything we promise to preserve, per relative path; hard links as group numbers."""
+    """Everything we promise to preserve, per relative path; a hard link lists its whole group."""
     result: dict[bytes, dict] = {}
-    inode_groups: dict[tuple[int, int], int] = {}
+    inode_groups: dict[tuple[int, int], list[bytes]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             path = os.path.join(dirpath, name)
@@ -62,7 +62,9 @@ def describe(root: bytes, *, times: bool = True, owners: bool = True, sparse: bo
                 with open(path, "rb") as f:
                     entry["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
                 if st.st_nlink > 1:
-                    entry["link_group"] = inode_groups.setdefault((st.st_dev, st.st_ino), len(inode_groups))
+                    group = inode_groups.setdefault((st.st_dev, st.st_ino), [])
+                    group.append(rel)
+                    entry["links"] = group  # filled in as the walk goes; compared once complete
                 if sparse:
                     entry["extents"] = _holes(path, st.st_size)
             elif stat.S_ISLNK(st.st_mode):
@@ -70,6 +72,9 @@ def describe(root: bytes, *, times: bool = True, owners: bool = True, sparse: bo
             elif stat.S_ISDIR(st.st_mode) and times:
                 entry["mtime_ns"] = st.st_mtime_ns
             result[rel] = entry
+    for entry in result.values():
+        if "links" in entry:
+            entry["links"] = tuple(sorted(entry["links"]))
     return result
 
 
