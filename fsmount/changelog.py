@@ -73,14 +73,32 @@ class Changelog:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.path = path
         self.block_size = block_size
-        self._db = _connect(path)
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as exc:
+            # A damaged changelog is never a reason to refuse to mount: start a fresh one; its
+            # state says "rescan everything", which finds whatever the old one knew.
+            log.warning("changelog %s is damaged (%s); starting a new one and rescanning", path, exc)
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(path + suffix):
+                    os.replace(path + suffix, path + ".damaged" + suffix)
+            self._db = self._open()
         self.epoch = int(self._get("epoch", 1))
         self.clean_shutdown = bool(self._get("clean_shutdown", 1))
         self._set("clean_shutdown", 0)
         # Not yet flushed marks of the current epoch.
         self._flags: dict[bytes, int] = {}
         self._blocks: dict[bytes, set[int]] = {}
+
+    def _open(self) -> sqlite3.Connection:
+        db = _connect(self.path)
+        try:
+            db.executescript(_SCHEMA)
+            db.execute("PRAGMA quick_check").fetchone()
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     # -- state ------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 from collections.abc import Callable
 from functools import partial
 
@@ -40,7 +41,7 @@ def check_mountpoint(mountpoint: bytes) -> None:
     """Refuse a missing mountpoint, a stale one, or one where something is mounted already."""
     shown = os.fsdecode(mountpoint)
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except FileNotFoundError:
         raise UsageError(f"mountpoint {shown} does not exist") from None
     except OSError as exc:
@@ -61,6 +62,15 @@ def _mounted_at(path: bytes) -> bool:
             fields = line.split(b" ")
             if len(fields) > 4 and fields[4].replace(b"\\040", b" ") == path:
                 return True
+    return False
+
+
+def _is_stale(path: bytes) -> bool:
+    """A FUSE mount whose daemon is gone answers with ENOTCONN (statvfs: never from a cache)."""
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
     return False
 
 
@@ -98,16 +108,13 @@ class LiveMount:
 
     def run(self, ready: Callable[[], None]) -> None:
         """Mount, call `ready()`, serve until unmounted, take the final snapshot."""
-        try:
-            source_fd = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise UsageError(f"cannot open source {os.fsdecode(self.source)}: {exc.strerror}") from None
-        if self.mountpoint != self.source:
-            check_mountpoint(self.mountpoint)
-        elif _mounted_at(self.mountpoint):
-            raise UsageError(f"{os.fsdecode(self.mountpoint)} is already a mountpoint (unmount it first)")
         live_dir = os.path.join(self.repo.cache_dir, "live", hashlib.sha256(self.source).hexdigest()[:16])
-        lock = SourceLock(live_dir)
+        lock = SourceLock(live_dir)  # held: no other daemon serves this source
+        try:
+            source_fd = self._open_source()
+        except BaseException:
+            lock.release()
+            raise
         changelog = Changelog(os.path.join(live_dir, "changelog.sqlite"), self.repo.block_size)
         try:
             changelog.require_full_scan("mount start: the folder may have changed while unmounted")
@@ -129,6 +136,28 @@ class LiveMount:
             changelog.close(clean=True)
             lock.release()
             os.close(source_fd)
+
+    def _open_source(self) -> int:
+        """Open the source before mounting over it, clearing a mount its dead daemon left behind."""
+        for path in {self.source, self.mountpoint}:
+            if _mounted_at(path) and _is_stale(path):
+                # We hold the source's lock, so no daemon serves this mount any more.
+                log.warning("%s was left mounted by a daemon that died; unmounting it", os.fsdecode(path))
+                subprocess.run(["umount", "-l", path] if os.geteuid() == 0 else ["fusermount3", "-uz", path],
+                               capture_output=True)
+        try:
+            source_fd = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise UsageError(f"cannot open source {os.fsdecode(self.source)}: {exc.strerror}") from None
+        try:
+            if self.mountpoint != self.source:
+                check_mountpoint(self.mountpoint)
+            elif _mounted_at(self.mountpoint):
+                raise UsageError(f"{os.fsdecode(self.mountpoint)} is already a mountpoint (unmount it first)")
+        except BaseException:
+            os.close(source_fd)
+            raise
+        return source_fd
 
     async def _serve(self) -> None:
         self._final_done = trio.Event()

@@ -195,3 +195,41 @@ def test_ownership_and_permissions_are_native(cli, source: Path, public_dir: Pat
         assert stat.S_IMODE(os.stat(mnt / "dir-by-nobody").st_mode) == 0o750
         denied = as_nobody(f"echo no >> {mnt}/notes.md")
         assert denied.returncode != 0 and b"Permission denied" in denied.stderr
+
+
+def test_mount_again_after_the_daemon_was_killed(cli, source: Path, tmp_path: Path) -> None:
+    with live_mount(cli, source) as mnt:
+        pid = json.loads(cli("status", mnt, "--json").stdout)["pid"]
+        cli("snapshot", mnt)
+        (mnt / "written-before-crash.txt").write_bytes(os.urandom(50_000))
+        with open(mnt / "notes.md", "a") as f:
+            f.write("appended\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.kill(pid, 9)
+        deadline = time.monotonic() + 10
+        while True:  # the mount is now stale: every request fails with ENOTCONN
+            try:
+                os.statvfs(mnt)
+            except OSError:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+        cli("mount", source)  # no manual clean-up needed: the stale mount is detected and cleared
+        (mnt / "written-after-restart.txt").write_text("after")
+        cli("snapshot", mnt)
+        assert same_tree(mnt, restore_latest(cli, tmp_path, "after-crash")) == []
+        assert (tmp_path / "after-crash" / "notes.md").read_text().endswith("appended\n")
+
+
+def test_damaged_changelog_never_stops_a_mount(cli, source: Path, isolated_cache: Path) -> None:
+    with live_mount(cli, source) as mnt:
+        (mnt / "a.txt").write_text("a")
+    for changelog in isolated_cache.rglob("changelog.sqlite"):
+        changelog.write_bytes(b"this is not a database" * 100)
+    with live_mount(cli, source) as mnt:
+        (mnt / "b.txt").write_text("b")
+        cli("snapshot", mnt)
+    listing = [e["path"] for e in json.loads(cli("ls", "latest", "--json").stdout)]
+    assert "/a.txt" in listing and "/b.txt" in listing
