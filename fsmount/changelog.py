@@ -1,7 +1,7 @@
 """The changelog: what changed in the live tree since the last snapshot, in epochs.
 
 The live tree's handlers call `mark_*` on the event loop thread; marks land in memory first and are
-flushed to SQLite (WAL) at least every second, at fsync and release, and before every rename, so a
+flushed to SQLite (WAL) at least every second, at fsync, and before every rename, so a
 burst of writes grows the database, not the daemon's memory. A snapshot `freeze()`s the current
 epoch (flush, then start the next epoch: writers wait only for that) and hands the frozen epoch to
 the engine as a `ChangeSet` (backend/changes.py), read through its own SQLite connection while new
@@ -89,6 +89,7 @@ class Changelog:
         # Not yet flushed marks of the current epoch.
         self._flags: dict[bytes, int] = {}
         self._blocks: dict[bytes, set[int]] = {}
+        self._removed: list[bytes] = []
 
     def _open(self) -> sqlite3.Connection:
         db = _connect(self.path)
@@ -138,9 +139,16 @@ class Changelog:
         self._mark(path, NEW | WHOLE | META)
         self._mark(parent_of(path), ENTRIES)
 
-    def mark_removed(self, path: bytes) -> None:
-        self.flush()
-        self._delete_records([path], self.epoch)
+    def mark_removed(self, path: bytes, *, is_dir: bool = False) -> None:
+        # Forget marks held in memory now; those already in SQLite go at the next flush, before
+        # anything marked afterwards is written (a path may be removed and created again).
+        for held in (self._flags, self._blocks):
+            held.pop(path, None)
+            if is_dir:
+                low, high = path + b"/", path + b"0"
+                for key in [k for k in held if low < k < high]:
+                    del held[key]
+        self._removed.append(path)
         self._mark(parent_of(path), ENTRIES)
 
     def mark_renamed(self, old: bytes, new: bytes, *, exchange: bool = False) -> None:
@@ -209,11 +217,12 @@ class Changelog:
 
     def flush(self) -> None:
         """Move the marks held in memory into SQLite."""
-        if not self._flags and not self._blocks:
+        if not self._flags and not self._blocks and not self._removed:
             return
         db, epoch = self._db, self.epoch
         db.execute("BEGIN")
         try:
+            self._delete_records(self._removed, epoch)
             db.executemany(
                 "INSERT INTO changes VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET flags = flags | excluded.flags",
                 ((epoch, path, flags) for path, flags in self._flags.items()))
@@ -225,6 +234,7 @@ class Changelog:
             raise
         self._flags.clear()
         self._blocks.clear()
+        self._removed.clear()
 
     # -- snapshots --------------------------------------------------------------------------------
 

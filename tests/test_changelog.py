@@ -43,11 +43,12 @@ class Folder:
         self.log.mark_renamed(old.encode(), new.encode())
 
     def unlink(self, rel: str) -> None:
-        if self.p(rel).is_dir():
+        is_dir = self.p(rel).is_dir()
+        if is_dir:
             shutil.rmtree(self.p(rel))
         else:
             self.p(rel).unlink()
-        self.log.mark_removed(rel.encode())
+        self.log.mark_removed(rel.encode(), is_dir=is_dir)
 
     def chmod(self, rel: str, mode: int) -> None:
         self.p(rel).chmod(mode)
