@@ -37,4 +37,21 @@ echo "restored copy equals the original"
 step fsmount restore "$first" --target "$work/yesterday" docs/report.md
 step cat "$work/yesterday/docs/report.md"
 step fsmount verify --read-data
-echo; echo "demo finished: backup, incremental backup, restore and verify all worked"
+
+echo; echo "== the main job: work in a folder that backs itself up as you go"
+step fsmount mount "$work/projects"
+echo "(mounted over the folder itself: same path, same files)"
+printf 'def main():\n    print("hello")\n' > "$work/projects/src/app.py"
+printf 'Quarterly report, final\n' > "$work/projects/docs/report.md"
+printf 'XXXX' | dd of="$work/projects/data.bin" bs=4096 seek=3000 conv=notrunc status=none
+mv "$work/projects/src" "$work/projects/lib"
+step fsmount status "$work/projects"
+step fsmount snapshot "$work/projects" --name after-refactor
+printf 'oops, overwritten\n' > "$work/projects/docs/report.md"
+step fsmount ls latest docs
+step fsmount restore latest --target "$work/undo" docs/report.md
+step cat "$work/undo/docs/report.md"
+step fsmount umount "$work/projects"
+step fsmount snapshots
+step fsmount verify
+echo; echo "demo finished: backup, incremental backup, restore, verify and a live mount all worked"

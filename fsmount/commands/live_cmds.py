@@ -104,14 +104,16 @@ def status(app: AppContext, mountpoint: str) -> None:
     if app.json:
         emit_json(reply)
         return
-    when = (dt.datetime.fromtimestamp(reply["last_snapshot_time"]).strftime("%Y-%m-%d %H:%M:%S")
-            if reply.get("last_snapshot_time") else "none this mount")
+    if reply.get("last_snapshot_time"):
+        when = dt.datetime.fromtimestamp(reply["last_snapshot_time"]).strftime("%Y-%m-%d %H:%M:%S")
+        last = (f"{reply['last_snapshot'][:8]} at {when}, {reply['last_duration_s']:.1f} s, "
+                f"added {human_bytes(reply['last_bytes_added'])}")
+    else:
+        last = f"{reply['last_snapshot'][:8]} (before this mount)" if reply.get("last_snapshot") else "none yet"
     lines = [
         f"mount        {reply['mountpoint']} (pid {reply['pid']}) of {reply['source']}",
         f"pending      {reply['pending_files']} files, {human_bytes(reply['pending_bytes'])} in dirty blocks",
-        f"last         {(reply.get('last_snapshot') or '-')[:8]} at {when}"
-        + (f", {reply['last_duration_s']:.1f} s, added {human_bytes(reply['last_bytes_added'])}"
-           if reply.get("last_duration_s") is not None else ""),
+        f"last         {last}",
         f"schedule     every {reply['every_s']:.0f} s" if reply.get("every_s") else "schedule     on demand",
     ]
     if reply.get("running"):

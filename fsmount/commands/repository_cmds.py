@@ -80,15 +80,17 @@ def snapshots(app: AppContext, host: str | None, tags: tuple[str, ...]) -> None:
         emit_json([snapshot_doc(s) for s in found])
         return
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, header_style="bold")
     for column in ("id", "time", "host", "source", "tags", "files", "size", "added"):
         table.add_column(column, justify="right" if column in ("files", "size", "added") else "left",
                          no_wrap=column != "source")
-    for s in found:
-        table.add_row(s.short_id, s.time.strftime("%Y-%m-%d %H:%M:%S"), s.host, display_name(s.source),
-                      ",".join(s.tags) + (f" [{s.name}]" if s.name else ""), str(s.stats.get("files", "")),
-                      human_bytes(s.stats.get("size", 0)), human_bytes(s.stats.get("bytes_added", 0)))
+    for s in found:  # Text, not markup: names and paths may hold brackets
+        table.add_row(*map(Text, (
+            s.short_id, s.time.strftime("%Y-%m-%d %H:%M:%S"), s.host, display_name(s.source),
+            ",".join(s.tags) + (f" [{s.name}]" if s.name else ""), str(s.stats.get("files", "")),
+            human_bytes(s.stats.get("size", 0)), human_bytes(s.stats.get("bytes_added", 0)))))
     stdout.print(table)
     stdout.print(f"{len(found)} snapshot{'s' if len(found) != 1 else ''}")
 
