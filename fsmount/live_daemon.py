@@ -104,6 +104,7 @@ class LiveMount:
         self.host = host or socket.gethostname()
         self.final_snapshot: str | None = None
         self.final_error: str | None = None
+        self.skip_final_snapshot = False  # `umount --lazy`: the next mount's scan catches up
         self._mounted = False
 
     def run(self, ready: Callable[[], None]) -> None:
@@ -175,12 +176,15 @@ class LiveMount:
                 finally:
                     self._mounted = False
                     pyfuse3.close(unmount=True)
-                log.info("unmounted %s; taking the final snapshot", os.fsdecode(self.mountpoint))
-                try:
-                    self.final_snapshot = (await self.uploader.snapshot()).id
-                except FsmountError as exc:
-                    self.final_error = str(exc)
-                    log.error("final snapshot failed: %s (the next mount will catch up)", exc)
+                if self.skip_final_snapshot:
+                    log.info("unmounted %s without a final snapshot", os.fsdecode(self.mountpoint))
+                else:
+                    log.info("unmounted %s; taking the final snapshot", os.fsdecode(self.mountpoint))
+                    try:
+                        self.final_snapshot = (await self.uploader.snapshot()).id
+                    except FsmountError as exc:
+                        self.final_error = str(exc)
+                        log.error("final snapshot failed: %s (the next mount will catch up)", exc)
                 self._final_done.set()
                 nursery.cancel_scope.cancel()
             stop_control.set()  # the control server ends once pending replies (`umount`) are sent
@@ -210,6 +214,7 @@ class LiveMount:
             snapshot = await self.uploader.snapshot(request.get("name"))
             return {"id": snapshot.id, "short_id": snapshot.short_id, "label": snapshot.label()}
         if op == "unmount":
+            self.skip_final_snapshot = bool(request.get("lazy"))
             pyfuse3.terminate()
             await self._final_done.wait()
             return {"final_snapshot": self.final_snapshot, "final_error": self.final_error}

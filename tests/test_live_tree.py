@@ -233,3 +233,18 @@ def test_damaged_changelog_never_stops_a_mount(cli, source: Path, isolated_cache
         cli("snapshot", mnt)
     listing = [e["path"] for e in json.loads(cli("ls", "latest", "--json").stdout)]
     assert "/a.txt" in listing and "/b.txt" in listing
+
+
+def test_lazy_unmount_leaves_pending_work_for_the_next_mount(cli, source: Path, tmp_path: Path) -> None:
+    cli("mount", source)
+    try:
+        (source / "pending.txt").write_text("not yet in a snapshot")
+        before = len(snapshots(cli))
+        assert "no final snapshot" in cli("umount", "--lazy", source).stdout.decode()
+        assert len(snapshots(cli)) == before
+    finally:
+        if is_mounted(source):
+            cli("umount", source)
+    with live_mount(cli, source) as mnt:
+        cli("snapshot", mnt)
+    assert "/pending.txt" in [e["path"] for e in json.loads(cli("ls", "latest", "--json").stdout)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+from contextlib import nullcontext
 
 import click
 
@@ -12,7 +13,7 @@ from backend.errors import FsmountError, UsageError
 
 from .. import background, control
 from ..context import AppContext
-from ..output import emit_json, human_bytes, json_option, stdout
+from ..output import emit_json, human_bytes, json_option, stderr, stdout
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -133,25 +134,32 @@ def _ask(mountpoint: str, request: dict, *, timeout: float | None = 30.0) -> dic
     return reply
 
 
-def unmount_live(mountpoint: str, app: AppContext) -> bool:
+def unmount_live(mountpoint: str, app: AppContext, *, lazy: bool = False) -> bool:
     """Unmount a live mount through its control socket; False if MOUNTPOINT is not one."""
     try:
-        reply = _ask(mountpoint, {"op": "unmount"}, timeout=None)
+        control.request(mountpoint, {"op": "status"}, timeout=10)
     except UsageError:
         return False
+    with stderr.status(f"unmounting {mountpoint}" + ("" if lazy else " and storing the final snapshot"),
+                       spinner="dots") if stderr.is_terminal and not app.quiet else nullcontext():
+        reply = _ask(mountpoint, {"op": "unmount", "lazy": lazy}, timeout=None)
     if reply.get("final_error"):
         raise FsmountError(f"unmounted {mountpoint}, but the final snapshot failed: {reply['final_error']}")
     if not app.quiet:
-        stdout.print(f"unmounted {mountpoint}; final snapshot {(reply.get('final_snapshot') or '-')[:8]}")
+        final = reply.get("final_snapshot")
+        stdout.print(f"unmounted {mountpoint}; " + (f"final snapshot {final[:8]}" if final else
+                                                    "no final snapshot (the next mount catches up)"))
     return True
 
 
 @click.command()
 @click.argument("mountpoint", type=click.Path(path_type=str))
+@click.option("--lazy", is_flag=True,
+              help="Unmount at once without the final snapshot; the next mount picks up what is pending.")
 @click.pass_obj
-def umount(app: AppContext, mountpoint: str) -> None:
+def umount(app: AppContext, mountpoint: str, lazy: bool) -> None:
     """Unmount a live mount, after its final snapshot is stored, or a snapshot mount."""
-    if unmount_live(mountpoint, app):
+    if unmount_live(mountpoint, app, lazy=lazy):
         return
     import subprocess
 
