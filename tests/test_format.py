@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from backend.pack import DATA_BLOB, TREE_BLOB, PackWriter, read_header
 from backend.repository import Repository
 from backend.restore import restore
 from backend.stores import LocalStore
+from treecompare import manifest
 
 DATA = Path(__file__).parent / "data"
 
@@ -67,26 +67,13 @@ def test_pack_header_describes_its_blobs() -> None:
 
 
 def test_format_v1_repository_still_restores(tmp_path: Path) -> None:
-    manifest = json.loads((DATA / "format-v1.manifest.json").read_text())
+    expected = json.loads((DATA / "format-v1.manifest.json").read_text())
     repo_copy = tmp_path / "repo"
     shutil.copytree(DATA / "format-v1", repo_copy)  # never write into the committed copy
-    with Repository.open(LocalStore(repo_copy), manifest["passphrase"].encode(),
+    with Repository.open(LocalStore(repo_copy), expected["passphrase"].encode(),
                          cache_dir=str(tmp_path / "cache")) as repo:
         snapshot = repo.resolve_snapshot("latest")
         assert (snapshot.host, snapshot.tags) == ("format-v1", ["v1"])
         restore(repo, snapshot, tmp_path / "out")
 
-    out = bytes(tmp_path / "out")
-    found = {}
-    for dirpath, dirnames, filenames in os.walk(out):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            entry = {"mode": st.st_mode, "size": st.st_size if not os.path.isdir(path) else 0,
-                     "mtime_ns": st.st_mtime_ns}
-            if os.path.islink(path):
-                entry["target"] = os.readlink(path).decode()
-            elif os.path.isfile(path):
-                entry["sha256"] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-            found[os.path.relpath(path, out).hex()] = entry
-    assert found == manifest["entries"]
+    assert manifest(bytes(tmp_path / "out")) == expected["entries"]

@@ -102,3 +102,22 @@ def differences(a: bytes | str, b: bytes | str, *, file_mtime_slack_ns: int = 0,
                     if da[rel].get(k) != db[rel].get(k)}
             out.append(f"{shown}: {diff}")
     return out
+
+
+def manifest(root: bytes) -> dict[str, dict]:
+    """A JSON-able description of a tree (hex of each relative path -> mode, size, mtime, content
+    hash or link target): what the committed format fixtures record and their tests compare."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            entry = {"mode": st.st_mode, "size": 0 if stat.S_ISDIR(st.st_mode) else st.st_size,
+                     "mtime_ns": st.st_mtime_ns}
+            if stat.S_ISLNK(st.st_mode):
+                entry["target"] = os.readlink(path).decode()
+            elif stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    entry["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+            found[os.path.relpath(path, root).hex()] = entry
+    return found

@@ -4,7 +4,6 @@ Run once per released format (python tests/data/make_format_v1.py); commit the r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -12,10 +11,12 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from backend.backup import backup  # noqa: E402
 from backend.repository import Repository  # noqa: E402
 from backend.stores import LocalStore  # noqa: E402
+from treecompare import manifest  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PASSPHRASE = b"format-v1 test passphrase"
@@ -41,20 +42,9 @@ def main() -> None:
         with Repository.init(LocalStore(out), PASSPHRASE, block_size=64 * 1024,
                              cache_dir=os.path.join(tmp, "cache")) as repo:
             backup(repo, src, host="format-v1", tags=["v1"])
-        manifest = {}
-        for dirpath, dirnames, filenames in os.walk(src):
-            for name in dirnames + filenames:
-                path = os.path.join(dirpath, name)
-                st = os.lstat(path)
-                entry = {"mode": st.st_mode, "size": st.st_size if not os.path.isdir(path) else 0,
-                         "mtime_ns": st.st_mtime_ns}
-                if os.path.islink(path):
-                    entry["target"] = os.readlink(path).decode()
-                elif os.path.isfile(path):
-                    entry["sha256"] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-                manifest[os.path.relpath(path, src).hex()] = entry
+        entries = manifest(src)
     with open(os.path.join(HERE, "format-v1.manifest.json"), "w") as f:
-        json.dump({"passphrase": PASSPHRASE.decode(), "entries": manifest}, f, indent=1, sort_keys=True)
+        json.dump({"passphrase": PASSPHRASE.decode(), "entries": entries}, f, indent=1, sort_keys=True)
 
 
 if __name__ == "__main__":
