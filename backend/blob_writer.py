@@ -12,6 +12,9 @@ Durability order, which makes a crash at any point leave a valid repository:
   2. an index object describing only uploaded packs is put, then added to the local cache;
   3. only then (`flush()` returned) may the caller write a snapshot that references the blobs.
 Packs without an index after a crash are unreferenced and harmless (prune removes them).
+
+A failed upload is raised once (by the next `save()` or `flush()`) and forgotten, and its blobs are
+no longer counted as stored, so a long-running writer (the live mount's) recovers when the store does.
 """
 
 from __future__ import annotations
@@ -102,7 +105,13 @@ class BlobWriter:
 
     def _finish_and_put(self, packer: PackWriter) -> None:
         pack_id, data, entries = packer.finish()
-        self._store.put(pack_key(pack_id), data)
+        try:
+            self._store.put(pack_key(pack_id), data)
+        except BaseException:
+            # These blobs are not stored: a later save of the same content must store them again.
+            with self._lock:
+                self._reserved.difference_update(e.blob_id for e in entries)
+            raise
         with self._lock:
             self._uploaded.append((pack_id, entries))
             self._uploaded_blobs += len(entries)
@@ -132,8 +141,10 @@ class BlobWriter:
                 self._reserved.difference_update(e.blob_id for e in entries)
 
     def _raise_failure(self) -> None:
-        if self._failure is not None:
-            exc = self._failure
+        """Raise a recorded upload failure, once: the writer stays usable for the next attempt."""
+        with self._lock:
+            exc, self._failure = self._failure, None
+        if exc is not None:
             if isinstance(exc, FsmountError):
                 raise type(exc)(str(exc)) from exc
             raise StoreError(f"uploading a pack failed: {exc}") from exc

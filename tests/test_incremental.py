@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from backend.backup import Backup, backup
 from backend.progress import Progress
 from backend.restore import restore
@@ -149,3 +151,33 @@ def test_restore_selected_paths_only(repo, tmp_path: Path) -> None:
 
     assert sorted(p.name for p in target.rglob("*")) == ["docs", "note-1.txt"]
     assert (target / "docs" / "note-1.txt").read_bytes() == (source / "docs" / "note-1.txt").read_bytes()
+
+
+class _StoreDownAfter(Progress):
+    def __init__(self, store, after_bytes: int):
+        self.store, self.left = store, after_bytes
+
+    def advance(self, nbytes: int = 0, items: int = 0, current: str | None = None) -> None:
+        self.left -= nbytes
+        if self.left <= 0:
+            self.store.down = True
+
+
+def test_a_failed_backup_leaves_the_repository_usable(repo_path: Path, tmp_path: Path) -> None:
+    """The store goes down during one backup: that one fails, the next one (same process) is whole."""
+    from backend.errors import StoreError
+    from backend.repository import Repository
+    from backend.stores import LocalStore
+    from backend.stores.faulty import FaultyStore
+    from conftest import PASSPHRASE
+
+    Repository.init(LocalStore(repo_path), PASSPHRASE.encode(), block_size=TEST_BLOCK_SIZE).close()
+    flaky = FaultyStore(LocalStore(repo_path), seed=1)
+    source = make_source(tmp_path / "src", files=5, big_size=40 * 1024 * 1024)  # several packs
+    with Repository.open(flaky, PASSPHRASE.encode()) as repo:
+        with pytest.raises(StoreError):  # the store fails once the first pack is on its way
+            Backup(repo, source, progress=_StoreDownAfter(flaky, 20 * 1024 * 1024)).run()
+        flaky.down = False
+        result = backup(repo, source)
+        restore(repo, result.snapshot, tmp_path / "restored")
+    assert differences(source, tmp_path / "restored") == []
