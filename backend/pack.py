@@ -76,12 +76,12 @@ class PackWriter:
         self._entries.append(entry)
         self._buffer += sealed
 
-    def finish(self) -> tuple[str, bytes, list[BlobEntry]]:
+    def finish(self) -> tuple[str, bytearray, list[BlobEntry]]:
         """(pack id, pack bytes, entries); the writer is empty afterwards."""
         header = self._key.seal(encode_entries(self._entries), HEADER_AAD)
         self._buffer += header
         self._buffer += HEADER_LENGTH.pack(len(header))
-        data, entries = bytes(self._buffer), self._entries
+        data, entries = self._buffer, self._entries  # handed over, not copied: packs are 16 MiB
         self._buffer, self._entries = bytearray(), []
         pack_id = content_hash(data)
         if read_header(self._key, data, pack_id) != entries:
@@ -89,7 +89,7 @@ class PackWriter:
         return pack_id, data, entries
 
 
-def read_header(key: MasterKey, pack: bytes, pack_id: str) -> list[BlobEntry]:
+def read_header(key: MasterKey, pack: bytes | bytearray, pack_id: str) -> list[BlobEntry]:
     """The entries of a whole pack, from its own header."""
     what = f"pack {pack_id}"
     if len(pack) < HEADER_LENGTH.size:
