@@ -48,9 +48,9 @@ class Snapshot:
         return self.id[:8]
 
     def label(self) -> str:
-        """The folder name a snapshot gets in a mounted snapshot tree."""
-        stamp = self.time.strftime("%Y-%m-%dT%H:%M:%S")
-        return f"{stamp}-{self.name}" if self.name else f"{stamp}-{self.short_id}"
+        """The folder name a snapshot gets in a mounted snapshot tree: its name, or else its time."""
+        label = self.name or self.time.strftime("%Y-%m-%dT%H:%M:%S")
+        return label.replace("/", "_")
 
     def encode(self, key: MasterKey) -> tuple[str, bytes]:
         doc = {"v": SNAPSHOT_VERSION, "time_ns": self.time_ns, "host": self.host, "source": self.source,

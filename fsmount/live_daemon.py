@@ -52,11 +52,11 @@ def check_mountpoint(mountpoint: bytes) -> None:
     if not os.path.isdir(mountpoint):
         raise UsageError(f"mountpoint {shown} is not a directory")
     real = os.path.realpath(mountpoint)
-    if os.path.ismount(real) or _mounted_at(real):
+    if os.path.ismount(real) or mounted_at(real):
         raise UsageError(f"{shown} is already a mountpoint (unmount it first)")
 
 
-def _mounted_at(path: bytes) -> bool:
+def mounted_at(path: bytes) -> bool:
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split(b" ")
@@ -141,7 +141,7 @@ class LiveMount:
     def _open_source(self) -> int:
         """Open the source before mounting over it, clearing a mount its dead daemon left behind."""
         for path in {self.source, self.mountpoint}:
-            if _mounted_at(path) and _is_stale(path):
+            if mounted_at(path) and _is_stale(path):
                 # We hold the source's lock, so no daemon serves this mount any more.
                 log.warning("%s was left mounted by a daemon that died; unmounting it", os.fsdecode(path))
                 subprocess.run(["umount", "-l", path] if os.geteuid() == 0 else ["fusermount3", "-uz", path],
@@ -153,7 +153,7 @@ class LiveMount:
         try:
             if self.mountpoint != self.source:
                 check_mountpoint(self.mountpoint)
-            elif _mounted_at(self.mountpoint):
+            elif mounted_at(self.mountpoint):
                 raise UsageError(f"{os.fsdecode(self.mountpoint)} is already a mountpoint (unmount it first)")
         except BaseException:
             os.close(source_fd)

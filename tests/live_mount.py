@@ -1,7 +1,8 @@
-"""A live mount for tests: started with the real CLI, always cleaned up, even after a failure.
+"""Mounts for tests: started with the real CLI, always cleaned up, even after a failure.
 
 `with live_mount(cli, source) as mnt:` mounts (over the source itself unless a mountpoint is
 given), yields the mountpoint, and unmounts with `fsmount umount` (which takes the final snapshot).
+`with snapshot_mount(cli, mountpoint) as (mnt, pid):` does the same for `mount-snapshots`.
 If the test left the mount broken, the FUSE connection is aborted and the daemon killed, so one
 failing test cannot hang the rest of the suite.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -77,3 +79,20 @@ def live_mount(cli, source: Path, mountpoint: Path | None = None, *extra: str) -
             with contextlib.suppress(ProcessLookupError):
                 os.kill(status["pid"], signal.SIGKILL)
             force_unmount(target)
+
+
+@contextlib.contextmanager
+def snapshot_mount(cli, mountpoint: Path, *extra: str) -> Iterator[tuple[Path, int]]:
+    require_fuse()
+    mountpoint.mkdir(exist_ok=True)
+    out = cli("mount-snapshots", mountpoint, *extra).stdout.decode()
+    pid = int(re.search(r"daemon pid (\d+)", out).group(1))  # type: ignore[union-attr]
+    try:
+        yield mountpoint, pid
+        if is_mounted(mountpoint):
+            cli("umount", mountpoint)
+    finally:
+        if is_mounted(mountpoint):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            force_unmount(mountpoint)

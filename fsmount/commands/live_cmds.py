@@ -163,6 +163,10 @@ def umount(app: AppContext, mountpoint: str, lazy: bool) -> None:
         return
     import subprocess
 
+    from ..live_daemon import mounted_at
+
+    if not mounted_at(os.path.realpath(os.fsencode(mountpoint))):
+        raise UsageError(f"{mountpoint} is not mounted")
     proc = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if proc.returncode != 0:
         raise UsageError(proc.stderr.strip().removeprefix("fusermount3: ") or f"cannot unmount {mountpoint}")

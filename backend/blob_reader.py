@@ -1,0 +1,174 @@
+"""Fetch many blobs at once, for readers that stream: one ranged GET per run of adjacent blobs.
+
+`BlobReader.fetch(ids)` groups the wanted blobs by pack, merges blobs that lie next to each other
+(gaps up to `MAX_GAP`) into one ranged read of at most `MAX_RUN` bytes, and unseals each blob. A
+backup writes a file's blocks into a pack in order, so a sequential read of a file turns into a few
+large GETs instead of one request per 128 KiB block.
+
+`BlobCache` keeps the sealed bytes of fetched blobs in a bounded directory (least recently used
+goes first), so a second read of the same data does not touch the store. It holds ciphertext only:
+the cache directory reveals no more than the store does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from .errors import FsmountError, IntegrityError, ObjectNotFound
+from .pack import pack_key
+from .repository import Repository
+
+log = logging.getLogger(__name__)
+
+MAX_GAP = 64 * 1024
+MAX_RUN = 8 * 1024 * 1024
+
+
+class BlobCache:
+    """A bounded on-disk cache of sealed blobs, shared by the threads of one process."""
+
+    def __init__(self, directory: str, limit_bytes: int):
+        self.directory = directory
+        self.limit = limit_bytes
+        self._lock = threading.Lock()
+        self._sizes: OrderedDict[str, int] = OrderedDict()  # name -> size, oldest use first
+        self._total = 0
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        found = []
+        for entry in os.scandir(directory):
+            if entry.name.endswith(".tmp"):
+                os.unlink(entry.path)  # a write interrupted by a crash
+            elif entry.is_file():
+                st = entry.stat()
+                found.append((st.st_atime_ns, entry.name, st.st_size))
+        for _, name, size in sorted(found):
+            self._sizes[name] = size
+            self._total += size
+        self._evict()
+
+    def get(self, blob_id: bytes) -> bytes | None:
+        name = blob_id.hex()
+        try:
+            with open(os.path.join(self.directory, name), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        with self._lock:
+            if name in self._sizes:
+                self._sizes.move_to_end(name)
+        return data
+
+    def put(self, blob_id: bytes, sealed: bytes | memoryview) -> None:
+        if len(sealed) > self.limit:
+            return
+        name = blob_id.hex()
+        path = os.path.join(self.directory, name)
+        temp = f"{path}.{threading.get_ident()}.tmp"
+        try:
+            with open(temp, "wb") as f:
+                f.write(sealed)
+            os.rename(temp, path)
+        except OSError as exc:  # a full cache disk must not fail the read that filled it
+            log.debug("block cache: cannot store %s: %s", name, exc)
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+            return
+        with self._lock:
+            self._total += len(sealed) - self._sizes.pop(name, 0)
+            self._sizes[name] = len(sealed)
+            self._evict()
+
+    def _evict(self) -> None:
+        while self._total > self.limit and self._sizes:
+            name, size = self._sizes.popitem(last=False)
+            self._total -= size
+            try:
+                os.unlink(os.path.join(self.directory, name))
+            except FileNotFoundError:
+                pass
+
+    @property
+    def size(self) -> int:
+        return self._total
+
+
+class BlobReader:
+    """Blocking, thread-safe batch reads of one blob type from a repository."""
+
+    def __init__(self, repo: Repository, cache: BlobCache | None = None):
+        self.repo = repo
+        self.cache = cache
+
+    def fetch(self, blob_type: int, blob_ids: Iterable[bytes]) -> dict[bytes, bytes | FsmountError]:
+        """Each wanted blob's plaintext, or the error that stops it (corrupt, missing, store down)."""
+        results: dict[bytes, bytes | FsmountError] = {}
+        wanted: dict[str, list] = {}  # pack id -> [(offset, length, blob id), ...]
+        for blob_id in dict.fromkeys(blob_ids):
+            sealed = self.cache.get(blob_id) if self.cache else None
+            if sealed is not None:
+                try:
+                    results[blob_id] = self.repo.key.unseal_blob(blob_type, blob_id, sealed)
+                    continue
+                except IntegrityError:
+                    log.warning("block cache: %s is damaged; fetching it again", blob_id.hex())
+            location = self.repo.index.lookup(blob_id)
+            if location is None:
+                results[blob_id] = IntegrityError(f"blob {blob_id.hex()} is not in the index (missing)")
+            elif location.entry.blob_type != blob_type:
+                results[blob_id] = IntegrityError(f"blob {blob_id.hex()} has the wrong type")
+            else:
+                entry = location.entry
+                wanted.setdefault(location.pack_id, []).append((entry.offset, entry.length, blob_id))
+        for pack_id, blobs in wanted.items():
+            blobs.sort()
+            for run in _runs(blobs):
+                self._fetch_run(blob_type, pack_id, run, results)
+        return results
+
+    def _fetch_run(self, blob_type: int, pack_id: str, run: list, results: dict) -> None:
+        start = run[0][0]
+        end = max(offset + length for offset, length, _ in run)
+        try:
+            data = memoryview(self.repo.store.get(pack_key(pack_id), start, end - start))
+        except ObjectNotFound:
+            error = IntegrityError(f"pack {pack_id} is missing")
+            for _, _, blob_id in run:
+                results[blob_id] = IntegrityError(f"{error} (it holds blob {blob_id.hex()})")
+            return
+        except FsmountError as exc:
+            for _, _, blob_id in run:
+                results[blob_id] = exc
+            return
+        for offset, length, blob_id in run:
+            sealed = data[offset - start : offset - start + length]
+            if len(sealed) != length:
+                results[blob_id] = IntegrityError(f"pack {pack_id} is truncated (blob {blob_id.hex()})")
+                continue
+            try:
+                results[blob_id] = self.repo.key.unseal_blob(blob_type, blob_id, sealed)
+            except IntegrityError as exc:
+                results[blob_id] = IntegrityError(f"{exc} (in pack {pack_id})")
+                continue
+            if self.cache:
+                self.cache.put(blob_id, sealed)
+
+
+def _runs(blobs: list) -> list[list]:
+    """Split offset-sorted blobs into runs read with one request each."""
+    runs: list[list] = []
+    for blob in blobs:
+        offset, length, _ = blob
+        if runs:
+            run = runs[-1]
+            run_end = max(o + n for o, n, _ in run[-1:])
+            if offset - run_end <= MAX_GAP and offset + length - run[0][0] <= MAX_RUN:
+                run.append(blob)
+                continue
+        runs.append([blob])
+    return runs

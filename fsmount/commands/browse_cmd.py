@@ -1,0 +1,61 @@
+"""`mount-snapshots`: every snapshot of the repository as a read-only folder; restoring is a copy."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from .. import background, control
+from ..context import AppContext
+from ..output import stdout
+from .repository_cmds import parse_size
+
+
+@click.command("mount-snapshots")
+@click.argument("mountpoint", type=click.Path(path_type=str))
+@click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground (logs go to the terminal).")
+@click.option("--cache-size", default="1G", show_default=True, metavar="SIZE",
+              help="Bound of the on-disk cache of fetched blocks (encrypted, in the cache dir); 0 turns it off.")
+@click.pass_obj
+def mount_snapshots(app: AppContext, mountpoint: str, foreground: bool, cache_size: str) -> None:
+    """Mount every snapshot of the repository, read-only, at MOUNTPOINT.
+
+    \b
+      fsmount mount-snapshots ~/snaps
+      ls ~/snaps                                  one folder per snapshot, and `latest`
+      cp -a ~/snaps/latest/report.odt ~/projects/ restoring is an ordinary copy
+      fsmount umount ~/snaps                      (or fusermount3 -u ~/snaps)
+
+    A folder is named by its snapshot's name, or by its time when it has none. Only what is read
+    is fetched from the repository; fetched blocks stay in a bounded local cache. Snapshots taken
+    after mounting appear within seconds.
+    """
+    try:
+        cache_bytes = parse_size(cache_size)
+    except ValueError:
+        raise click.BadParameter(f"{cache_size!r} is not a size like 512M or 2G", param_hint="--cache-size")
+    if not foreground:
+        log_path = os.path.join(control.runtime_dir(), control.mount_id(mountpoint) + ".log")
+        argv = [*(arg for loc in app.locations() for arg in ("-r", loc)), "mount-snapshots", "-f",
+                "--cache-size", cache_size, mountpoint]
+        if app.cache_dir:
+            argv = ["--cache-dir", app.cache_dir, *argv]
+        pid = background.start(argv, log_path, app.passphrase())
+        if not app.quiet:
+            stdout.print(f"snapshots mounted at {mountpoint} (daemon pid {pid}, log {log_path})")
+        return
+    from ..snapshot_mount import SnapshotMount
+
+    with app.open_repository() as repo:
+        mount = SnapshotMount(repo, os.fsencode(mountpoint), cache_bytes=cache_bytes)
+
+        def ready() -> None:
+            background.report_ready()
+            if not app.quiet:
+                stdout.print(f"snapshots mounted at {mountpoint}; Ctrl-C or `fsmount umount {mountpoint}` unmounts")
+
+        mount.run(ready)
+
+
+COMMANDS = [mount_snapshots]

@@ -1,0 +1,132 @@
+"""`fsmount mount-snapshots`: the snapshot tree as a file system of its own, read-only.
+
+`SnapshotFS` adapts `SnapshotTree` to pyfuse3: the mount's root is the tree's root and every change
+is refused with EROFS (the mount is also `ro`, so the kernel refuses most before asking). The
+daemon checks the mountpoint, mounts, serves until `fsmount umount`, `fusermount3 -u`, SIGTERM or
+SIGINT, and unmounts cleanly.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import pyfuse3
+import trio
+
+from backend.blob_reader import BlobCache, BlobReader
+from backend.errors import UsageError
+from backend.repository import Repository
+
+from .live_daemon import check_mountpoint
+from .snapshot_reader import SnapshotReader
+from .snapshot_tree import SnapshotTree
+
+log = logging.getLogger(__name__)
+
+
+def make_snapshot_tree(repo: Repository, cache_bytes: int, **options: Any) -> SnapshotTree:
+    """A snapshot tree with the repository's block cache (in its XDG cache dir) behind it."""
+    cache = BlobCache(os.path.join(repo.cache_dir, "blocks"), cache_bytes) if cache_bytes else None
+    reader = SnapshotReader(BlobReader(repo, cache), repo.block_size)
+    return SnapshotTree(repo, reader, **options)
+
+
+def _read_only(*args: Any, **kwargs: Any) -> Any:
+    raise pyfuse3.FUSEError(errno.EROFS)
+
+
+class SnapshotFS(pyfuse3.Operations):
+    """pyfuse3 operations serving a `SnapshotTree` as the whole file system."""
+
+    def __init__(self, tree: SnapshotTree):
+        super().__init__()
+        self.tree = tree
+
+    async def lookup(self, parent_inode, name, ctx):
+        return await self.tree.lookup(parent_inode, name, ctx)
+
+    async def forget(self, inode_list):
+        await self.tree.forget(inode_list)
+
+    async def getattr(self, inode, ctx):
+        return await self.tree.getattr(inode, ctx)
+
+    async def readlink(self, inode, ctx):
+        return await self.tree.readlink(inode, ctx)
+
+    async def opendir(self, inode, ctx):
+        return await self.tree.opendir(inode, ctx)
+
+    async def readdir(self, fh, start_id, token):
+        await self.tree.readdir(fh, start_id, token)
+
+    async def releasedir(self, fh):
+        await self.tree.releasedir(fh)
+
+    async def open(self, inode, flags, ctx):
+        return await self.tree.open(inode, flags, ctx)
+
+    async def read(self, fh, off, size):
+        return await self.tree.read(fh, off, size)
+
+    async def release(self, fh):
+        await self.tree.release(fh)
+
+    async def getxattr(self, inode, name, ctx):
+        return await self.tree.getxattr(inode, name, ctx)
+
+    async def listxattr(self, inode, ctx):
+        return await self.tree.listxattr(inode, ctx)
+
+    async def statfs(self, ctx):
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = self.tree.repo.block_size
+        data.f_namemax = 255
+        return data
+
+    async def access(self, inode, mode, ctx):
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
+    create = write = setxattr = removexattr = _read_only
+
+
+class SnapshotMount:
+    def __init__(self, repo: Repository, mountpoint: bytes, *, cache_bytes: int):
+        self.repo = repo
+        self.mountpoint = os.path.realpath(mountpoint)
+        self.cache_bytes = cache_bytes
+
+    def run(self, ready: Callable[[], None]) -> None:
+        """Mount, call `ready()`, serve until unmounted."""
+        check_mountpoint(self.mountpoint)
+        if os.listdir(self.mountpoint):
+            raise UsageError(f"mountpoint {os.fsdecode(self.mountpoint)} is not empty")
+        tree = make_snapshot_tree(self.repo, self.cache_bytes, root_number=pyfuse3.ROOT_INODE)
+        options = {"fsname=fsmount", "subtype=fsmount-snapshots", "ro", "default_permissions"}
+        if os.geteuid() == 0:
+            options.add("allow_other")
+        pyfuse3.init(SnapshotFS(tree), os.fsdecode(self.mountpoint), options)
+        try:
+            ready()
+            trio.run(self._serve)
+        finally:
+            pyfuse3.close(unmount=True)
+
+    async def _serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_signals)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("received %s: unmounting", signal.Signals(signum).name)
+                pyfuse3.terminate()

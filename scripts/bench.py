@@ -1,0 +1,429 @@
+#!/usr/bin/env python3
+"""fsmount's benchmarks: figures as ratios against a baseline measured in the same run.
+
+These machines are shared and noisy, so absolute times mean little; every figure is put next to a
+baseline taken minutes apart on the same disk: restic and borg for the engine, the native folder
+for the live mount. Page caches are dropped before each timed read phase when we may (root).
+
+Groups (`--only GROUP`, repeatable; default all):
+
+  engine   A seeded dataset (a home-folder mix: a few large files, thousands of small ones, mostly
+           incompressible) and a seeded 0.1% mutation (scattered 4 KiB overwrites, appends, small
+           rewrites, new and deleted files). For fsmount, restic and borg: full backup, backup after
+           the mutation, no-change backup, restore, and verify reading all data. Wall time,
+           throughput, peak RSS of the tool's process, repository growth.
+  live     The live mount against the native folder: sequential write and read of a large file,
+           4 KiB random writes with fsync, create/stat/unlink of small files, a `git status`-like
+           stat walk, untar of a source tree; then the change tracker: the same 0.1% mutation made
+           through the mount, snapshot time and repository growth, against `restic backup`.
+
+  scripts/bench.py --size-gib 1 [--only engine] [--json results.json] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FSMOUNT = [sys.executable, "-m", "fsmount"]
+PASSWORD = "bench passphrase"
+MiB = 1 << 20
+
+
+@dataclass
+class Row:
+    group: str
+    tool: str
+    phase: str
+    seconds: float
+    bytes: int = 0
+    peak_rss_mib: float = 0.0
+    growth_bytes: int | None = None
+    note: str = ""
+
+    @property
+    def mb_s(self) -> float:
+        return self.bytes / self.seconds / 1e6 if self.seconds and self.bytes else 0.0
+
+
+@dataclass
+class Results:
+    rows: list[Row] = field(default_factory=list)
+    checks: list[tuple[str, bool | None, str]] = field(default_factory=list)  # None: a figure, no target
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        print(f"  {row.group:6} {row.tool:8} {row.phase:24} {row.seconds:8.2f} s"
+              + (f" {row.mb_s:8.1f} MB/s" if row.bytes else "")
+              + (f"  rss {row.peak_rss_mib:6.0f} MiB" if row.peak_rss_mib else "")
+              + (f"  +{row.growth_bytes / MiB:8.2f} MiB" if row.growth_bytes is not None else "")
+              + (f"  {row.note}" if row.note else ""), flush=True)
+        return row
+
+    def get(self, group: str, tool: str, phase: str) -> Row | None:
+        return next((r for r in self.rows if (r.group, r.tool, r.phase) == (group, tool, phase)), None)
+
+    def check(self, name: str, ok: bool | None, detail: str) -> None:
+        self.checks.append((name, ok, detail))
+
+
+# -- measuring ----------------------------------------------------------------------------------
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def run(cmd: list[str], env: dict, cwd: Path | None = None) -> tuple[float, float]:
+    """Run a command to completion: (wall seconds, peak RSS MiB of the process)."""
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.monotonic() - started
+    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {code}: {stderr.strip()[-500:]}")
+    return elapsed, usage.ru_maxrss / 1024
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            digest.update(os.fsencode(path.relative_to(root)))
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+def make_dataset(root: Path, size: int, seed: int = 42) -> None:
+    """~60% in 4 large files, the rest in small files (1-64 KiB) in nested dirs, ~10% text."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True)
+    large = int(size * 0.6) // 4
+    for i in range(4):
+        with open(root / f"media-{i}.bin", "wb") as f:
+            for _ in range(large // MiB):
+                f.write(rng.randbytes(MiB))
+    left, n = size - 4 * large, 0
+    while left > 0:
+        d = root / "projects" / f"p{n // 500:03d}" / f"d{n // 50 % 10}"
+        d.mkdir(parents=True, exist_ok=True)
+        length = min(left, rng.randint(1024, 64 * 1024))
+        if n % 10 == 0:
+            words = [rng.choice(["alpha", "beta", "gamma", "def", "return", "import", "class"]) for _ in range(length // 6)]
+            data = " ".join(words).encode()[:length]
+        else:
+            data = rng.randbytes(length)
+        (d / f"file{n}.dat").write_bytes(data)
+        left -= length
+        n += 1
+
+
+def mutate(root: Path, seed: int = 7) -> int:
+    """The 0.1% mutation; returns the bytes it changed."""
+    rng = random.Random(seed)
+    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    budget, changed = total // 1000, 0
+    large = sorted(root.glob("media-*.bin"))
+    small = sorted(root.rglob("*.dat"))
+    while changed < budget * 0.6:  # scattered 4 KiB overwrites in large files
+        path = rng.choice(large)
+        with open(path, "r+b") as f:
+            f.seek(rng.randrange(0, path.stat().st_size - 4096) & ~4095)
+            f.write(rng.randbytes(4096))
+        changed += 4096
+    with open(large[0], "ab") as f:  # an append
+        f.write(rng.randbytes(64 * 1024))
+        changed += 64 * 1024
+    for path in rng.sample(small, 20):  # small rewrites
+        path.write_bytes(rng.randbytes(path.stat().st_size))
+        changed += path.stat().st_size
+    for path in rng.sample(small, 10):
+        path.unlink()
+    for i in range(10):
+        (root / "projects" / f"new-{i}.dat").write_bytes(rng.randbytes(8192))
+        changed += 8192
+    return changed
+
+
+# -- the engine group ---------------------------------------------------------------------------
+
+class Tool:
+    name = ""
+    argv_backup: list[str] = []
+
+    def __init__(self, work: Path):
+        self.repo = work / f"repo-{self.name}"
+        self.env = dict(os.environ, XDG_CACHE_HOME=str(work / f"cache-{self.name}"))
+
+    def available(self) -> bool:
+        return True
+
+
+class Fsmount(Tool):
+    name = "fsmount"
+
+    def __init__(self, work: Path):
+        super().__init__(work)
+        self.env.update(FSMOUNT_REPOSITORY=str(self.repo), FSMOUNT_PASSWORD=PASSWORD, PYTHONPATH=str(ROOT))
+
+    def init(self) -> list[str]: return [*FSMOUNT, "-q", "init"]
+    def backup(self, src: Path) -> list[str]: return [*FSMOUNT, "-q", "backup", str(src)]
+    def restore(self, dst: Path) -> list[str]: return [*FSMOUNT, "-q", "restore", "latest", "--target", str(dst)]
+    def verify(self) -> list[str]: return [*FSMOUNT, "-q", "verify", "--read-data"]
+
+
+class Restic(Tool):
+    name = "restic"
+
+    def __init__(self, work: Path):
+        super().__init__(work)
+        self.env.update(RESTIC_REPOSITORY=str(self.repo), RESTIC_PASSWORD=PASSWORD)
+
+    def available(self) -> bool: return shutil.which("restic") is not None
+    def init(self) -> list[str]: return ["restic", "-q", "init"]
+    def backup(self, src: Path) -> list[str]: return ["restic", "-q", "backup", str(src)]
+    def restore(self, dst: Path) -> list[str]: return ["restic", "-q", "restore", "latest", "--target", str(dst)]
+    def verify(self) -> list[str]: return ["restic", "-q", "check", "--read-data"]
+
+
+class Borg(Tool):
+    name = "borg"
+
+    def __init__(self, work: Path):
+        super().__init__(work)
+        self.env.update(BORG_PASSPHRASE=PASSWORD, BORG_REPO=str(self.repo), BORG_BASE_DIR=str(work / "borg-base"),
+                        BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes")
+        self.count = 0
+
+    def available(self) -> bool: return shutil.which("borg") is not None
+    def init(self) -> list[str]: return ["borg", "init", "-e", "repokey-blake2"]
+
+    def backup(self, src: Path) -> list[str]:
+        self.count += 1
+        return ["borg", "create", "--compression", "zstd,3", f"::b{self.count}", str(src)]
+
+    def restore(self, dst: Path) -> list[str]:
+        dst.mkdir(parents=True, exist_ok=True)
+        return ["sh", "-c", f'cd "{dst}" && borg extract ::b{self.count}']
+
+    def verify(self) -> list[str]: return ["borg", "check", "--verify-data"]
+
+
+def bench_engine(work: Path, size: int, results: Results) -> None:
+    source = work / "dataset"
+    print(f"engine: generating {size / MiB:.0f} MiB dataset", flush=True)
+    make_dataset(source, size)
+    tools = [t for t in (Fsmount(work), Restic(work), Borg(work)) if t.available() or print(f"  {t.name}: not installed, skipped")]
+    for tool in tools:
+        run(tool.init(), tool.env)
+    cached = drop_caches()
+    if not cached:
+        print("  (page cache not dropped: not root; read phases may be warm)")
+    for phase in ("full backup", "after 0.1% mutation", "no-change backup"):
+        if phase == "after 0.1% mutation":
+            changed = mutate(source)
+            print(f"  mutation: {changed / MiB:.2f} MiB changed", flush=True)
+        for tool in tools:
+            before = du(tool.repo)
+            drop_caches()
+            seconds, rss = run(tool.backup(source), tool.env)
+            results.add(Row("engine", tool.name, phase, seconds, size if phase == "full backup" else 0,
+                            rss, du(tool.repo) - before))
+    expected = tree_digest(source)
+    for tool in tools:
+        target = work / f"restored-{tool.name}"
+        drop_caches()
+        seconds, rss = run(tool.restore(target), tool.env)
+        restored = target / source.relative_to("/") if tool.name != "fsmount" else target
+        ok = tree_digest(restored) == expected
+        results.add(Row("engine", tool.name, "restore", seconds, size, rss, note="" if ok else "RESTORE DIFFERS"))
+        if tool.name == "fsmount" and not ok:
+            raise SystemExit("fsmount restored something other than the source: the benchmark stops here")
+        shutil.rmtree(target)
+        drop_caches()
+        seconds, rss = run(tool.verify(), tool.env)
+        results.add(Row("engine", tool.name, "verify (read all data)", seconds, du(tool.repo), rss))
+    if any(t.name == "restic" for t in tools):
+        full_f, full_r = results.get("engine", "fsmount", "full backup"), results.get("engine", "restic", "full backup")
+        mut_f, mut_r = (results.get("engine", t, "after 0.1% mutation") for t in ("fsmount", "restic"))
+        nc_f, nc_r = (results.get("engine", t, "no-change backup") for t in ("fsmount", "restic"))
+        speed = full_r.seconds / full_f.seconds
+        growth = mut_f.growth_bytes / max(1, mut_r.growth_bytes)
+        results.check("full backup throughput >= 1.2x restic", speed >= 1.2, f"{speed:.2f}x")
+        results.check("growth after mutation <= 1/6 of restic's", growth <= 1 / 6, f"{growth:.3f}x")
+        results.check("no-change backup no slower than restic", nc_f.seconds <= nc_r.seconds,
+                      f"{nc_f.seconds:.2f} s vs {nc_r.seconds:.2f} s")
+    peak = max(r.peak_rss_mib for r in results.rows if r.tool == "fsmount" and r.group == "engine")
+    results.check("fsmount peak RSS <= 300 MiB", peak <= 300, f"{peak:.0f} MiB")
+
+
+# -- the live group -----------------------------------------------------------------------------
+
+def _timed(fn) -> float:
+    started = time.monotonic()
+    fn()
+    return time.monotonic() - started
+
+
+def _io_suite(root: Path, big: int) -> dict[str, tuple[float, int]]:
+    """Each workload on one folder: name -> (seconds, bytes or operations)."""
+    out: dict[str, tuple[float, int]] = {}
+    block = os.urandom(MiB)
+
+    def write_big() -> None:
+        with open(root / "big.bin", "wb") as f:
+            for _ in range(big // MiB):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+    out["sequential write"] = (_timed(write_big), big)
+    drop_caches()
+
+    def read_big() -> None:
+        with open(root / "big.bin", "rb", buffering=0) as f:
+            while f.read(MiB):
+                pass
+    out["sequential read (cold)"] = (_timed(read_big), big)
+    rng = random.Random(3)
+
+    def random_writes() -> None:
+        fd = os.open(root / "big.bin", os.O_WRONLY)
+        try:
+            for _ in range(500):
+                os.pwrite(fd, block[:4096], rng.randrange(0, big // 4096) * 4096)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    out["4 KiB random write+fsync"] = (_timed(random_writes), 500)
+    files = 10_000
+    small = root / "small"
+    small.mkdir()
+    out["create small files"] = (_timed(lambda: [(small / f"f{i}").write_bytes(b"x" * 100) for i in range(files)]), files)
+    out["stat small files"] = (_timed(lambda: [os.stat(small / f"f{i}") for i in range(files)]), files)
+    out["stat walk (git status)"] = (_timed(lambda: [os.lstat(os.path.join(d, n)) for d, _, ns in os.walk(root) for n in ns]), files)
+    out["unlink small files"] = (_timed(lambda: [os.unlink(small / f"f{i}") for i in range(files)]), files)
+    tarball = root.parent / "tree.tar"
+    if not tarball.exists():
+        with tarfile.open(tarball, "w") as tar:
+            tar.add(ROOT / "backend", arcname="backend")
+            tar.add(ROOT / "fsmount", arcname="fsmount")
+            tar.add(ROOT / "tests", arcname="tests")
+    out["untar a source tree"] = (_timed(lambda: tarfile.open(tarball).extractall(root / "untarred", filter="tar")), 1)
+    return out
+
+
+def bench_live(work: Path, size: int, results: Results) -> None:
+    fs = Fsmount(work)
+    fs.env["FSMOUNT_REPOSITORY"] = str(work / "repo-live")
+    run(fs.init(), fs.env)
+    native, live = work / "native", work / "live"
+    native.mkdir()
+    live.mkdir()
+    big = max(256 * MiB, size // 4)
+    run([*FSMOUNT, "mount", str(live)], fs.env)
+    try:
+        measured = {"native": _io_suite(native, big), "fsmount": _io_suite(live, big)}
+    finally:
+        run([*FSMOUNT, "umount", "--lazy", str(live)], fs.env)
+    for name in measured["native"]:
+        for tool in ("native", "fsmount"):
+            seconds, amount = measured[tool][name]
+            is_bytes = "sequential" in name
+            ops = "" if is_bytes or amount == 1 else f"{amount / seconds:,.0f} ops/s"
+            results.add(Row("live", tool, name, seconds, amount if is_bytes else 0, note=ops))
+        ratio = measured["native"][name][0] / measured["fsmount"][name][0]
+        results.check(f"live {name}: fsmount / native", None, f"{ratio:.2f}x")
+    for name, target in (("sequential write", 0.8), ("sequential read (cold)", 0.8), ("4 KiB random write+fsync", 0.3)):
+        ratio = measured["native"][name][0] / measured["fsmount"][name][0]
+        results.check(f"live {name} >= {target}x native", ratio >= target, f"{ratio:.2f}x")
+
+    # The change tracker: the same 0.1% mutation, through the mount, against restic's rescan.
+    source = work / "tracked"
+    make_dataset(source, size, seed=5)
+    restic = Restic(work)
+    restic.env["RESTIC_REPOSITORY"] = str(work / "repo-restic-live")
+    fs.env["FSMOUNT_REPOSITORY"] = str(work / "repo-tracked")
+    run(fs.init(), fs.env)
+    run(fs.backup(source), fs.env)
+    if restic.available():
+        run(["restic", "-q", "init"], restic.env)
+        run(restic.backup(source), restic.env)
+    run([*FSMOUNT, "mount", str(source)], fs.env)
+    try:
+        mutate(source)
+        before = du(work / "repo-tracked")
+        seconds, _ = run([*FSMOUNT, "snapshot", str(source)], fs.env)  # the mount's first: a full scan
+        results.add(Row("live", "fsmount", "first snapshot (scan)", seconds, growth_bytes=du(work / "repo-tracked") - before))
+        mutate(source, seed=8)
+        before = du(work / "repo-tracked")
+        seconds, _ = run([*FSMOUNT, "snapshot", str(source)], fs.env)
+        tracked = results.add(Row("live", "fsmount", "snapshot of 0.1% change", seconds,
+                                  growth_bytes=du(work / "repo-tracked") - before))
+    finally:
+        run([*FSMOUNT, "umount", str(source)], fs.env)
+    if restic.available():
+        before = du(work / "repo-restic-live")
+        seconds, rss = run(restic.backup(source), restic.env)
+        rescan = results.add(Row("live", "restic", "backup of the same change", seconds, peak_rss_mib=rss,
+                                 growth_bytes=du(work / "repo-restic-live") - before))
+        results.check("change snapshot time vs restic backup", None, f"{rescan.seconds / tracked.seconds:.2f}x faster")
+        results.check("change snapshot growth vs restic", None,
+                      f"{tracked.growth_bytes / max(1, rescan.growth_bytes):.3f}x")
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-gib", type=float, default=1.0, help="dataset size (default 1)")
+    parser.add_argument("--only", action="append", choices=["engine", "live"], help="run only these groups")
+    parser.add_argument("--workdir", type=Path, help="where to work (default: a new dir under /tmp)")
+    parser.add_argument("--json", type=Path, help="write all figures here")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="fsmount-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    size = int(args.size_gib * (1 << 30))
+    results = Results()
+    try:
+        for group, fn in (("engine", bench_engine), ("live", bench_live)):
+            if not args.only or group in args.only:
+                print(f"== {group}", flush=True)
+                fn(work / group, size, results)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print("\n== ratios and targets")
+    for name, ok, detail in results.checks:
+        print(f"  {'    ' if ok is None else 'PASS' if ok else 'FAIL'}  {name}: {detail}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": [asdict(r) | {"mb_s": r.mb_s} for r in results.rows],
+                                         "checks": results.checks}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""The snapshot mount: every snapshot as a read-only folder that equals what was backed up."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from backend.backup import backup
+from conftest import TEST_BLOCK_SIZE
+from fsmount import control
+from live_mount import is_mounted, snapshot_mount
+from test_integrity import flip_byte, locate_block
+from treecompare import differences
+from treegen import build, trees
+
+pytest_plugins = ["s3_fixtures"]
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def mounted(cli, repo, tmp_path: Path):
+    with snapshot_mount(cli, tmp_path / "snaps") as (mnt, _):
+        yield mnt
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=trees)
+def test_each_snapshot_reads_back_as_its_source(repo, mounted: Path, tmp_path: Path, spec: dict) -> None:
+    """Random trees with hostile names, hard links, sparse files and xattrs, through the mount."""
+    (tmp_path / "sources").mkdir(exist_ok=True)
+    count = len(os.listdir(tmp_path / "sources"))
+    source = tmp_path / "sources" / f"s{count}"
+    build(bytes(source), spec)
+    backup(repo, source, name=f"example-{count}")
+
+    folder = mounted / f"example-{count}"  # appears without remounting
+    wait_for(folder.exists)
+
+    # SEEK_HOLE is not served through FUSE; st_blocks stands for holes (tested below)
+    assert differences(source, folder, sparse=False) == []
+
+
+def test_metadata_tools_agree_with_the_source(cli, repo, mounted: Path, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    (source / "sub").mkdir(parents=True)
+    (source / "a.txt").write_text("hello\n")
+    os.link(source / "a.txt", source / "sub" / "same.txt")
+    os.symlink("a.txt", source / "link")
+    with open(source / "sparse", "wb") as f:
+        f.truncate(10 * TEST_BLOCK_SIZE)
+        f.seek(4 * TEST_BLOCK_SIZE)
+        f.write(os.urandom(TEST_BLOCK_SIZE))
+    (source / "big.bin").write_bytes(os.urandom(3 * TEST_BLOCK_SIZE + 123))
+    os.setxattr(source / "a.txt", "user.colour", b"blue")
+    os.chmod(source / "sub", 0o1750)
+    os.utime(source / "big.bin", ns=(1, 1_600_000_000_123_456_789))
+    backup(repo, source, name="tools")
+    snap = mounted / "tools"
+    wait_for(snap.exists)
+
+    # hard links are one inode with the link count of the source
+    a, same = os.stat(snap / "a.txt"), os.stat(snap / "sub" / "same.txt")
+    assert a.st_ino == same.st_ino and a.st_nlink == 2
+    # holes are not counted as allocated; data blocks are
+    sparse = os.stat(snap / "sparse")
+    assert sparse.st_size == 10 * TEST_BLOCK_SIZE and sparse.st_blocks * 512 == TEST_BLOCK_SIZE
+    assert os.stat(snap / "big.bin").st_mtime_ns == 1_600_000_000_123_456_789
+    assert os.getxattr(snap / "a.txt", "user.colour") == b"blue"
+    assert os.readlink(snap / "link") == "a.txt"
+    assert stat.S_IMODE(os.stat(snap / "sub").st_mode) == 0o1750
+    assert os.readlink(mounted / "latest") == "tools"
+
+    # the everyday tools: diff, du, find and cp -a
+    subprocess.run(["diff", "-r", source, snap], check=True)
+    def du(path: Path) -> int:
+        out = subprocess.run(["du", "-s", "--block-size=1", path], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[0])
+    assert 4 * TEST_BLOCK_SIZE <= du(snap) <= du(source)  # data counted once, holes not at all
+
+    def find(root: Path) -> list[list[bytes]]:
+        listing = ["find", root, "-mindepth", "1", "-printf", "%P\t%y\t%m\t%s\t%n\t%T@\n"]
+        lines = subprocess.run(listing, capture_output=True, check=True).stdout.splitlines()
+        # a directory's size and link count are the file system's own business, not the snapshot's
+        return sorted(line.split(b"\t")[:3] if line.split(b"\t")[1] == b"d" else line.split(b"\t")
+                      for line in lines)
+    assert find(snap) == find(source)
+    subprocess.run(["cp", "-a", snap, tmp_path / "copy"], check=True)
+    assert differences(source, tmp_path / "copy", sparse=False) == []
+    copy = tmp_path / "copy"
+    assert os.stat(copy / "a.txt").st_ino == os.stat(copy / "sub" / "same.txt").st_ino  # cp -a kept the link
+
+
+def test_every_change_is_refused_as_read_only(repo, mounted: Path, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    (source / "d").mkdir(parents=True)
+    (source / "f").write_text("content")
+    backup(repo, source, name="ro")
+    snap = mounted / "ro"
+    wait_for(snap.exists)
+
+    attempts = {
+        "open for writing": lambda: open(snap / "f", "r+"),
+        "truncate": lambda: os.truncate(snap / "f", 0),
+        "create": lambda: (snap / "new").write_text("x"),
+        "mkdir": lambda: (snap / "d" / "sub").mkdir(),
+        "rmdir": lambda: (snap / "d").rmdir(),
+        "unlink": lambda: (snap / "f").unlink(),
+        "rename": lambda: os.rename(snap / "f", snap / "g"),
+        "link": lambda: os.link(snap / "f", snap / "h"),
+        "symlink": lambda: os.symlink("f", snap / "s"),
+        "chmod": lambda: os.chmod(snap / "f", 0o777),
+        "chown": lambda: os.chown(snap / "f", 1, 1),
+        "utime": lambda: os.utime(snap / "f", (1, 1)),
+        "setxattr": lambda: os.setxattr(snap / "f", "user.x", b"1"),
+        "mkdir in the root": lambda: (mounted / "new-snapshot").mkdir(),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(OSError) as caught:
+            attempt()
+        assert caught.value.errno == errno.EROFS, what
+    assert (snap / "f").read_text() == "content"
+
+
+def test_corrupt_block_fails_only_its_file(cli, tmp_path: Path, repo_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "victim.bin").write_bytes(os.urandom(300_000))
+    (source / "healthy.bin").write_bytes(os.urandom(300_000))
+    cli("init", "--block-size", "64K")
+    cli("backup", source)
+    snapshot_id = json.loads(cli("snapshots", "--json").stdout)[0]["id"]
+    pack, offset, length = locate_block(repo_path, snapshot_id, b"victim.bin", block=2)
+    flip_byte(pack, offset + length // 2)
+
+    with snapshot_mount(cli, tmp_path / "snaps", "--cache-size", "0") as (mnt, _):
+        with open(mnt / "latest" / "victim.bin", "rb") as f:
+            assert f.read(65536) == (source / "victim.bin").read_bytes()[:65536]  # block 0 is fine
+            with pytest.raises(OSError) as caught:
+                f.seek(2 * 65536)
+                f.read(65536)
+            assert caught.value.errno == errno.EIO
+        assert (mnt / "latest" / "healthy.bin").read_bytes() == (source / "healthy.bin").read_bytes()
+        assert sorted(os.listdir(mnt / "latest")) == ["healthy.bin", "victim.bin"]
+    log = Path(control.runtime_dir(), control.mount_id(tmp_path / "snaps") + ".log").read_text()
+    assert "victim.bin" in log and f"pack {pack.name}" in log  # the log names the damaged object
+
+
+def test_concurrent_readers_of_one_large_file(cli, repo, mounted: Path, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    content = os.urandom(12 * 1024 * 1024 + 777)
+    (source / "large.bin").write_bytes(content)
+    backup(repo, source, name="large")
+    path = mounted / "large" / "large.bin"
+    wait_for(path.exists)
+    failures: list[str] = []
+
+    def reader(seed: int) -> None:
+        import random
+        rng = random.Random(seed)
+        with open(path, "rb", buffering=0) as f:
+            if seed % 2:  # streaming readers and random readers at once
+                got = b"".join(iter(lambda: f.read(1 << 20), b""))
+                if got != content:
+                    failures.append(f"reader {seed}: sequential read differs")
+                return
+            for _ in range(200):
+                offset, size = rng.randrange(len(content)), rng.randrange(1, 300_000)
+                f.seek(offset)
+                if f.read(size) != content[offset : offset + size]:
+                    failures.append(f"reader {seed}: {size} bytes at {offset} differ")
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+def test_mountpoint_errors_are_clear(cli, repo, tmp_path: Path) -> None:
+    proc = cli("mount-snapshots", tmp_path / "missing", check=2)
+    assert b"does not exist" in proc.stderr
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "file").write_text("x")
+    assert b"is not empty" in cli("mount-snapshots", full, check=2).stderr
+    with snapshot_mount(cli, tmp_path / "snaps") as (mnt, _):
+        assert b"already a mountpoint" in cli("mount-snapshots", mnt, check=2).stderr
+
+
+def test_sigterm_unmounts_cleanly(cli, repo, tmp_path: Path) -> None:
+    with snapshot_mount(cli, tmp_path / "snaps") as (mnt, pid):
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not is_mounted(mnt))
+        assert os.listdir(mnt) == []  # an ordinary empty folder again, not a stale mount
+
+
+@pytest.mark.s3
+def test_snapshot_of_an_s3_repository_reads_back(s3_bucket, tmp_path: Path, cli) -> None:
+    source = tmp_path / "src"
+    (source / "dir").mkdir(parents=True)
+    (source / "dir" / "large.bin").write_bytes(os.urandom(5 * 1024 * 1024))
+    (source / "small.txt").write_text("small\n")
+    key_id, secret = s3_bucket.server.credentials
+    cli.env.update(FSMOUNT_REPOSITORY=s3_bucket.location(), AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret)
+    cli("init")
+    cli("backup", source)
+    with snapshot_mount(cli, tmp_path / "snaps") as (mnt, _):
+        assert differences(source, mnt / "latest", sparse=False) == []
