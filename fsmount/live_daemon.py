@@ -3,14 +3,14 @@
 Order matters. The source directory is opened before mounting, so the mount can sit over the
 source's own path and still reach it. A lock file in the repository's cache claims the source, so a
 second mount of the same folder is refused. After mounting, one event loop runs the FUSE handlers,
-the changelog flush (every second), the schedule, the control socket and the signal watcher. When
-the file system is unmounted — `fsmount umount`, SIGTERM/SIGINT, or `fusermount3 -u` — the final
+the changelog flush (every second), the schedule, the control socket and the signal watcher.
+`MOUNT/.snapshots` is the snapshot tree (snapshot_tree.py) of this folder's snapshots; `mkdir`
+there takes one. When the file system is unmounted — `fsmount umount`, SIGTERM/SIGINT, or `fusermount3 -u` — the final
 snapshot is taken from the source fd: nothing can be written any more, so it is complete.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import logging
@@ -28,50 +28,15 @@ from backend.errors import FsmountError, UsageError
 from backend.repository import Repository
 
 from . import control
+from .mountpoint import check_mountpoint, is_stale, mounted_at
 from .changelog import Changelog
 from .live_tree import LiveTree
+from .snapshot_mount import make_snapshot_tree
 from .uploader import Uploader
 
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S = 1.0
-
-
-def check_mountpoint(mountpoint: bytes) -> None:
-    """Refuse a missing mountpoint, a stale one, or one where something is mounted already."""
-    shown = os.fsdecode(mountpoint)
-    try:
-        os.statvfs(mountpoint)
-    except FileNotFoundError:
-        raise UsageError(f"mountpoint {shown} does not exist") from None
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            raise UsageError(f"{shown} is a stale mount left by a process that died; "
-                             f"run `fusermount3 -u {shown}` and mount again") from None
-        raise UsageError(f"cannot use {shown} as mountpoint: {exc.strerror}") from None
-    if not os.path.isdir(mountpoint):
-        raise UsageError(f"mountpoint {shown} is not a directory")
-    real = os.path.realpath(mountpoint)
-    if os.path.ismount(real) or mounted_at(real):
-        raise UsageError(f"{shown} is already a mountpoint (unmount it first)")
-
-
-def mounted_at(path: bytes) -> bool:
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split(b" ")
-            if len(fields) > 4 and fields[4].replace(b"\\040", b" ") == path:
-                return True
-    return False
-
-
-def _is_stale(path: bytes) -> bool:
-    """A FUSE mount whose daemon is gone answers with ENOTCONN (statvfs: never from a cache)."""
-    try:
-        os.statvfs(path)
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return False
 
 
 class SourceLock:
@@ -96,8 +61,9 @@ class SourceLock:
 
 class LiveMount:
     def __init__(self, repo: Repository, source: bytes, mountpoint: bytes, *, every_s: float | None = None,
-                 host: str | None = None):
+                 host: str | None = None, cache_bytes: int = 1 << 30):
         self.repo = repo
+        self.cache_bytes = cache_bytes  # bound of the block cache behind .snapshots
         self.source = os.path.realpath(source)
         self.mountpoint = os.path.realpath(mountpoint)
         self.every_s = every_s
@@ -122,7 +88,11 @@ class LiveMount:
             self.uploader = Uploader(self.repo, changelog, self.source, source_fd, self.host,
                                      sync_kernel=self._sync_kernel)
             self.changelog = changelog
-            self.operations = LiveTree(source_fd, changelog)
+            snapshot_tree = make_snapshot_tree(
+                self.repo, self.cache_bytes, on_mkdir=self.uploader.snapshot,
+                include=lambda s: s.host == self.host and s.source == self.source)
+            self.uploader.on_snapshot = snapshot_tree.invalidate
+            self.operations = LiveTree(source_fd, changelog, snapshot_tree)
             os.umask(0)
             options = {"fsname=fsmount", "subtype=fsmount", "default_permissions"}
             if os.geteuid() == 0:
@@ -141,7 +111,7 @@ class LiveMount:
     def _open_source(self) -> int:
         """Open the source before mounting over it, clearing a mount its dead daemon left behind."""
         for path in {self.source, self.mountpoint}:
-            if mounted_at(path) and _is_stale(path):
+            if mounted_at(path) and is_stale(path):
                 # We hold the source's lock, so no daemon serves this mount any more.
                 log.warning("%s was left mounted by a daemon that died; unmounting it", os.fsdecode(path))
                 subprocess.run(["umount", "-l", path] if os.geteuid() == 0 else ["fusermount3", "-uz", path],

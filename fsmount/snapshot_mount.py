@@ -22,7 +22,7 @@ from backend.blob_reader import BlobCache, BlobReader
 from backend.errors import UsageError
 from backend.repository import Repository
 
-from .live_daemon import check_mountpoint
+from .mountpoint import check_mountpoint
 from .snapshot_reader import SnapshotReader
 from .snapshot_tree import SnapshotTree
 

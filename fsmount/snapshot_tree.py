@@ -128,6 +128,10 @@ class SnapshotTree:
                     raise pyfuse3.FUSEError(errno.EIO) from None
             self._refreshed = time.monotonic()
 
+    def invalidate(self, *_: object) -> None:
+        """Re-read the list of snapshots at the next request (a snapshot was just stored)."""
+        self._refreshed = -float("inf")
+
     def _load_snapshots(self) -> None:
         ids = set(self.repo.snapshot_ids())
         for snapshot_id in ids - self._snapshots.keys():

@@ -58,6 +58,7 @@ class Uploader:
         self.host = host
         self.parent: Snapshot | None = self._latest()
         self.status = UploaderStatus(last_snapshot=self.parent.id if self.parent else None)
+        self.on_snapshot: Callable[[Snapshot], None] | None = None  # told of every snapshot stored
         self._lock = trio.Lock()
 
     def _latest(self) -> Snapshot | None:
@@ -85,6 +86,8 @@ class Uploader:
                 self.status.running = False
             self.changelog.snapshot_done(frozen, result.snapshot.id)
             self.parent = result.snapshot
+            if self.on_snapshot is not None:
+                self.on_snapshot(result.snapshot)
             self.status.snapshots_taken += 1
             self.status.last_snapshot = result.snapshot.id
             self.status.last_snapshot_time = time.time()

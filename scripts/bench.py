@@ -112,7 +112,8 @@ def tree_digest(root: Path) -> str:
     for path in sorted(root.rglob("*")):
         if path.is_file() and not path.is_symlink():
             digest.update(os.fsencode(path.relative_to(root)))
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
+            with open(path, "rb") as f:  # streamed: this process's RSS is inherited by every child
+                digest.update(hashlib.file_digest(f, "sha256").digest())
     return digest.hexdigest()
 
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The main job end to end on a fresh machine: installs what is missing, then backs up a generated
-# sample folder to a local repository, changes it, backs up again, lists, restores and verifies.
+# sample folder to a local repository, changes it, backs up again, lists, restores and verifies;
+# browses every snapshot through `mount-snapshots` and restores by copy; finally mounts the folder
+# live, edits it, snapshots with `mkdir .snapshots/NAME`, restores by copy and unmounts.
 # Everything happens under a temporary directory (kept with DEMO_KEEP=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +40,16 @@ step fsmount restore "$first" --target "$work/yesterday" docs/report.md
 step cat "$work/yesterday/docs/report.md"
 step fsmount verify --read-data
 
+echo; echo "== every snapshot as a read-only folder: restoring is a copy"
+mkdir "$work/snaps"
+step fsmount mount-snapshots "$work/snaps"
+step ls -l "$work/snaps"
+older=$(ls "$work/snaps" | head -1)
+step ls -l "$work/snaps/$older/docs" "$work/snaps/latest/docs"
+step cp -a "$work/snaps/$older/docs/report.md" "$work/report-as-it-was.md"
+step cat "$work/report-as-it-was.md"
+step fsmount umount "$work/snaps"
+
 echo; echo "== the main job: work in a folder that backs itself up as you go"
 step fsmount mount "$work/projects"
 echo "(mounted over the folder itself: same path, same files)"
@@ -46,12 +58,14 @@ printf 'Quarterly report, final\n' > "$work/projects/docs/report.md"
 printf 'XXXX' | dd of="$work/projects/data.bin" bs=4096 seek=3000 conv=notrunc status=none
 mv "$work/projects/src" "$work/projects/lib"
 step fsmount status "$work/projects"
-step fsmount snapshot "$work/projects" --name after-refactor
+step mkdir "$work/projects/.snapshots/after-refactor"
+echo "(that mkdir took a snapshot; .snapshots is hidden from ls -a but reachable by its path)"
 printf 'oops, overwritten\n' > "$work/projects/docs/report.md"
-step fsmount ls latest docs
-step fsmount restore latest --target "$work/undo" docs/report.md
-step cat "$work/undo/docs/report.md"
+step ls -l "$work/projects/.snapshots"
+step cp "$work/projects/.snapshots/after-refactor/docs/report.md" "$work/projects/docs/report.md"
+step cat "$work/projects/docs/report.md"
+step fsmount snapshot "$work/projects" --name from-the-command-line
 step fsmount umount "$work/projects"
 step fsmount snapshots
 step fsmount verify
-echo; echo "demo finished: backup, incremental backup, restore, verify and a live mount all worked"
+echo; echo "demo finished: backup, incremental backup, restore, verify, the snapshot mount and a live mount all worked"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -134,6 +135,43 @@ def test_mount_at_a_separate_mountpoint(cli, source: Path, tmp_path: Path) -> No
     assert not is_mounted(mountpoint)
     listing = [e["path"] for e in json.loads(cli("ls", "latest", "--json").stdout)]
     assert "/via-mountpoint.txt" in listing
+
+
+def test_snapshots_folder_serves_this_folders_snapshots_and_mkdir_takes_one(cli, source: Path,
+                                                                            tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "unrelated.txt").write_text("not this folder")
+    cli("backup", other)
+    with live_mount(cli, source) as mnt:
+        (mnt / "notes.md").write_text("before the refactor\n")
+        os.mkdir(mnt / ".snapshots" / "before-refactor")  # takes the snapshot
+        (mnt / "notes.md").write_text("after\n")
+        (mnt / "new.txt").write_text("new")
+
+        assert ".snapshots" not in os.listdir(mnt)  # hidden, reachable by path
+        shown = sorted(os.listdir(mnt / ".snapshots"))
+        assert shown == ["before-refactor", "latest"]  # the other folder's snapshot is not here
+        frozen = mnt / ".snapshots" / "before-refactor"
+        assert (frozen / "notes.md").read_text() == "before the refactor\n"
+        assert not (frozen / "new.txt").exists()
+        shutil.copy(frozen / "notes.md", mnt / "notes.md")  # restoring is a copy
+        assert (mnt / "notes.md").read_text() == "before the refactor\n"
+
+        cli("snapshot", mnt, "--name", "second")
+        assert sorted(os.listdir(mnt / ".snapshots")) == ["before-refactor", "latest", "second"]
+        assert os.readlink(mnt / ".snapshots" / "latest") == "second"
+        with pytest.raises(FileExistsError):
+            os.mkdir(mnt / ".snapshots" / "second")
+        for attempt in (lambda: (frozen / "x").write_text("x"), lambda: os.rmdir(frozen),
+                        lambda: os.rename(mnt / ".snapshots", mnt / "elsewhere")):
+            with pytest.raises(OSError) as caught:
+                attempt()
+            assert caught.value.errno == errno.EROFS
+    names = [s["name"] for s in snapshots(cli)]
+    assert "before-refactor" in names and "second" in names
+    listing = [e["path"] for e in json.loads(cli("ls", "latest", "--json").stdout)]
+    assert not any(".snapshots" in path for path in listing)  # never itself backed up
 
 
 def test_scheduled_snapshots(cli, source: Path) -> None:

@@ -163,7 +163,7 @@ def umount(app: AppContext, mountpoint: str, lazy: bool) -> None:
         return
     import subprocess
 
-    from ..live_daemon import mounted_at
+    from ..mountpoint import mounted_at
 
     if not mounted_at(os.path.realpath(os.fsencode(mountpoint))):
         raise UsageError(f"{mountpoint} is not mounted")
