@@ -4,7 +4,8 @@ Strategy. One algorithm serves both: the calling thread walks the snapshot's tre
 side by side through directory fds. A file missing from the target is created and only its data
 blocks are written (holes stay holes); a regular file already there is compared block by block, and
 only blocks whose XXH3 differs from the snapshot's are fetched and rewritten. Fetching, unsealing
-and writing blocks run on a worker pool, bounded by `MAX_BLOCKS_IN_FLIGHT`; a single finisher thread
+and writing blocks run on a worker pool, in tasks of `BLOCKS_PER_TASK` adjacent blocks fetched
+with one ranged read (blob_reader.py), bounded by `MAX_TASKS_IN_FLIGHT`; a single finisher thread
 then truncates each file, sets its metadata and closes it, and sets each directory's metadata after
 everything inside it (submitted in post-order, so it always comes last).
 
@@ -27,16 +28,19 @@ from dataclasses import dataclass, field
 
 import xxhash
 
+from .blob_reader import BlobReader
 from .errors import FsmountError, UsageError
 from .fsnode import IS_ROOT, apply_metadata, make_dir, raise_fd_limit, remove_entry
 from .progress import Progress
 from .repository import Repository
 from .snapshot import Snapshot
+from .pack import DATA_BLOB
 from .tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, HOLE, SOCKET, SYMLINK, Node
 
 log = logging.getLogger(__name__)
 
-MAX_BLOCKS_IN_FLIGHT = 64
+BLOCKS_PER_TASK = 8  # a worker fetches this many adjacent blocks of a file with one ranged read
+MAX_TASKS_IN_FLIGHT = 16
 MAX_FILES_IN_FLIGHT = 128
 
 _ALL, _PARTIAL = "all", "partial"  # restore a whole subtree / only toward selected paths
@@ -87,10 +91,11 @@ class Restore:
         self.errors: list[str] = []
         self._lock = threading.Lock()
         self._block_size = repo.block_size
+        self._blobs = BlobReader(repo)
         self._workers = ThreadPoolExecutor(workers or max(4, 2 * (os.cpu_count() or 2)),
                                            thread_name_prefix="restore")
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="restore-finish")
-        self._blocks_in_flight = threading.Semaphore(MAX_BLOCKS_IN_FLIGHT)
+        self._tasks_in_flight = threading.Semaphore(MAX_TASKS_IN_FLIGHT)
         self._files_in_flight = threading.Semaphore(MAX_FILES_IN_FLIGHT)
         self._links: dict[tuple[int, int], bytes] = {}  # hard-link group -> first restored path
 
@@ -244,36 +249,49 @@ class Restore:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                          dir_fd=job.fd)
         self._files_in_flight.acquire()
-        blocks = []
+        batches = []
         try:
-            for i in range(node.block_count):
-                self._blocks_in_flight.acquire()
+            for first in range(0, node.block_count, BLOCKS_PER_TASK):
+                last = min(first + BLOCKS_PER_TASK, node.block_count)
+                self._tasks_in_flight.acquire()
                 try:
-                    blocks.append(self._workers.submit(self._restore_block, fd, node, i, compare))
+                    batches.append(self._workers.submit(self._restore_blocks, fd, node, first, last, compare))
                 except BaseException:
-                    self._blocks_in_flight.release()
+                    self._tasks_in_flight.release()
                     raise
         finally:
-            self._finisher.submit(self._finish_file, fd, job.fd, node, path, blocks, created=not compare)
+            self._finisher.submit(self._finish_file, fd, job.fd, node, path, batches, created=not compare)
         self.stats.files += 1
 
-    def _restore_block(self, fd: int, node: Node, i: int, compare: bool) -> None:
+    def _restore_blocks(self, fd: int, node: Node, first: int, last: int, compare: bool) -> None:
+        """Blocks [first, last) of a file: those that differ are fetched together and written."""
         try:
-            offset = i * self._block_size
-            length = min(self._block_size, node.size - offset)
-            blob_id = node.block_id(i)
-            if compare:
-                local = os.pread(fd, length, offset)
-                if len(local) == length and xxhash.xxh3_128_digest(local) == node.block_xxh(i):
-                    with self._lock:
-                        self.stats.blocks_unchanged += 1
-                    self.progress.advance(nbytes=length)
-                    return
-            if blob_id == HOLE:
+            wanted: list[int] = []
+            done_bytes = 0
+            for i in range(first, last):
+                offset = i * self._block_size
+                length = min(self._block_size, node.size - offset)
                 if compare:
-                    os.pwrite(fd, bytes(length), offset)
-            else:
-                data = self.repo.load_block(blob_id)
+                    local = os.pread(fd, length, offset)
+                    if len(local) == length and xxhash.xxh3_128_digest(local) == node.block_xxh(i):
+                        with self._lock:
+                            self.stats.blocks_unchanged += 1
+                        done_bytes += length
+                        continue
+                if node.block_id(i) == HOLE:
+                    if compare:
+                        os.pwrite(fd, bytes(length), offset)
+                    done_bytes += length
+                    continue
+                wanted.append(i)
+            self.progress.advance(nbytes=done_bytes)
+            fetched = self._blobs.fetch(DATA_BLOB, [node.block_id(i) for i in wanted]) if wanted else {}
+            for i in wanted:
+                data = fetched[node.block_id(i)]
+                if isinstance(data, FsmountError):
+                    raise data
+                offset = i * self._block_size
+                length = min(self._block_size, node.size - offset)
                 if len(data) != length:
                     raise FsmountError(f"block {i} has {len(data)} bytes, the snapshot says {length}")
                 if compare:
@@ -283,17 +301,17 @@ class Restore:
                 with self._lock:
                     self.stats.blocks_written += 1
                     self.stats.bytes_written += length
-            self.progress.advance(nbytes=length)
+                self.progress.advance(nbytes=length)
         finally:
-            self._blocks_in_flight.release()
+            self._tasks_in_flight.release()
 
     # -- finisher thread --------------------------------------------------------------------------
 
-    def _finish_file(self, fd: int, dir_fd: int, node: Node, path: bytes, blocks: list[Future],
+    def _finish_file(self, fd: int, dir_fd: int, node: Node, path: bytes, batches: list[Future],
                      created: bool) -> None:
         try:
             failure = None
-            for future in blocks:
+            for future in batches:
                 try:
                     future.result()
                 except (FsmountError, OSError) as exc:
@@ -333,6 +351,9 @@ _ZERO_PAGE = bytes(PAGE)
 
 def _write_skipping_zero_pages(fd: int, data: bytes, offset: int) -> None:
     """Write `data` into a new file, leaving all-zero pages as holes (as the original had them)."""
+    if data.find(_ZERO_PAGE) < 0:  # the usual case, checked in C: no page can be all zeros
+        os.pwrite(fd, data, offset)
+        return
     view = memoryview(data)
     run_start = None
     for page in range(0, len(data), PAGE):

@@ -12,6 +12,8 @@ Groups (`--only GROUP`, repeatable; default all):
            rewrites, new and deleted files). For fsmount, restic and borg: full backup, backup after
            the mutation, no-change backup, restore, and verify reading all data. Wall time,
            throughput, peak RSS of the tool's process, repository growth.
+  browse   The snapshot mount: `cp -a` of a whole snapshot out of it against `fsmount restore` and
+           `restic restore`; `find` and `ls -lR` of it, cold and warm; the mount's peak RSS.
   live     The live mount against the native folder: sequential write and read of a large file,
            4 KiB random writes with fsync, create/stat/unlink of small files, a `git status`-like
            stat walk, untar of a source tree; then the change tracker: the same 0.1% mutation made
@@ -396,12 +398,73 @@ def bench_live(work: Path, size: int, results: Results) -> None:
                       f"{tracked.growth_bytes / max(1, rescan.growth_bytes):.3f}x")
 
 
+# -- the browse group ---------------------------------------------------------------------------
+
+def _daemon_peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bench_browse(work: Path, size: int, results: Results) -> None:
+    """Restore by copy out of the snapshot mount against `fsmount restore` and `restic restore`."""
+    source = work / "dataset"
+    print(f"browse: generating {size / MiB:.0f} MiB dataset", flush=True)
+    make_dataset(source, size, seed=11)
+    files = sum(1 for p in source.rglob("*") if p.is_file())
+    fs, restic = Fsmount(work), Restic(work)
+    tools = [fs] + ([restic] if restic.available() else [])
+    for tool in tools:
+        run(tool.init(), tool.env)
+        run(tool.backup(source), tool.env)
+    expected = tree_digest(source)
+    for tool in tools:
+        target = work / f"restored-{tool.name}"
+        drop_caches()
+        seconds, rss = run(tool.restore(target), tool.env)
+        results.add(Row("browse", tool.name, "restore", seconds, size, rss))
+        shutil.rmtree(target)
+    mnt = work / "snaps"
+    mnt.mkdir()
+    run([*FSMOUNT, "mount-snapshots", str(mnt)], fs.env)
+    try:
+        pid = int(subprocess.run(["pgrep", "-f", f"mount-snapshots -f .*{mnt}"], capture_output=True,
+                                 text=True).stdout.split()[0])
+        snapshot = mnt / "latest"
+        for phase in ("cold", "warm"):
+            seconds, _ = run(["find", str(snapshot)], fs.env)
+            results.add(Row("browse", "fsmount", f"find, {phase} ({files} files)", seconds,
+                            note=f"{files / seconds:,.0f} entries/s"))
+        for phase in ("cold", "warm"):
+            seconds, _ = run(["ls", "-lR", str(snapshot)], fs.env)
+            results.add(Row("browse", "fsmount", f"ls -lR, {phase}", seconds))
+        drop_caches()
+        copy = work / "copied"
+        seconds, _ = run(["cp", "-a", str(snapshot), str(copy)], fs.env)
+        ok = tree_digest(copy) == expected
+        results.add(Row("browse", "fsmount", "cp -a out of the mount", seconds, size,
+                        _daemon_peak_rss_mib(pid), note="" if ok else "COPY DIFFERS"))
+    finally:
+        run([*FSMOUNT, "umount", str(mnt)], fs.env)
+    cp = results.get("browse", "fsmount", "cp -a out of the mount")
+    warm = results.get("browse", "fsmount", f"find, warm ({files} files)")
+    if restic.available():
+        ratio = results.get("browse", "restic", "restore").seconds / cp.seconds
+        results.check("cp -a from the mount >= 1.0x restic restore", ratio >= 1.0, f"{ratio:.2f}x")
+    ratio = results.get("browse", "fsmount", "restore").seconds / cp.seconds
+    results.check("cp -a from the mount vs fsmount restore", None, f"{ratio:.2f}x")
+    results.check(f"find of {files} files, warm, < 2 s (target at 28k files)", warm.seconds < 2 * files / 28_000,
+                  f"{warm.seconds:.2f} s")
+    results.check("snapshot mount peak RSS <= 300 MiB", cp.peak_rss_mib <= 300, f"{cp.peak_rss_mib:.0f} MiB")
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gib", type=float, default=1.0, help="dataset size (default 1)")
-    parser.add_argument("--only", action="append", choices=["engine", "live"], help="run only these groups")
+    parser.add_argument("--only", action="append", choices=["engine", "browse", "live"], help="run only these groups")
     parser.add_argument("--workdir", type=Path, help="where to work (default: a new dir under /tmp)")
     parser.add_argument("--json", type=Path, help="write all figures here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -411,7 +474,7 @@ def main() -> None:
     size = int(args.size_gib * (1 << 30))
     results = Results()
     try:
-        for group, fn in (("engine", bench_engine), ("live", bench_live)):
+        for group, fn in (("engine", bench_engine), ("browse", bench_browse), ("live", bench_live)):
             if not args.only or group in args.only:
                 print(f"== {group}", flush=True)
                 fn(work / group, size, results)

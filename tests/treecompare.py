@@ -13,7 +13,8 @@ import stat
 
 
 def _holes(path: bytes, size: int) -> list[tuple[int, int]]:
-    """Data extents of a file as (start, end) pairs, from SEEK_DATA/SEEK_HOLE."""
+    """Data extents of a file as (start, end) pairs, from SEEK_DATA/SEEK_HOLE. An extent that holds
+    only zero bytes is left out: backup stores an all-zero block as a hole, and restore makes it one."""
     extents = []
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
@@ -26,7 +27,8 @@ def _holes(path: bytes, size: int) -> list[tuple[int, int]]:
                     break
                 raise
             end = os.lseek(fd, start, os.SEEK_HOLE)
-            extents.append((start, end))
+            if os.pread(fd, end - start, start).strip(b"\0"):
+                extents.append((start, end))
             offset = end
     finally:
         os.close(fd)
