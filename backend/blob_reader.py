@@ -153,7 +153,8 @@ class BlobReader:
             try:
                 results[blob_id] = self.repo.key.unseal_blob(blob_type, blob_id, sealed)
             except IntegrityError as exc:
-                results[blob_id] = IntegrityError(f"{exc} (in pack {pack_id})")
+                healthy = self.repo.load_blob_from_replicas(blob_type, blob_id)
+                results[blob_id] = healthy if healthy is not None else IntegrityError(f"{exc} (in pack {pack_id})")
                 continue
             if self.cache:
                 self.cache.put(blob_id, sealed)

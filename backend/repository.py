@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from .blob_writer import BlobWriter
 from .crypto import MasterKey, content_hash, random_id
-from .errors import (IntegrityError, ObjectNotFound, RepositoryExists, RepositoryNotFound,
+from .errors import (FsmountError, IntegrityError, ObjectNotFound, RepositoryExists, RepositoryNotFound,
                      UnsupportedFormat, UsageError, WrongPassword)
 from .index import IndexCache
 from .pack import DATA_BLOB, TREE_BLOB, pack_key
@@ -160,7 +160,27 @@ class Repository:
         try:
             return self.key.unseal_blob(blob_type, blob_id, sealed)
         except IntegrityError as exc:
+            healthy = self.load_blob_from_replicas(blob_type, blob_id)
+            if healthy is not None:
+                return healthy
             raise IntegrityError(f"{exc} (in pack {location.pack_id})") from None
+
+    def load_blob_from_replicas(self, blob_type: int, blob_id: bytes) -> bytes | None:
+        """A blob from the first replica whose copy checks out, when the usual read got a bad one."""
+        location = self.index.lookup(blob_id)
+        if location is None:
+            return None
+        entry = location.entry
+        for replica in getattr(self.store, "replicas", ())[1:]:
+            try:
+                sealed = replica.get(pack_key(location.pack_id), entry.offset, entry.length)
+                data = self.key.unseal_blob(blob_type, blob_id, sealed)
+            except FsmountError:
+                continue
+            log.warning("blob %s in pack %s is damaged in the first replica; read it from %s",
+                        blob_id.hex(), location.pack_id, replica.location)
+            return data
+        return None
 
     def flush(self) -> None:
         """Make every blob saved so far durable and indexed."""

@@ -41,13 +41,16 @@ class _StderrHandler(logging.Handler):
               help="Read the passphrase from FILE. Default: $FSMOUNT_PASSWORD_FILE, $FSMOUNT_PASSWORD, "
                    "or a prompt.")
 @click.option("--cache-dir", metavar="DIR", help="Local cache (index). Default: $XDG_CACHE_HOME/fsmount.")
+@click.option("--degraded", is_flag=True,
+              help="With replicas: go on when one fails, record what it missed, heal later with "
+                   "`fsmount replicas sync`.")
 @click.option("--json", "json_output", is_flag=True, help="Print machine-readable JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors and warnings.")
 @click.option("-v", "--verbose", count=True, help="More log output (repeat for debug).")
 @click.version_option(package_name="fsmount")
 @click.pass_context
 def main(ctx: click.Context, repos: tuple[str, ...], password_file: str | None, cache_dir: str | None,
-         json_output: bool, quiet: bool, verbose: int) -> None:
+         degraded: bool, json_output: bool, quiet: bool, verbose: int) -> None:
     """Continuous, encrypted, incremental backup of your folders.
 
     \b
@@ -65,7 +68,8 @@ def main(ctx: click.Context, repos: tuple[str, ...], password_file: str | None, 
     logging.getLogger().setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG))
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 3 else logging.DEBUG)
-    ctx.obj = AppContext(list(repos), password_file, cache_dir, json_output, quiet)
+    ctx.obj = AppContext(list(repos), password_file, cache_dir, json_output, quiet, degraded)
+    ctx.call_on_close(ctx.obj.record_degraded_writes)
 
 
 def run() -> None:

@@ -3,17 +3,21 @@
 Resolution follows restic's habits. Repository: `-r/--repo` (repeat it for replicas), else
 `FSMOUNT_REPOSITORY`. Passphrase: `--password-file`, else `FSMOUNT_PASSWORD_FILE`, else
 `FSMOUNT_PASSWORD`, else a prompt on the terminal. The passphrase is never logged or echoed.
+Several repositories are replicas of one; with `--degraded`, a replica that fails is left behind
+and what it missed is recorded for `fsmount replicas sync`.
 """
 
 from __future__ import annotations
 
 import getpass
+import hashlib
 import os
 import sys
 from dataclasses import dataclass, field
 
 from backend.errors import UsageError
-from backend.repository import Repository
+from backend.replicas import DegradedLog
+from backend.repository import Repository, default_cache_dir
 from backend.stores import ObjectStore, open_store
 
 from .background import inherited_passphrase
@@ -26,7 +30,9 @@ class AppContext:
     cache_dir: str | None = None
     json: bool = False
     quiet: bool = False
+    degraded: bool = False
     _passphrase: bytes | None = field(default=None, repr=False)
+    _replicated: list = field(default_factory=list, repr=False)
 
     def locations(self) -> list[str]:
         if self.repo_locations:
@@ -40,9 +46,27 @@ class AppContext:
         locations = self.locations()
         if len(locations) == 1:
             return open_store(locations[0])
+        from backend.replicas import object_intact
         from backend.stores.replicated import ReplicatedStore
 
-        return ReplicatedStore([open_store(loc) for loc in locations])
+        store = ReplicatedStore([open_store(loc) for loc in locations], verify=object_intact,
+                                degraded=self.degraded)
+        self._replicated.append(store)
+        return store
+
+    def degraded_log(self) -> DegradedLog:
+        """Where degraded writes to these replicas are recorded until `replicas sync` heals them."""
+        name = hashlib.sha256("\n".join(sorted(self.locations())).encode()).hexdigest()[:16]
+        directory = os.path.join(self.cache_dir or default_cache_dir(), "degraded")
+        os.makedirs(directory, exist_ok=True)
+        return DegradedLog(os.path.join(directory, f"{name}.jsonl"))
+
+    def record_degraded_writes(self) -> int:
+        """Persist what degraded writes left out of a replica; how many objects that was."""
+        missing = [(m.replica, m.key) for store in self._replicated for m in store.take_missing_objects()]
+        if missing:
+            self.degraded_log().record(missing)
+        return len(missing)
 
     def passphrase(self, *, confirm: bool = False) -> bytes:
         if self._passphrase is not None:

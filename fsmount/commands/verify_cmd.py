@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from backend.errors import IntegrityError
+from backend.errors import IntegrityError, StoreError, UsageError
 from backend.verify import verify as run_verify
 
 from ..context import AppContext
@@ -13,16 +13,22 @@ from ..output import json_option, BarProgress, emit_json, human_bytes, stdout
 
 @click.command()
 @click.option("--read-data", is_flag=True, help="Download every pack and check every blob's hash.")
+@click.option("--repair", is_flag=True,
+              help="With replicas: first rewrite every missing (and with --read-data, damaged) object "
+                   "from a replica with a good copy.")
 @json_option
 @click.pass_obj
-def verify(app: AppContext, read_data: bool) -> None:
+def verify(app: AppContext, read_data: bool, repair: bool) -> None:
     """Check the repository's structure, and with --read-data all of its data.
 
     Without --read-data: every snapshot, every tree and every index entry is checked, and every
     pack is confirmed to exist. With it, every pack is also downloaded and every blob decrypted and
     hashed. Problems name the damaged object and the snapshots and files that depend on it;
-    the exit code is then 14.
+    the exit code is then 14. With --repair on a replicated repository, each replica is compared
+    with the others (every copy read, with --read-data) and healed before the check.
     """
+    if repair:
+        _repair(app, read_data)
     with app.open_repository() as repo:
         report = run_verify(repo, read_data=read_data,
                             progress=BarProgress("verify", enabled=not app.quiet and not app.json))
@@ -46,3 +52,27 @@ def verify(app: AppContext, read_data: bool) -> None:
 
 
 COMMANDS = [verify]
+
+
+def _repair(app: AppContext, read_data: bool) -> None:
+    from backend.replicas import check_replicas
+    from backend.stores.replicated import ReplicatedStore
+
+    store = app.open_store()
+    try:
+        if not isinstance(store, ReplicatedStore):
+            raise UsageError("--repair heals from another replica, and this repository has none "
+                             "(give -r once per replica)")
+        states = check_replicas(store.replicas, read_data=read_data, repair=True,
+                                progress=BarProgress("repair", enabled=not app.quiet and not app.json))
+    finally:
+        store.close()
+    for state in states:
+        if not state.reachable:
+            raise StoreError(f"replica {state.location} cannot be reached: {state.error}")
+        if not app.json and (state.healed or state.unhealed):
+            stdout.print(f"{state.location}: healed {state.healed} objects"
+                         + (f", could not heal {len(state.unhealed)}: {', '.join(state.unhealed[:5])}"
+                            if state.unhealed else ""), markup=False, soft_wrap=True)
+    if not any(state.unhealed for state in states):
+        app.degraded_log().clear()

@@ -1,0 +1,171 @@
+"""Replicas compared and healed, object by object.
+
+Every object of a repository but `config` is named by the BLAKE3 hash of its content (keys, packs,
+indexes, snapshots), so any copy can be checked on its own: `object_intact(key, data)`. That is
+what lets a replicated store fall back to another replica when one returns bad bytes, and what
+`check_replicas` uses to find, per replica, the objects it lacks (by listing) and, with
+`read_data`, the ones it holds damaged (by reading every copy). With `repair`, each of those is
+rewritten from a replica whose copy checks out; what no replica has a good copy of is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+from .crypto import content_hash
+from .errors import FsmountError, StoreError
+from .progress import Progress
+from .stores.base import ObjectStore
+
+log = logging.getLogger(__name__)
+
+WORKERS = 8
+
+
+def object_intact(key: str, data: bytes) -> bool:
+    """Whether `data` is what the object `key` must hold (config: that it parses as JSON)."""
+    if key == "config":
+        try:
+            return isinstance(json.loads(data), dict)
+        except ValueError:
+            return False
+    return content_hash(data) == key.rpartition("/")[2]
+
+
+@dataclass
+class ReplicaState:
+    location: str
+    reachable: bool = True
+    error: str | None = None
+    objects: int = 0
+    bytes: int = 0
+    missing: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+    healed: int = 0
+    unhealed: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        doc = asdict(self)
+        doc["missing"], doc["damaged"] = len(self.missing), len(self.damaged)
+        return doc
+
+
+def check_replicas(replicas: Sequence[ObjectStore], *, read_data: bool = False, repair: bool = False,
+                   progress: Progress | None = None) -> list[ReplicaState]:
+    """Each replica's state against the union of all; healed in place when `repair` is set."""
+    progress = progress or Progress()
+    states = [ReplicaState(r.location) for r in replicas]
+    listings: list[dict[str, int]] = []
+    for replica, state in zip(replicas, states):
+        try:
+            listing = dict(replica.list(""))
+        except StoreError as exc:
+            state.reachable, state.error = False, str(exc)
+            listing = {}
+        listings.append(listing)
+        state.objects, state.bytes = len(listing), sum(listing.values())
+    every: dict[str, int] = {}
+    for listing in listings:
+        for key, size in listing.items():
+            every.setdefault(key, size)
+    for state, listing in zip(states, listings):
+        if state.reachable:
+            state.missing = sorted(every.keys() - listing.keys())
+    if read_data:
+        _find_damage(replicas, states, listings, progress)
+    if repair:
+        _heal(replicas, states, listings, progress)
+    return states
+
+
+def _find_damage(replicas: Sequence[ObjectStore], states: list[ReplicaState], listings: list[dict[str, int]],
+                 progress: Progress) -> None:
+    jobs = [(i, key) for i, listing in enumerate(listings) for key in sorted(listing)]
+    progress.start(total_bytes=sum(listings[i][key] for i, key in jobs))
+
+    def check(job: tuple[int, str]) -> tuple[int, str, bool]:
+        i, key = job
+        try:
+            data = replicas[i].get(key)
+        except StoreError as exc:
+            log.warning("replica %s: reading %s failed: %s", replicas[i].location, key, exc)
+            return i, key, False
+        finally:
+            progress.advance(nbytes=listings[i][key])
+        return i, key, object_intact(key, data)
+
+    with ThreadPoolExecutor(WORKERS, thread_name_prefix="check") as pool:
+        for i, key, intact in pool.map(check, jobs):
+            if not intact:
+                states[i].damaged.append(key)
+    progress.finish()
+
+
+def _heal(replicas: Sequence[ObjectStore], states: list[ReplicaState], listings: list[dict[str, int]],
+          progress: Progress) -> None:
+    jobs = [(i, key) for i, state in enumerate(states) if state.reachable
+            for key in state.missing + state.damaged]
+    progress.start(total_bytes=None)
+
+    def heal(job: tuple[int, str]) -> tuple[int, str, bool]:
+        i, key = job
+        bad = {j for j, state in enumerate(states) if key in state.damaged}
+        for j, source in enumerate(replicas):
+            if j == i or j in bad or key not in listings[j]:
+                continue
+            try:
+                data = source.get(key)
+            except StoreError:
+                continue
+            if not object_intact(key, data):
+                continue
+            try:
+                replicas[i].put(key, data)
+            except StoreError as exc:
+                log.warning("replica %s: writing %s failed: %s", replicas[i].location, key, exc)
+                return i, key, False
+            progress.advance(nbytes=len(data))
+            return i, key, True
+        return i, key, False
+
+    with ThreadPoolExecutor(WORKERS, thread_name_prefix="heal") as pool:
+        for i, key, healed in pool.map(heal, jobs):
+            if healed:
+                states[i].healed += 1
+            else:
+                states[i].unhealed.append(key)
+    progress.finish()
+
+
+class DegradedLog:
+    """Objects that degraded writes could not put on a replica, kept in a JSON-lines file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def record(self, entries: list[tuple[str, str]]) -> None:
+        if not entries:
+            return
+        with open(self.path, "a") as f:
+            for replica, key in entries:
+                f.write(json.dumps({"replica": replica, "key": key}) + "\n")
+
+    def entries(self) -> list[tuple[str, str]]:
+        try:
+            with open(self.path) as f:
+                return [(doc["replica"], doc["key"]) for doc in map(json.loads, f) if doc]
+        except FileNotFoundError:
+            return []
+        except (ValueError, KeyError) as exc:
+            raise FsmountError(f"the record of degraded writes {self.path} is damaged: {exc}") from exc
+
+    def clear(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,61 @@
+"""`fsmount migrate`: move a repository to another store, verified before anything is deleted."""
+
+from __future__ import annotations
+
+import click
+
+from backend.migrate import migrate as run_migrate
+from backend.stores import open_store
+
+from ..context import AppContext
+from ..output import BarProgress, emit_json, human_bytes, json_option, stdout
+
+
+@click.command()
+@click.option("--to", "destinations", multiple=True, required=True, metavar="LOCATION",
+              help="Where the repository goes (repeat for replicas there).")
+@click.option("--delete-source", is_flag=True,
+              help="After the copy has verified, delete the repository at the source.")
+@click.option("--workers", default=16, show_default=True, help="Objects copied at once.")
+@json_option
+@click.pass_obj
+def migrate(app: AppContext, destinations: tuple[str, ...], delete_source: bool, workers: int) -> None:
+    """Copy the repository to another store, check every object, and verify the copy.
+
+    \b
+      fsmount -r ~/backups/repo migrate --to s3:newbucket/repo
+      fsmount -r s3:old/repo migrate --to s3:https://other.example.org/bucket/repo --delete-source
+
+    Objects already at the destination are skipped, so an interrupted migration resumes where it
+    stopped when run again. The destination becomes a repository only once every object is there
+    and intact; the source is deleted (with --delete-source) only after the copy has verified.
+    Nothing else may write to the repository meanwhile (this is a cold migration).
+    """
+    source = app.open_store()
+    if len(destinations) == 1:
+        destination = open_store(destinations[0])
+    else:
+        from backend.replicas import object_intact
+        from backend.stores.replicated import ReplicatedStore
+
+        destination = ReplicatedStore([open_store(loc) for loc in destinations], verify=object_intact)
+    try:
+        create_bucket = getattr(destination, "create_bucket_if_missing", None)
+        if create_bucket is not None:
+            create_bucket()
+        report = run_migrate(source, destination, app.passphrase(), delete_source=delete_source,
+                             workers=workers, cache_dir=app.cache_dir,
+                             progress=BarProgress("migrate", enabled=not app.quiet and not app.json))
+    finally:
+        source.close()
+        destination.close()
+    if app.json:
+        emit_json(vars(report))
+    elif not app.quiet:
+        stdout.print(f"migrated {report.objects} objects to {', '.join(destinations)}: copied {report.copied} "
+                     f"({human_bytes(report.bytes_copied)}), {report.skipped} already there; the copy verifies"
+                     + (f"; deleted {report.deleted} objects at the source" if delete_source else ""),
+                     markup=False, soft_wrap=True)
+
+
+COMMANDS = [migrate]

@@ -1,0 +1,91 @@
+"""`replicas` and `replicas sync`: how the copies of a replicated repository compare, and healing them."""
+
+from __future__ import annotations
+
+import click
+
+from backend.errors import IntegrityError, StoreError, UsageError
+from backend.replicas import ReplicaState, check_replicas
+from backend.stores.replicated import ReplicatedStore
+
+from ..context import AppContext
+from ..output import BarProgress, emit_json, human_bytes, json_option, stdout
+
+
+def _replicated(app: AppContext) -> ReplicatedStore:
+    if len(app.locations()) < 2:
+        raise UsageError("this repository has one location, no replicas: give -r once per replica")
+    store = app.open_store()
+    assert isinstance(store, ReplicatedStore)
+    return store
+
+
+def _print_states(app: AppContext, states: list[ReplicaState], *, recorded: int = 0) -> None:
+    if app.json:
+        emit_json({"replicas": [s.summary() for s in states], "recorded_degraded_writes": recorded})
+        return
+    for state in states:
+        if not state.reachable:
+            stdout.print(f"{state.location}: UNREACHABLE ({state.error})", markup=False, soft_wrap=True)
+            continue
+        line = (f"{state.location}: {state.objects} objects, {human_bytes(state.bytes)}, "
+                f"{len(state.missing)} missing")
+        if state.damaged:
+            line += f", {len(state.damaged)} damaged"
+        if state.healed or state.unhealed:
+            line += f"; healed {state.healed}" + (f", could not heal {len(state.unhealed)}" if state.unhealed else "")
+        stdout.print(line, markup=False, soft_wrap=True)
+        for key in state.unhealed:
+            stdout.print(f"  not healed (no replica has a good copy): {key}", markup=False, soft_wrap=True)
+    if recorded:
+        stdout.print(f"{recorded} objects were recorded as missed by degraded writes", markup=False)
+
+
+@click.group(invoke_without_command=True)
+@json_option
+@click.pass_context
+def replicas(ctx: click.Context) -> None:
+    """Compare the replicas of a repository: reachable?, objects, bytes, missing objects.
+
+    \b
+      fsmount -r s3:bucket-a/repo -r s3:https://other.example.org/bucket-b/repo replicas
+      fsmount -r ... replicas sync          copy what a replica lacks from the others
+
+    Exit code 14 when a replica lacks objects the others have, 15 when one cannot be reached.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    app: AppContext = ctx.obj
+    store = _replicated(app)
+    try:
+        states = check_replicas(store.replicas)
+    finally:
+        store.close()
+    _print_states(app, states, recorded=len(app.degraded_log().entries()))
+    if any(not s.reachable for s in states):
+        raise StoreError("a replica cannot be reached")
+    if any(s.missing for s in states):
+        raise IntegrityError("replicas differ: run `fsmount replicas sync`")
+
+
+@replicas.command()
+@click.option("--read-data", is_flag=True, help="Also read every copy and rewrite the damaged ones.")
+@json_option
+@click.pass_obj
+def sync(app: AppContext, read_data: bool) -> None:
+    """Copy to each replica what it lacks (after a --degraded backup), from a replica with a good copy."""
+    store = _replicated(app)
+    try:
+        states = check_replicas(store.replicas, read_data=read_data, repair=True,
+                                progress=BarProgress("sync", enabled=not app.quiet and not app.json))
+    finally:
+        store.close()
+    _print_states(app, states)
+    if any(not s.reachable for s in states):
+        raise StoreError("a replica cannot be reached; it was not synced")
+    if any(s.unhealed for s in states):
+        raise IntegrityError("some objects could not be healed")
+    app.degraded_log().clear()
+
+
+COMMANDS = [replicas]
