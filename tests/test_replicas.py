@@ -1,0 +1,162 @@
+"""Replicated repositories and migration, through the CLI: what users of two providers rely on."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from backend.backup import backup
+from backend.repository import Repository
+from backend.stores import LocalStore
+from backend.stores.faulty import FaultyStore
+from backend.stores.retry import RetryingStore, RetryPolicy
+from backend.verify import verify
+from conftest import PASSPHRASE
+from test_integrity import flip_byte
+from treecompare import differences
+
+pytest_plugins = ["s3_fixtures"]
+
+
+def make_source(tmp_path: Path) -> Path:
+    source = tmp_path / "src"
+    (source / "docs").mkdir(parents=True)
+    (source / "big.bin").write_bytes(os.urandom(1_500_000))
+    (source / "docs" / "notes.txt").write_text("notes\n")
+    return source
+
+
+@pytest.fixture
+def two_replicas(cli, tmp_path: Path) -> tuple[Path, Path]:
+    a, b = tmp_path / "replica-a", tmp_path / "replica-b"
+    cli.env.pop("FSMOUNT_REPOSITORY")
+    cli.replicas = ("-r", a, "-r", b)  # type: ignore[attr-defined]
+    return a, b
+
+
+def run(cli, *args, **kwargs):
+    return cli(*cli.replicas, *args, **kwargs)
+
+
+def test_missing_objects_are_reported_then_synced(cli, tmp_path: Path, two_replicas) -> None:
+    a, b = two_replicas
+    source = make_source(tmp_path)
+    run(cli, "init")
+    run(cli, "backup", source)
+    states = json.loads(run(cli, "replicas", "--json").stdout)["replicas"]
+    assert [s["missing"] for s in states] == [0, 0] and states[0]["objects"] == states[1]["objects"]
+
+    shutil.rmtree(b / "data")
+    states = json.loads(run(cli, "replicas", "--json", check=14).stdout)["replicas"]
+    assert states[0]["missing"] == 0 and states[1]["missing"] >= 1
+
+    run(cli, "replicas", "sync")
+    run(cli, "replicas")  # exit 0: the same objects everywhere
+    cli("-r", b, "verify", "--read-data")  # the healed replica stands on its own
+
+
+def test_a_replica_that_fails_stops_the_backup_unless_degraded(cli, tmp_path: Path, two_replicas) -> None:
+    a, b = two_replicas
+    source = make_source(tmp_path)
+    run(cli, "init")
+    if (b / "data").exists():
+        shutil.rmtree(b / "data")
+    (b / "data").write_text("not a directory: every pack write to this replica fails")
+
+    proc = run(cli, "backup", source, check=15)
+    assert str(b) in proc.stderr.decode()  # the message names the replica
+    assert json.loads(run(cli, "snapshots", "--json").stdout) == []
+
+    run(cli, "--degraded", "backup", source)
+    report = json.loads(run(cli, "replicas", "--json", check=14).stdout)
+    assert report["recorded_degraded_writes"] >= 1 and report["replicas"][1]["missing"] >= 1
+
+    (b / "data").unlink()
+    run(cli, "replicas", "sync")
+    assert json.loads(run(cli, "replicas", "--json").stdout)["recorded_degraded_writes"] == 0
+    cli("-r", b, "restore", "latest", "--target", tmp_path / "from-b")
+    assert differences(source, tmp_path / "from-b") == []
+
+
+def test_flipped_bytes_in_one_replica_are_read_around_and_repaired(cli, tmp_path: Path, two_replicas) -> None:
+    a, b = two_replicas
+    source = make_source(tmp_path)
+    run(cli, "init")
+    run(cli, "backup", source)
+    pack = next(p for p in (a / "data").rglob("*") if p.is_file())
+    flip_byte(pack, pack.stat().st_size // 2)
+
+    # reads fall back to the good copy, and say so
+    proc = run(cli, "restore", "latest", "--target", tmp_path / "restored")
+    assert "damaged in the first replica" in proc.stderr.decode()
+    assert differences(source, tmp_path / "restored") == []
+    cli("-r", a, "verify", "--read-data", check=14)  # replica a alone is damaged
+
+    out = run(cli, "verify", "--read-data", "--repair").stdout.decode()
+    assert f"{a}: healed 1 objects" in out
+    cli("-r", a, "verify", "--read-data")
+
+
+def test_repair_without_replicas_is_a_usage_error(cli, tmp_path: Path) -> None:
+    cli("init")
+    assert b"has none" in cli("verify", "--repair", check=2).stderr
+
+
+def test_backup_through_twenty_percent_transient_faults_completes_and_verifies(tmp_path: Path) -> None:
+    faulty = FaultyStore(LocalStore(tmp_path / "repo"), seed=4, error_rate=0.1, drop_rate=0.1)
+    store = RetryingStore(faulty, RetryPolicy(budget_s=30, initial_delay_s=0.001, max_delay_s=0.01))
+    source = make_source(tmp_path)
+    with Repository.init(store, PASSPHRASE.encode()) as repo:
+        result = backup(repo, source)
+    assert faulty.statistics().errors + faulty.statistics().drops > 0
+    with Repository.open(LocalStore(tmp_path / "repo"), PASSPHRASE.encode()) as repo:
+        assert verify(repo, read_data=True).ok
+        assert repo.load_snapshot(result.snapshot.id).stats["files"] == 2
+
+
+# -- migration
+
+
+@pytest.mark.s3
+def test_migration_to_s3_resumes_verifies_and_moves(cli, tmp_path: Path, repo_path: Path, s3_bucket) -> None:
+    source = make_source(tmp_path)
+    cli("init")
+    cli("backup", source)
+    (source / "docs" / "more.txt").write_text("more\n")
+    cli("backup", source)
+    key_id, secret = s3_bucket.server.credentials
+    cli.env.update(AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret)
+    destination = s3_bucket.location("moved")
+
+    # an earlier run that stopped half-way left some objects behind, one of them cut short
+    partial = s3_bucket.open_store("moved")
+    objects = sorted(k for k, _ in LocalStore(repo_path).list("") if k != "config")
+    for key in objects[: len(objects) // 2]:
+        partial.put(key, (repo_path / key).read_bytes())
+    partial.put(objects[-1], b"cut short")
+    assert not partial.exists("config")  # not a repository until everything is there
+
+    report = json.loads(cli("migrate", "--to", destination, "--json").stdout)
+    assert report["skipped"] == len(objects) // 2 and report["copied"] == len(objects) - len(objects) // 2
+
+    cli("-r", destination, "verify", "--read-data")
+    cli("-r", destination, "restore", "latest", "--target", tmp_path / "from-s3")
+    assert differences(source, tmp_path / "from-s3") == []
+
+    cli("migrate", "--to", destination, "--delete-source")
+    assert not (repo_path / "config").exists()
+    assert b"no repository" in cli("snapshots", check=10).stderr
+    assert len(json.loads(cli("-r", destination, "snapshots", "--json").stdout)) == 2
+
+
+def test_migration_refuses_a_destination_with_another_repository(cli, tmp_path: Path) -> None:
+    cli("init")
+    other = tmp_path / "other"
+    cli("-r", other, "init")
+    before = sorted(p.name for p in other.rglob("*"))
+    assert b"different repository" in cli("migrate", "--to", other, check=10).stderr
+    assert sorted(p.name for p in other.rglob("*")) == before
