@@ -209,6 +209,11 @@ class Repository:
                 self._cached_nodes -= len(evicted)
         return list(nodes)
 
+    def cached_tree(self, tree_id: bytes) -> list[Node] | None:
+        """The nodes of a tree if the cache holds them (read-only), without loading anything."""
+        with self._trees_lock:
+            return self._trees.get(tree_id)
+
     def load_block(self, blob_id: bytes) -> bytes:
         return self.load_blob(DATA_BLOB, blob_id)
 

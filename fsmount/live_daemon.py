@@ -28,7 +28,7 @@ from backend.errors import FsmountError, UsageError
 from backend.repository import Repository
 
 from . import control
-from .mountpoint import check_mountpoint, is_stale, mounted_at
+from .mountpoint import check_mountpoint, is_stale, mounted_at, raise_readahead
 from .changelog import Changelog
 from .live_tree import LiveTree
 from .snapshot_mount import make_snapshot_tree
@@ -138,6 +138,7 @@ class LiveMount:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._flush_changelog)
                 nursery.start_soon(self._watch_signals)
+                nursery.start_soon(raise_readahead, self.mountpoint)
                 if self.every_s:
                     nursery.start_soon(self.uploader.run_schedule, self.every_s)
                 self._mounted = True

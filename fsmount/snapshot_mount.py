@@ -21,8 +21,9 @@ import trio
 from backend.blob_reader import BlobCache, BlobReader
 from backend.errors import UsageError
 from backend.repository import Repository
+from backend.stores import LocalStore, ObjectStore
 
-from .mountpoint import check_mountpoint
+from .mountpoint import check_mountpoint, raise_readahead
 from .snapshot_reader import SnapshotReader
 from .snapshot_tree import SnapshotTree
 
@@ -30,10 +31,20 @@ log = logging.getLogger(__name__)
 
 
 def make_snapshot_tree(repo: Repository, cache_bytes: int, **options: Any) -> SnapshotTree:
-    """A snapshot tree with the repository's block cache (in its XDG cache dir) behind it."""
+    """A snapshot tree with the repository's block cache (in its XDG cache dir) behind it.
+
+    A repository on local disk gets no block cache: reading the pack is as fast as reading the
+    cache, and filling it made `cp -a` of a snapshot 1.5x slower (measured, 13k files)."""
+    if _on_local_disk(repo.store):
+        cache_bytes = 0
     cache = BlobCache(os.path.join(repo.cache_dir, "blocks"), cache_bytes) if cache_bytes else None
     reader = SnapshotReader(BlobReader(repo, cache), repo.block_size)
     return SnapshotTree(repo, reader, **options)
+
+
+def _on_local_disk(store: ObjectStore) -> bool:
+    replicas = getattr(store, "replicas", None)
+    return all(map(_on_local_disk, replicas)) if replicas else isinstance(store, LocalStore)
 
 
 def _read_only(*args: Any, **kwargs: Any) -> Any:
@@ -122,6 +133,7 @@ class SnapshotMount:
     async def _serve(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals)
+            nursery.start_soon(raise_readahead, self.mountpoint)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 

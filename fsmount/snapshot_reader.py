@@ -127,7 +127,11 @@ class SnapshotReader:
             self._memory_bytes -= len(evicted)
 
     def _read_ahead(self, node: Node, first: int, count: int) -> None:
-        ahead = [blob_id for blob_id in dict.fromkeys(self._block_id(node, i) for i in range(first, first + count))
+        self.prefetch([self._block_id(node, i) for i in range(first, first + count)])
+
+    def prefetch(self, blob_ids: list[bytes]) -> None:
+        """Start fetching these blocks in the background, in parallel batches."""
+        ahead = [blob_id for blob_id in dict.fromkeys(blob_ids)
                  if blob_id != HOLE and blob_id not in self._memory and blob_id not in self._pending]
         for start in range(0, len(ahead), BATCH):
             trio.lowlevel.spawn_system_task(self._fetch_quietly, ahead[start : start + BATCH])

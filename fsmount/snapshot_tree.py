@@ -31,6 +31,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import pyfuse3
 import trio
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 OWN_RANGE = 1 << 63  # inode numbers with this bit belong to the snapshot tree
 HANDLE_BASE = 1 << 48  # file handle numbers, far above those of the live tree
 LATEST = b"latest"
+SIBLINGS_AHEAD = 16  # files of a folder fetched ahead of one being read
 IMMUTABLE_TIMEOUT_S = 3600.0
 ROOT_TIMEOUT_S = 1.0
 
@@ -63,6 +65,7 @@ class _Inode:
     snapshot: Snapshot | None  # None for the root
     parent: int
     lookups: int = 0
+    scan_position: int = -1  # directories: listing index of the last file opened in it
 
 
 @dataclass(eq=False)
@@ -386,7 +389,24 @@ class SnapshotTree:
             raise pyfuse3.FUSEError(errno.EROFS)
         if inode.node is None or inode.node.type != FILE:
             raise pyfuse3.FUSEError(errno.EISDIR if inode.node is None or inode.node.type == DIR else errno.EINVAL)
+        self._prefetch_siblings(inode)
         return pyfuse3.FileInfo(fh=self._new_handle(_File(inode)), keep_cache=True)
+
+    def _prefetch_siblings(self, inode: _Inode) -> None:
+        """`cp -r` opens a folder's files in listing order: while it copies one, fetch the next."""
+        parent = self._inodes.get(inode.parent)
+        if parent is None or parent.snapshot is None or inode.node is None:
+            return
+        children = self.repo.cached_tree(parent.node.subtree if parent.node is not None else parent.snapshot.tree)
+        if children is None:
+            return
+        at = bisect_left(children, inode.node.name, key=attrgetter("name"))
+        forward, parent.scan_position = at > parent.scan_position, at
+        if not forward:
+            return
+        wanted = [child.block_id(i) for child in children[at + 1 : at + 1 + SIBLINGS_AHEAD] if child.type == FILE
+                  for i in range(min(2, child.block_count))]
+        self.reader.prefetch(wanted)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self._handles[fh]

@@ -16,7 +16,8 @@ from .repository_cmds import parse_size
 @click.argument("mountpoint", type=click.Path(path_type=str))
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground (logs go to the terminal).")
 @click.option("--cache-size", default="1G", show_default=True, metavar="SIZE",
-              help="Bound of the on-disk cache of fetched blocks (encrypted, in the cache dir); 0 turns it off.")
+              help="Bound of the on-disk cache of blocks fetched from a remote store (encrypted, in the cache "
+                   "dir); 0 turns it off. A repository on local disk needs none.")
 @click.pass_obj
 def mount_snapshots(app: AppContext, mountpoint: str, foreground: bool, cache_size: str) -> None:
     """Mount every snapshot of the repository, read-only, at MOUNTPOINT.
