@@ -196,10 +196,10 @@ class Changelog:
         low, high = _below(path)
         taken: list[tuple[str, tuple]] = []
         for table, columns in (("changes", "path, flags"), ("blocks", "path, block"), ("origins", "path, origin")):
-            rows = self._db.execute(
-                f"SELECT {columns} FROM {table} WHERE epoch=? AND (path=? OR (path>? AND path<?))",
-                (epoch, path, low, high)).fetchall()
-            taken += [(table, row) for row in rows]
+            for condition, values in (("path=?", (path,)), ("path>? AND path<?", (low, high))):
+                rows = self._db.execute(f"SELECT {columns} FROM {table} WHERE epoch=? AND {condition}",
+                                        (epoch, *values)).fetchall()
+                taken += [(table, row) for row in rows]
         self._delete_records([path], epoch)
         return taken
 
@@ -209,11 +209,13 @@ class Changelog:
             self._db.execute(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?)", (epoch, moved, value))
 
     def _delete_records(self, paths: Iterable[bytes], epoch: int) -> None:
+        # Two statements, not one with OR: SQLite uses the (epoch, path) key for each, while the OR
+        # made every delete scan the epoch (10k unlinks: 600/s instead of thousands).
         for path in paths:
             low, high = _below(path)
             for table in ("changes", "blocks", "origins"):
-                self._db.execute(f"DELETE FROM {table} WHERE epoch=? AND (path=? OR (path>? AND path<?))",
-                                 (epoch, path, low, high))
+                self._db.execute(f"DELETE FROM {table} WHERE epoch=? AND path=?", (epoch, path))
+                self._db.execute(f"DELETE FROM {table} WHERE epoch=? AND path>? AND path<?", (epoch, low, high))
 
     def flush(self) -> None:
         """Move the marks held in memory into SQLite."""

@@ -35,8 +35,11 @@ class _StderrHandler(logging.Handler):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-r", "--repo", "repos", multiple=True, metavar="LOCATION", envvar=None,
-              help="Repository location: a directory, local:DIR, s3:BUCKET/PREFIX or "
-                   "s3:https://HOST/BUCKET/PREFIX. Repeat for replicas. Default: $FSMOUNT_REPOSITORY.")
+              help="Repository location: a directory, local:DIR, s3:BUCKET/PREFIX, "
+                   "s3:https://HOST/BUCKET/PREFIX, or profile:NAME (a location with its own credentials "
+                   "from ~/.config/fsmount/profiles.toml). Repeat for replicas. Default: $FSMOUNT_REPOSITORY.")
+@click.option("--profile", "profiles", multiple=True, metavar="NAME",
+              help="Same as -r profile:NAME.")
 @click.option("--password-file", metavar="FILE",
               help="Read the passphrase from FILE. Default: $FSMOUNT_PASSWORD_FILE, $FSMOUNT_PASSWORD, "
                    "or a prompt.")
@@ -49,7 +52,7 @@ class _StderrHandler(logging.Handler):
 @click.option("-v", "--verbose", count=True, help="More log output (repeat for debug).")
 @click.version_option(package_name="fsmount")
 @click.pass_context
-def main(ctx: click.Context, repos: tuple[str, ...], password_file: str | None, cache_dir: str | None,
+def main(ctx: click.Context, repos: tuple[str, ...], profiles: tuple[str, ...], password_file: str | None, cache_dir: str | None,
          degraded: bool, json_output: bool, quiet: bool, verbose: int) -> None:
     """Continuous, encrypted, incremental backup of your folders.
 
@@ -68,7 +71,8 @@ def main(ctx: click.Context, repos: tuple[str, ...], password_file: str | None, 
     logging.getLogger().setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG))
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 3 else logging.DEBUG)
-    ctx.obj = AppContext(list(repos), password_file, cache_dir, json_output, quiet, degraded)
+    locations = [*repos, *(f"profile:{name}" for name in profiles)]
+    ctx.obj = AppContext(locations, password_file, cache_dir, json_output, quiet, degraded)
     ctx.call_on_close(ctx.obj.record_degraded_writes)
 
 

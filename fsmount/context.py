@@ -1,7 +1,7 @@
 """What every command needs before it starts: where the repository is and the passphrase.
 
-Resolution follows restic's habits. Repository: `-r/--repo` (repeat it for replicas), else
-`FSMOUNT_REPOSITORY`. Passphrase: `--password-file`, else `FSMOUNT_PASSWORD_FILE`, else
+Resolution follows restic's habits. Repository: `-r/--repo` (repeat it for replicas; a location
+may be `profile:NAME`, see profiles.py), else `FSMOUNT_REPOSITORY`. Passphrase: `--password-file`, else `FSMOUNT_PASSWORD_FILE`, else
 `FSMOUNT_PASSWORD`, else a prompt on the terminal. The passphrase is never logged or echoed.
 Several repositories are replicas of one; with `--degraded`, a replica that fails is left behind
 and what it missed is recorded for `fsmount replicas sync`.
@@ -21,6 +21,15 @@ from backend.repository import Repository, default_cache_dir
 from backend.stores import ObjectStore, open_store
 
 from .background import inherited_passphrase
+from .profiles import load_profile
+
+
+def open_location(location: str) -> ObjectStore:
+    """A store from a location as the user wrote it, `profile:NAME` included (profiles.py)."""
+    if location.startswith("profile:"):
+        profile = load_profile(location.removeprefix("profile:"))
+        return open_store(profile.location, **profile.store_options())
+    return open_store(location)
 
 
 @dataclass
@@ -45,11 +54,11 @@ class AppContext:
     def open_store(self) -> ObjectStore:
         locations = self.locations()
         if len(locations) == 1:
-            return open_store(locations[0])
+            return open_location(locations[0])
         from backend.replicas import object_intact
         from backend.stores.replicated import ReplicatedStore
 
-        store = ReplicatedStore([open_store(loc) for loc in locations], verify=object_intact,
+        store = ReplicatedStore([open_location(loc) for loc in locations], verify=object_intact,
                                 degraded=self.degraded)
         self._replicated.append(store)
         return store

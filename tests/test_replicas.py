@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from backend.backup import backup
+from backend.errors import StoreError
 from backend.repository import Repository
 from backend.stores import LocalStore
 from backend.stores.faulty import FaultyStore
@@ -160,3 +161,71 @@ def test_migration_refuses_a_destination_with_another_repository(cli, tmp_path: 
     before = sorted(p.name for p in other.rglob("*"))
     assert b"different repository" in cli("migrate", "--to", other, check=10).stderr
     assert sorted(p.name for p in other.rglob("*")) == before
+
+
+@pytest.mark.s3
+def test_replicas_on_two_providers_each_with_its_own_profile(cli, tmp_path: Path, s3_bucket, s3_bucket_b) -> None:
+    config = tmp_path / "config"
+    (config / "fsmount").mkdir(parents=True)
+    profiles = config / "fsmount" / "profiles.toml"
+    lines = []
+    for name, bucket in (("first", s3_bucket), ("second", s3_bucket_b)):
+        key_id, secret = bucket.server.credentials
+        lines += [f"[{name}]", f'location = "{bucket.location()}"', f'access_key_id = "{key_id}"',
+                  f'secret_access_key = "{secret}"', ""]
+    profiles.write_text("\n".join(lines))
+    profiles.chmod(0o600)
+    cli.env.update(XDG_CONFIG_HOME=str(config))
+    cli.env.pop("FSMOUNT_REPOSITORY")
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        cli.env.pop(variable, None)
+    both = ("--profile", "first", "-r", "profile:second")
+    source = make_source(tmp_path)
+
+    cli(*both, "init")
+    cli(*both, "backup", source)
+    states = json.loads(cli(*both, "replicas", "--json").stdout)["replicas"]
+    assert [s["missing"] for s in states] == [0, 0] and states[0]["objects"] == states[1]["objects"] > 0
+    cli("--profile", "second", "restore", "latest", "--target", tmp_path / "from-second")
+    assert differences(source, tmp_path / "from-second") == []
+
+    assert b"no profile 'third'" in cli("--profile", "third", "snapshots", check=2).stderr
+    profiles.chmod(0o644)
+    proc = cli("--profile", "first", "snapshots", check=2)
+    assert b"must be private" in proc.stderr
+    assert s3_bucket.server.credentials[1].encode() not in proc.stderr + proc.stdout
+
+
+def test_migration_interrupted_by_a_store_failure_resumes_and_verifies(cli, tmp_path: Path, repo_path: Path) -> None:
+    from backend.migrate import migrate
+    from backend.stores.base import ObjectStore
+
+    source = make_source(tmp_path)
+    cli("init")
+    for i in range(6):  # several snapshots, so there are objects enough to stop half-way through
+        (source / f"file{i}").write_bytes(os.urandom(50_000))
+        cli("backup", source)
+
+    class FailsAfter(FaultyStore):
+        """The destination goes down after a number of writes, as if the network dropped for good."""
+
+        def __init__(self, inner: ObjectStore, writes: int):
+            super().__init__(inner, seed=1)
+            self.writes_left = writes
+
+        def put(self, key: str, data: bytes) -> None:
+            self.writes_left -= 1
+            if self.writes_left < 0:
+                self.down = True
+            super().put(key, data)
+
+    total = len([k for k, _ in LocalStore(repo_path).list("")])
+    with pytest.raises(StoreError):
+        migrate(LocalStore(repo_path), FailsAfter(LocalStore(tmp_path / "moved"), total // 2),
+                PASSPHRASE.encode(), workers=1)
+    assert not (tmp_path / "moved" / "config").exists()
+
+    report = migrate(LocalStore(repo_path), LocalStore(tmp_path / "moved"), PASSPHRASE.encode())
+    assert report.skipped == total // 2 and report.copied == total - 1 - total // 2
+    cli("-r", tmp_path / "moved", "verify", "--read-data")
+    assert len(json.loads(cli("-r", tmp_path / "moved", "snapshots", "--json").stdout)) == 6

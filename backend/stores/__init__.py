@@ -16,12 +16,12 @@ from .local import LocalStore
 __all__ = ["ObjectStore", "LocalStore", "open_store"]
 
 
-def open_store(location: str) -> ObjectStore:
-    """The store a single location string names."""
+def open_store(location: str, **s3_options: object) -> ObjectStore:
+    """The store a single location string names (`s3_options`: credentials, region, ...)."""
     if location.startswith("s3:"):
         from .s3 import S3Store
 
-        return S3Store.from_location(location)
+        return S3Store.from_location(location, **s3_options)
     if location.startswith("local:"):
         location = location[len("local:"):]
     return LocalStore(location)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import click
 
 from backend.migrate import migrate as run_migrate
-from backend.stores import open_store
 
-from ..context import AppContext
+from ..context import AppContext, open_location
 from ..output import BarProgress, emit_json, human_bytes, json_option, stdout
 
 
@@ -33,12 +32,12 @@ def migrate(app: AppContext, destinations: tuple[str, ...], delete_source: bool,
     """
     source = app.open_store()
     if len(destinations) == 1:
-        destination = open_store(destinations[0])
+        destination = open_location(destinations[0])
     else:
         from backend.replicas import object_intact
         from backend.stores.replicated import ReplicatedStore
 
-        destination = ReplicatedStore([open_store(loc) for loc in destinations], verify=object_intact)
+        destination = ReplicatedStore([open_location(loc) for loc in destinations], verify=object_intact)
     try:
         create_bucket = getattr(destination, "create_bucket_if_missing", None)
         if create_bucket is not None:
