@@ -322,8 +322,8 @@ class Backup:
             node.xattrs = read_xattrs(at_path(job.fd, node.name))
             self.stats.files_unchanged += 1
         elif previous is not None and (content == CLEAN or (content is None and _unchanged(previous, node))):
-            node.blocks, node.xxh = previous.blocks, previous.xxh
-            node.xattrs = read_xattrs(at_path(job.fd, node.name))
+            # Setting an xattr changes the ctime (and the changelog marks it), so they are unchanged too.
+            node.blocks, node.xxh, node.xattrs = previous.blocks, previous.xxh, previous.xattrs
             blocks = None
             self.stats.files_unchanged += 1
         else:

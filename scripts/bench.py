@@ -14,6 +14,9 @@ Groups (`--only GROUP`, repeatable; default all):
            throughput, peak RSS of the tool's process, repository growth.
   browse   The snapshot mount: `cp -a` of a whole snapshot out of it against `fsmount restore` and
            `restic restore`; `find` and `ls -lR` of it, cold and warm; the mount's peak RSS.
+  s3       The repository on a local SeaweedFS S3 server against local disk: backup and restore;
+           `fsmount migrate` local -> S3 and S3 -> S3 against `aws s3 sync` of the same objects
+           (awscli, if installed).
   live     The live mount against the native folder: sequential write and read of a large file,
            4 KiB random writes with fsync, create/stat/unlink of small files, a `git status`-like
            stat walk, untar of a source tree; then the change tracker: the same 0.1% mutation made
@@ -284,6 +287,66 @@ def bench_engine(work: Path, size: int, results: Results) -> None:
     results.check("fsmount peak RSS <= 300 MiB", peak <= 300, f"{peak:.0f} MiB")
 
 
+# -- the s3 group -------------------------------------------------------------------------------
+
+def bench_s3(work: Path, size: int, results: Results) -> None:
+    """The repository on SeaweedFS (S3 over HTTP on 127.0.0.1) against local disk; migration
+    against `aws s3 sync` of the same objects."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from s3_server import SeaweedServer
+
+    source = work / "dataset"
+    print(f"s3: generating {size / MiB:.0f} MiB dataset", flush=True)
+    make_dataset(source, size, seed=13)
+    server = SeaweedServer(work / "weed")
+    server.start()
+    try:
+        key_id, secret = server.credentials
+        s3_env = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1"}
+        local, remote = Fsmount(work), Fsmount(work)
+        local.env.update(s3_env)  # the destination of its migration
+        remote.env.update(s3_env, FSMOUNT_REPOSITORY=f"s3:{server.endpoint}/bench/repo",
+                          XDG_CACHE_HOME=str(work / "cache-s3"))
+        for name, tool in (("local disk", local), ("S3", remote)):
+            run(tool.init(), tool.env)
+            drop_caches()
+            seconds, rss = run(tool.backup(source), tool.env)
+            results.add(Row("s3", "fsmount", f"backup to {name}", seconds, size, rss))
+        for name, tool in (("local disk", local), ("S3", remote)):
+            target = work / "restored"
+            drop_caches()
+            seconds, rss = run(tool.restore(target), tool.env)
+            results.add(Row("s3", "fsmount", f"restore from {name}", seconds, size, rss))
+            shutil.rmtree(target)
+        repo_bytes = du(local.repo)
+        aws = shutil.which("aws")
+        migrations = (("local -> S3", local.env, str(local.repo), "moved-a"),
+                      ("S3 -> S3", remote.env, "s3://bench/repo", "moved-b"))
+        for name, env, origin, bucket in migrations:
+            seconds, rss = run([*FSMOUNT, "-q", "migrate", "--to", f"s3:{server.endpoint}/{bucket}/repo"], env)
+            results.add(Row("s3", "fsmount", f"migrate {name}", seconds, repo_bytes, rss, note="incl. verify"))
+            if aws:
+                aws_env = dict(os.environ, **s3_env)
+                run([aws, "--endpoint-url", server.endpoint, "s3", "mb", f"s3://{bucket}-aws"], aws_env)
+                seconds, rss = run([aws, "--endpoint-url", server.endpoint, "s3", "sync", "--only-show-errors",
+                                    origin, f"s3://{bucket}-aws/repo"], aws_env)
+                results.add(Row("s3", "aws", f"s3 sync {name}", seconds, repo_bytes, rss))
+    finally:
+        server.stop()
+    local_backup, s3_backup = (results.get("s3", "fsmount", f"backup to {n}") for n in ("local disk", "S3"))
+    ratio = local_backup.seconds / s3_backup.seconds
+    results.check("backup to S3 >= 0.8x backup to local disk", ratio >= 0.8, f"{ratio:.2f}x")
+    ratio = results.get("s3", "fsmount", "restore from local disk").seconds / results.get(
+        "s3", "fsmount", "restore from S3").seconds
+    results.check("restore from S3 vs from local disk", None, f"{ratio:.2f}x")
+    if not shutil.which("aws"):
+        print("  aws (awscli) not installed: migration baseline skipped (pip install awscli)")
+        return
+    for name in ("local -> S3", "S3 -> S3"):
+        ratio = results.get("s3", "aws", f"s3 sync {name}").seconds / results.get("s3", "fsmount", f"migrate {name}").seconds
+        results.check(f"migrate {name} >= 1.0x aws s3 sync", ratio >= 1.0, f"{ratio:.2f}x")
+
+
 # -- the live group -----------------------------------------------------------------------------
 
 def _timed(fn) -> float:
@@ -489,7 +552,7 @@ def main() -> None:
                          "(scripts/test.sh or scripts/demo.sh creates it)")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gib", type=float, default=1.0, help="dataset size (default 1)")
-    parser.add_argument("--only", action="append", choices=["engine", "browse", "live"], help="run only these groups")
+    parser.add_argument("--only", action="append", choices=["engine", "browse", "s3", "live"], help="run only these groups")
     parser.add_argument("--workdir", type=Path, help="where to work (default: a new dir under /tmp)")
     parser.add_argument("--json", type=Path, help="write all figures here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -499,7 +562,7 @@ def main() -> None:
     size = int(args.size_gib * (1 << 30))
     results = Results()
     try:
-        for group, fn in (("engine", bench_engine), ("browse", bench_browse), ("live", bench_live)):
+        for group, fn in (("engine", bench_engine), ("browse", bench_browse), ("s3", bench_s3), ("live", bench_live)):
             if not args.only or group in args.only:
                 print(f"== {group}", flush=True)
                 fn(work / group, size, results)
