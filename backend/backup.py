@@ -12,14 +12,15 @@ always finds its children done, and the walk never waits for a directory to drai
 Given a `ChangeSet` (see changes.py), the walk lists only directories on a changed path and reads
 only the blocks that were written; everything else is taken from the parent snapshot.
 
-Files that vanish, cannot be read, or change while being read are reported as warnings and left
-out; the backup still completes. The snapshot object is written only after everything it refers to
+Every name, stat and byte comes through a `Source` (source.py): the folder as it is, or, from the
+live mount, the folder as it was at the instant its snapshot was frozen. Files that vanish, cannot
+be read, or change while being read are reported as warnings and left out; the backup still
+completes. The snapshot object is written only after everything it refers to
 is durable (`Repository.save_snapshot`).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
@@ -31,12 +32,13 @@ from dataclasses import dataclass, field
 import xxhash
 
 from .changes import ALL, CLEAN, ChangeSet
-from .errors import FsmountError, UsageError
-from .fsnode import at_path, node_from_stat, open_dir, raise_fd_limit, read_xattrs
+from .errors import IntegrityError, ObjectNotFound, UsageError
+from .fsnode import node_from_stat, raise_fd_limit
 from .pack import DATA_BLOB
 from .progress import Progress
 from .repository import Repository
 from .snapshot import Snapshot
+from .source import Key, LiveSource, Source, SourceChanged, SourceFile, key_of
 from .tree import DIR, FILE, HOLE, SYMLINK, Node
 
 log = logging.getLogger(__name__)
@@ -71,10 +73,6 @@ class BackupResult:
     warnings: list[str] = field(default_factory=list)
 
 
-class _SourceChanged(Exception):
-    """The file changed or vanished while it was being read."""
-
-
 @dataclass
 class _Entry:
     """A node whose content may still be in the works."""
@@ -87,6 +85,7 @@ class _Entry:
 @dataclass
 class _DirJob:
     fd: int
+    key: Key
     path: bytes
     names: list[bytes]
     parent_nodes: dict[bytes, Node]
@@ -108,7 +107,7 @@ class Backup:
                  tags: list[str] | None = None, name: str | None = None,
                  parent: Snapshot | None | str = "auto", progress: Progress | None = None,
                  workers: int | None = None, changes: ChangeSet | None = None,
-                 source_fd: int | None = None):
+                 source_fd: int | None = None, view: Source | None = None, time_ns: int | None = None):
         self.repo = repo
         self.source = os.path.abspath(os.fsencode(source))
         self.host = host or socket.gethostname()
@@ -125,6 +124,8 @@ class Backup:
             raise UsageError("a change-driven backup needs the parent snapshot the changes are relative to")
         self.changes = changes
         self._source_fd = source_fd  # read through this fd (e.g. a folder hidden under a mount)
+        self.view: Source = view or LiveSource()  # what every entry is read through (source.py)
+        self._time_ns = time_ns  # the instant the snapshot shows; default: when the run starts
         self._block_size = repo.block_size
         self._zero_block = bytes(self._block_size)
         self._zero_xxh = xxhash.xxh3_128_digest(self._zero_block)
@@ -161,10 +162,11 @@ class Backup:
         except OSError as exc:
             raise UsageError(f"cannot open source {os.fsdecode(self.source)}: {exc.strerror}") from exc
         self.progress.start()
-        self._started_ns = time.time_ns()
+        self._started_ns = self._time_ns or time.time_ns()
         try:
             tree_id, total_files, total_size = self._walk(root_fd).result()
             self._check_failure()
+            self.view.verify()
             self.repo.flush()
         finally:
             self._workers.shutdown(wait=True, cancel_futures=True)
@@ -192,7 +194,8 @@ class Backup:
             # nothing changed anywhere: not even a listing
             return _completed((self.parent.tree, self.parent.stats.get("files", 0), self.parent.stats.get("size", 0)))
         parent_root = self._parent_nodes(self.parent.tree) if self.parent else {}
-        stack = [_DirJob(root_fd, b"", self._list(root_fd, b""), parent_root, None)]
+        root_key = key_of(os.fstat(root_fd))
+        stack = [_DirJob(root_fd, root_key, b"", self._list(root_fd, root_key, b""), parent_root, None)]
         try:
             return self._walk_stack(stack)
         finally:
@@ -221,9 +224,9 @@ class Backup:
         assert root_future is not None
         return root_future
 
-    def _list(self, fd: int, path: bytes) -> list[bytes]:
+    def _list(self, fd: int, key: Key, path: bytes) -> list[bytes]:
         try:
-            return sorted(os.fsencode(n) for n in os.listdir(fd))
+            return self.view.list(fd, key)
         except OSError as exc:
             self._warn(path, f"cannot list directory: {exc.strerror}")
             return []
@@ -231,7 +234,7 @@ class Backup:
     def _parent_nodes(self, tree_id: bytes) -> dict[bytes, Node]:
         try:
             return {n.name: n for n in self.repo.load_tree(tree_id)}
-        except FsmountError as exc:
+        except (IntegrityError, ObjectNotFound) as exc:  # damaged: not a reason to fail, but to read
             log.warning("parent tree %s unreadable, reading files again: %s", tree_id.hex(), exc)
             return {}
 
@@ -239,7 +242,7 @@ class Backup:
         """Back up one entry of `job`; returns a job to push for a subdirectory."""
         path = job.path + b"/" + name if job.path else name
         try:
-            st = os.lstat(name, dir_fd=job.fd)
+            st = self.view.lstat(job.fd, job.key, name)
         except FileNotFoundError:
             self._warn(path, "vanished before it could be read")
             return None
@@ -255,11 +258,11 @@ class Backup:
                 self._visit_file(job, node, path, st, previous)
             else:
                 if node.type == SYMLINK:
-                    node.target = os.readlink(name, dir_fd=job.fd)
-                node.xattrs = read_xattrs(at_path(job.fd, name))
+                    node.target = self.view.readlink(job.fd, name, key_of(st))
+                node.xattrs = self.view.xattrs(job.fd, name, key_of(st))
                 self.stats.others += 1
                 job.entries.append(_Entry(node))
-        except _SourceChanged as exc:
+        except SourceChanged as exc:
             self._warn(path, str(exc))
         except FileNotFoundError:
             self._warn(path, "vanished while being read")
@@ -279,27 +282,25 @@ class Backup:
         assert self.parent is not None
         try:
             return self.repo.find_node(self.parent, origin)
-        except FsmountError:
+        except (IntegrityError, ObjectNotFound, UsageError):  # damaged, or not there after all
             return None
 
     def _visit_dir(self, job: _DirJob, node: Node, path: bytes, st: os.stat_result,
                    previous: Node | None) -> _DirJob | None:
-        if (st.st_dev, st.st_ino) in self._excluded:
+        if key_of(st) in self._excluded:
             return None
         if (self.changes is not None and previous is not None and previous.type == DIR
                 and not self.changes.subtree_dirty(path)):
             node.subtree = previous.subtree  # nothing below changed: reuse it without listing
             node.files_below, node.bytes_below = previous.files_below, previous.bytes_below
-            node.xattrs = read_xattrs(at_path(job.fd, node.name))
+            node.xattrs = self.view.xattrs(job.fd, node.name, key_of(st))
             job.entries.append(_Entry(node))
             self.stats.dirs += 1
             return None
-        fd = open_dir(job.fd, node.name)
+        fd = self.view.open_dir(job.fd, node.name, key_of(st))
         try:
-            if (os.fstat(fd).st_ino) != st.st_ino:
-                raise _SourceChanged("was replaced while being read")
-            node.xattrs = read_xattrs(fd)
-            names = self._list(fd, path)
+            node.xattrs = self.view.xattrs(job.fd, node.name, key_of(st))
+            names = self._list(fd, key_of(st), path)
         except BaseException:
             os.close(fd)
             raise
@@ -307,11 +308,11 @@ class Backup:
         entry = _Entry(node)
         job.entries.append(entry)
         self.stats.dirs += 1
-        return _DirJob(fd, path, names, parent_nodes, entry)
+        return _DirJob(fd, key_of(st), path, names, parent_nodes, entry)
 
     def _visit_file(self, job: _DirJob, node: Node, path: bytes, st: os.stat_result,
                     previous: Node | None) -> None:
-        link_key = (st.st_dev, st.st_ino)
+        link_key = key_of(st)
         content = self.changes.content(path) if self.changes is not None else None
         if previous is not None and previous.type != FILE:
             previous = None
@@ -319,16 +320,17 @@ class Backup:
             content = ALL  # "clean" but nothing to reuse, or the sizes disagree: read it rather than guess
         if node.is_hardlinked and link_key in self._hardlinks:
             blocks = self._hardlinks[link_key]
-            node.xattrs = read_xattrs(at_path(job.fd, node.name))
+            node.xattrs = self.view.xattrs(job.fd, node.name, link_key)
             self.stats.files_unchanged += 1
         elif previous is not None and (content == CLEAN or (content is None and _unchanged(previous, node))):
-            # Setting an xattr changes the ctime (and the changelog marks it), so they are unchanged too.
-            node.blocks, node.xxh, node.xattrs = previous.blocks, previous.xxh, previous.xattrs
+            node.blocks, node.xxh = previous.blocks, previous.xxh
+            # An unchanged ctime means unchanged xattrs; a change set's CLEAN says nothing of them.
+            node.xattrs = previous.xattrs if content is None else self.view.xattrs(job.fd, node.name, link_key)
             blocks = None
             self.stats.files_unchanged += 1
         else:
             written = content if isinstance(content, list) and previous is not None else None
-            blocks = self._read_file(job.fd, node, previous if written is not None else None, written)
+            blocks = self._read_file(job.fd, node, st, previous if written is not None else None, written)
             if previous is None:
                 self.stats.files_new += 1
             else:
@@ -339,30 +341,22 @@ class Backup:
         job.entries.append(_Entry(node, blocks))
         self.progress.advance(items=1, current=os.fsdecode(path))
 
-    def _read_file(self, dir_fd: int, node: Node, previous: Node | None = None,
+    def _read_file(self, dir_fd: int, node: Node, st: os.stat_result, previous: Node | None = None,
                    written: list[int] | None = None) -> list[Future]:
         """Read a file's blocks; with `previous` and `written`, only the blocks that may differ."""
+        file = self.view.open_file(dir_fd, node.name, st)
         try:
-            fd = os.open(node.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME, dir_fd=dir_fd)
-        except PermissionError:
-            fd = os.open(node.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            before = os.fstat(fd)
-            if before.st_ino != node.ino:
-                raise _SourceChanged("was replaced while being read")
-            node.xattrs = read_xattrs(fd)
-            blocks = self._read_blocks(fd, before.st_size, previous, set(written or ()))
-            after = os.fstat(fd)
-            if _fingerprint(after) != _fingerprint(before):
-                raise _SourceChanged("changed while being read (left out of this snapshot)")
+            node.xattrs = self.view.xattrs(dir_fd, node.name, key_of(st))
+            blocks = self._read_blocks(file, previous, set(written or ()))
+            file.finish()
         finally:
-            os.close(fd)
+            file.close()
         # Record what was read, not what the earlier lstat saw.
-        node.size, node.mtime_ns, node.ctime_ns = before.st_size, before.st_mtime_ns, before.st_ctime_ns
+        node.size, node.mtime_ns, node.ctime_ns = file.size, file.stat.st_mtime_ns, file.stat.st_ctime_ns
         return blocks
 
-    def _read_blocks(self, fd: int, size: int, previous: Node | None, written: set[int]) -> list[Future]:
-        block_size = self._block_size
+    def _read_blocks(self, file: SourceFile, previous: Node | None, written: set[int]) -> list[Future]:
+        block_size, size = self._block_size, file.size
         # Blocks that were whole in the previous version, are whole now, and were not written.
         reusable = 0 if previous is None else min(previous.size, size) // block_size
         blocks: list[Future] = []
@@ -377,14 +371,12 @@ class Backup:
                 offset += length
                 continue
             if next_data is not None and next_data < offset:
-                next_data = _seek_data(fd, offset)
+                next_data = file.next_data(offset)
             if next_data is None or next_data >= offset + length:  # a hole: nothing to read
                 xxh = self._zero_xxh if length == block_size else xxhash.xxh3_128_digest(bytes(length))
                 blocks.append(_completed((HOLE, xxh)))
             else:
-                data = os.pread(fd, length, offset)
-                if len(data) != length:
-                    raise _SourceChanged("shrank while being read (left out of this snapshot)")
+                data = file.read(offset, length)
                 self.stats.bytes_read += length
                 self.progress.advance(nbytes=length)
                 self._in_flight.acquire()
@@ -454,22 +446,6 @@ def backup(repo: Repository, source: str | bytes, **options: object) -> BackupRe
 def _unchanged(previous: Node, node: Node) -> bool:
     return (previous.type == FILE and previous.size == node.size and previous.mtime_ns == node.mtime_ns
             and previous.ctime_ns == node.ctime_ns and previous.ino == node.ino)
-
-
-def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
-def _seek_data(fd: int, offset: int) -> int | None:
-    """The next offset holding data at or after `offset`, or None if only holes remain."""
-    try:
-        return os.lseek(fd, offset, os.SEEK_DATA)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:
-            return None
-        if exc.errno == errno.EINVAL:  # file system without SEEK_DATA: treat everything as data
-            return offset
-        raise
 
 
 __all__ = ["Backup", "BackupResult", "BackupStats", "backup"]

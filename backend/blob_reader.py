@@ -109,15 +109,19 @@ class BlobReader:
         """Each wanted blob's plaintext, or the error that stops it (corrupt, missing, store down)."""
         results: dict[bytes, bytes | FsmountError] = {}
         wanted: dict[str, list] = {}  # pack id -> [(offset, length, blob id), ...]
-        for blob_id in dict.fromkeys(blob_ids):
-            sealed = self.cache.get(blob_id) if self.cache else None
-            if sealed is not None:
-                try:
-                    results[blob_id] = self.repo.key.unseal_blob(blob_type, blob_id, sealed)
-                    continue
-                except IntegrityError:
-                    log.warning("block cache: %s is damaged; fetching it again", blob_id.hex())
-            location = self.repo.index.lookup(blob_id)
+        unique = list(dict.fromkeys(blob_ids))
+        if self.cache:
+            for blob_id in unique:
+                sealed = self.cache.get(blob_id)
+                if sealed is not None:
+                    try:
+                        results[blob_id] = self.repo.key.unseal_blob(blob_type, blob_id, sealed)
+                    except IntegrityError:
+                        log.warning("block cache: %s is damaged; fetching it again", blob_id.hex())
+            unique = [blob_id for blob_id in unique if blob_id not in results]
+        locations = self.repo.index.lookup_many(unique)
+        for blob_id in unique:
+            location = locations.get(blob_id)
             if location is None:
                 results[blob_id] = IntegrityError(f"blob {blob_id.hex()} is not in the index (missing)")
             elif location.entry.blob_type != blob_type:

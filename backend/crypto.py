@@ -58,6 +58,17 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+def _aead(key: bytes) -> AESGCM:
+    # Building an AESGCM expands the key; one per thread and key instead of one per blob.
+    cache = getattr(_local, "aead", None)
+    if cache is None:
+        cache = _local.aead = {}
+    aead = cache.get(key)
+    if aead is None:
+        aead = cache[key] = AESGCM(key)
+    return aead
+
+
 def content_hash(data: bytes) -> str:
     """Unkeyed BLAKE3 of stored bytes, hex: the name of packs, indexes, snapshots and keys."""
     return blake3.blake3(data, max_threads=blake3.blake3.AUTO if len(data) > 1 << 20 else 1).hexdigest()
@@ -90,14 +101,14 @@ class MasterKey:
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         nonce = os.urandom(NONCE_SIZE)
-        return nonce + AESGCM(self.encrypt_key).encrypt(nonce, plaintext, aad)
+        return nonce + _aead(self.encrypt_key).encrypt(nonce, plaintext, aad)
 
     def unseal(self, sealed: bytes | memoryview, aad: bytes, what: str) -> bytes:
         if len(sealed) < SEAL_OVERHEAD:
             raise IntegrityError(f"{what} is truncated ({len(sealed)} bytes)")
-        sealed = bytes(sealed)
+        sealed = memoryview(sealed)  # slices without copying; decrypt takes any buffer
         try:
-            return AESGCM(self.encrypt_key).decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad)
+            return _aead(self.encrypt_key).decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad)
         except InvalidTag as exc:
             raise IntegrityError(f"{what} failed authentication (corrupt or tampered)") from exc
 

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 INDEX_AAD = b"fsmount index"
 INDEX_VERSION = 1
+LOOKUP_BATCH = 256  # ids per `lookup_many` statement (old SQLite builds allow 999 parameters)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +173,23 @@ class IndexCache:
             return None
         pack_id, blob_type, offset, length, raw_length = row
         return BlobLocation(pack_id, BlobEntry(blob_type, blob_id, offset, length, raw_length))
+
+    def lookup_many(self, blob_ids: list[bytes]) -> dict[bytes, BlobLocation]:
+        """The locations of those of `blob_ids` the index knows, one query per `LOOKUP_BATCH` ids
+        (readers fetch blocks in batches; a statement per block was a sixth of restore workers' time)."""
+        found: dict[bytes, BlobLocation] = {}
+        db = self._reader()
+        for start in range(0, len(blob_ids), LOOKUP_BATCH):
+            chunk = blob_ids[start : start + LOOKUP_BATCH]
+            rows = db.execute(
+                "SELECT b.blob_id, p.pack_id, b.blob_type, b.offset, b.length, b.raw_length"
+                " FROM blobs b JOIN packs p ON p.num = b.pack"
+                f" WHERE b.blob_id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall()
+            for blob_id, pack_id, blob_type, offset, length, raw_length in rows:
+                found[blob_id] = BlobLocation(pack_id, BlobEntry(blob_type, blob_id, offset, length, raw_length))
+        return found
 
     def contains(self, blob_id: bytes) -> bool:
         return self._reader().execute("SELECT 1 FROM blobs WHERE blob_id=?", (blob_id,)).fetchone() is not None

@@ -3,11 +3,16 @@
 Strategy. One algorithm serves both: the calling thread walks the snapshot's trees and the target
 side by side through directory fds. A file missing from the target is created and only its data
 blocks are written (holes stay holes); a regular file already there is compared block by block, and
-only blocks whose XXH3 differs from the snapshot's are fetched and rewritten. Fetching, unsealing
-and writing blocks run on a worker pool, in tasks of `BLOCKS_PER_TASK` adjacent blocks fetched
-with one ranged read (blob_reader.py), bounded by `MAX_TASKS_IN_FLIGHT`; a single finisher thread
-then truncates each file, sets its metadata and closes it, and sets each directory's metadata after
-everything inside it (submitted in post-order, so it always comes last).
+only blocks whose XXH3 differs from the snapshot's are fetched and rewritten.
+
+Work is split so the walking thread only reads trees, makes directories and hands out tasks to a
+worker pool (bounded by `MAX_TASKS_IN_FLIGHT`): small files go in batches of up to
+`BYTES_PER_TASK`, and a task creates, fills and finishes each file of its batch itself, so the
+blocks of neighbouring files (which a backup stores next to each other) come in one ranged read
+(blob_reader.py) and file creation runs in parallel. A larger file is opened by the walker and
+filled by tasks of `BLOCKS_PER_TASK` adjacent blocks; whichever task ends last truncates it, sets
+its metadata and closes it. A directory counts what is still pending inside it; the last of those
+to finish sets the directory's metadata, so it always comes after everything in it.
 
 Safety. Nothing outside the target is touched: every entry is opened relative to its directory fd
 with O_NOFOLLOW, a symlink found where the snapshot has a directory or file is replaced, never
@@ -23,6 +28,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -30,20 +36,25 @@ import xxhash
 
 from .blob_reader import BlobReader
 from .errors import FsmountError, UsageError
-from .fsnode import IS_ROOT, apply_metadata, make_dir, raise_fd_limit, remove_entry
+from .fsnode import IS_ROOT, apply_metadata, make_dir, open_dir, raise_fd_limit, remove_entry
+from .pack import DATA_BLOB
 from .progress import Progress
 from .repository import Repository
 from .snapshot import Snapshot
-from .pack import DATA_BLOB
+from .stores import on_local_disk
 from .tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, HOLE, SOCKET, SYMLINK, Node
 
 log = logging.getLogger(__name__)
 
 BLOCKS_PER_TASK = 8  # a worker fetches this many adjacent blocks of a file with one ranged read
-MAX_TASKS_IN_FLIGHT = 16
-MAX_FILES_IN_FLIGHT = 128
+BYTES_PER_TASK = 1024 * 1024  # small files are restored in batches of about this many bytes
+FILES_PER_TASK = 32
+MAX_TASKS_IN_FLIGHT = 32
+MAX_FILES_IN_FLIGHT = 128  # large files held open by the walker at once
 
 _ALL, _PARTIAL = "all", "partial"  # restore a whole subtree / only toward selected paths
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_FAILURES = (FsmountError, OSError)  # what fails one file; anything else is a bug and stops the restore
 
 
 @dataclass
@@ -64,15 +75,44 @@ class RestoreResult:
     errors: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False)
 class _DirJob:
     fd: int
     path: bytes
     nodes: list[Node]
     selection: str
     node: Node | None  # None for the target root, whose own metadata is left alone
-    parent_fd: int | None
+    parent: _DirJob | None
+    fresh: bool = False  # made by this restore, so empty: entries need no check before creation
     position: int = 0
+    pending: int = 1  # files and directories inside not finished yet, plus one while it is walked
+
+
+@dataclass(eq=False)
+class _OpenFile:
+    """A file the walker opened, filled by several tasks; the last one to end finishes it."""
+
+    fd: int
+    job: _DirJob
+    node: Node
+    path: bytes
+    compare: bool
+    pending: int = 1  # tasks not ended yet, plus one while the walker submits them
+    failure: Exception | None = None
+    end: int = 0  # where the last byte written so far ends
+
+
+@dataclass(eq=False)
+class _SmallFile:
+    """A file of a small-file batch, opened by the worker that restores the batch."""
+
+    job: _DirJob
+    node: Node
+    path: bytes
+    fd: int
+    compare: bool
+    wanted: list[int] = field(default_factory=list)  # blocks to fetch
+    failure: Exception | None = None
 
 
 class Restore:
@@ -92,12 +132,15 @@ class Restore:
         self._lock = threading.Lock()
         self._block_size = repo.block_size
         self._blobs = BlobReader(repo)
-        self._workers = ThreadPoolExecutor(workers or max(4, 2 * (os.cpu_count() or 2)),
-                                           thread_name_prefix="restore")
-        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="restore-finish")
+        self._workers = ThreadPoolExecutor(workers or _default_workers(repo), thread_name_prefix="restore")
         self._tasks_in_flight = threading.Semaphore(MAX_TASKS_IN_FLIGHT)
         self._files_in_flight = threading.Semaphore(MAX_FILES_IN_FLIGHT)
         self._links: dict[tuple[int, int], bytes] = {}  # hard-link group -> first restored path
+        self._batch: list[tuple[_DirJob, Node, bytes]] = []  # small files not handed out yet
+        self._batch_bytes = 0
+        self._open: set[_DirJob | _OpenFile] = set()  # what holds an fd, closed at the end if aborted
+        self._done = threading.Event()
+        self._crash: BaseException | None = None  # an unexpected error in a worker task
 
     def run(self) -> RestoreResult:
         started = time.monotonic()
@@ -112,11 +155,16 @@ class Restore:
         self.progress.start(total_bytes=None if self.paths else self.snapshot.stats.get("size"))
         try:
             root_nodes = self.repo.load_tree(self.snapshot.tree)
-            self._walk(_DirJob(self._root_fd, b"", root_nodes, _PARTIAL if self.paths else _ALL, None, None))
-            self._finisher.submit(lambda: None).result()  # everything submitted before is finished
+            root = _DirJob(self._root_fd, b"", root_nodes, _PARTIAL if self.paths else _ALL, None, None,
+                           fresh=not os.listdir(self._root_fd))
+            self._walk(root)
+            self._done.wait()  # the root's count drops to zero once everything inside is finished
+            if self._crash is not None:
+                raise self._crash
         finally:
             self._workers.shutdown(wait=True, cancel_futures=True)
-            self._finisher.shutdown(wait=True)
+            for held in self._open:  # only after an error: tasks that never ran left these open
+                os.close(held.fd)
             os.close(self._root_fd)
             self.progress.finish()
         self.stats.duration_ms = int((time.monotonic() - started) * 1000)
@@ -136,25 +184,21 @@ class Restore:
 
     def _walk(self, root: _DirJob) -> None:
         stack = [root]
-        try:
-            while stack:
-                job = stack[-1]
-                if job.position < len(job.nodes):
-                    node = job.nodes[job.position]
-                    job.position += 1
-                    child = self._visit(job, node)
-                    if child is not None:
-                        stack.append(child)
-                    continue
-                stack.pop()
-                if self.delete and job.selection == _ALL:
-                    self._delete_extra(job)
-                if job.node is not None:
-                    self._finisher.submit(self._finish_dir, job)
-        except BaseException:
-            for job in stack[1:]:
-                os.close(job.fd)
-            raise
+        while stack:
+            job = stack[-1]
+            if job.position < len(job.nodes):
+                node = job.nodes[job.position]
+                job.position += 1
+                child = self._visit(job, node)
+                if child is not None:
+                    stack.append(child)
+                continue
+            stack.pop()
+            if self.delete and job.selection == _ALL:
+                self._delete_extra(job)
+            if not stack:
+                self._submit_batch()
+            self._dir_done(job)
 
     def _visit(self, job: _DirJob, node: Node) -> _DirJob | None:
         path = job.path + b"/" + node.name if job.path else node.name
@@ -164,9 +208,13 @@ class Restore:
         try:
             if node.type == DIR:
                 nodes = self.repo.load_tree(node.subtree)
-                fd = make_dir(job.fd, node.name)
+                fd, fresh = self._make_dir(job, node.name)
                 self.stats.dirs += 1
-                return _DirJob(fd, path, nodes, selection, node, job.fd)
+                child = _DirJob(fd, path, nodes, selection, node, job, fresh)
+                with self._lock:
+                    job.pending += 1
+                    self._open.add(child)
+                return child
             if node.type == FILE:
                 self._restore_file(job, node, path)
             elif node.type == SOCKET:
@@ -187,7 +235,29 @@ class Restore:
                 remove_entry(job.fd, name_b)
                 self.stats.deleted += 1
 
+    def _submit(self, fn: Callable[..., None], *args: object) -> None:
+        self._tasks_in_flight.acquire()
+        try:
+            self._workers.submit(fn, *args).add_done_callback(self._task_ended)
+        except BaseException:
+            self._tasks_in_flight.release()
+            raise
+
+    def _task_ended(self, future: Future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self._crash = self._crash or future.exception()
+            self._done.set()  # counts may never reach zero now: stop waiting for them
+
     # -- entries ----------------------------------------------------------------------------------
+
+    def _make_dir(self, job: _DirJob, name: bytes) -> tuple[int, bool]:
+        if job.fresh:
+            try:
+                os.mkdir(name, 0o700, dir_fd=job.fd)
+                return open_dir(job.fd, name), True
+            except FileExistsError:  # someone else is writing into the target: check from here on
+                job.fresh = False
+        return make_dir(job.fd, name), False
 
     def _replace(self, dir_fd: int, name: bytes) -> None:
         try:
@@ -223,120 +293,242 @@ class Restore:
         self.stats.others += 1
 
     def _restore_file(self, job: _DirJob, node: Node, path: bytes) -> None:
+        if node.is_hardlinked:
+            group = (node.dev, node.ino)
+            first = self._links.get(group)
+            if first is not None:
+                self._link(job, node, first)
+                return
+            self._links[group] = path  # created now, below, so that later names can link to it
+        elif node.block_count <= BLOCKS_PER_TASK:
+            self._batch.append((job, node, path))
+            with self._lock:
+                job.pending += 1
+            self._batch_bytes += node.size
+            if self._batch_bytes >= BYTES_PER_TASK or len(self._batch) >= FILES_PER_TASK:
+                self._submit_batch()
+            self.stats.files += 1
+            return
+        self._files_in_flight.acquire()
+        try:
+            fd, compare = self._open_file(job, node)
+        except BaseException:
+            self._files_in_flight.release()
+            raise
+        opened = _OpenFile(fd, job, node, path, compare)
+        with self._lock:
+            job.pending += 1
+            self._open.add(opened)
+        self.stats.files += 1
+        try:
+            for first in range(0, node.block_count, BLOCKS_PER_TASK):
+                with self._lock:
+                    opened.pending += 1
+                try:
+                    self._submit(self._restore_part, opened, first, min(first + BLOCKS_PER_TASK, node.block_count))
+                except BaseException:
+                    with self._lock:
+                        opened.pending -= 1
+                    raise
+        finally:
+            self._part_done(opened)
+
+    def _link(self, job: _DirJob, node: Node, first: bytes) -> None:
         name = node.name
         try:
             st = os.lstat(name, dir_fd=job.fd)
         except FileNotFoundError:
             st = None
-        if node.is_hardlinked:
-            group = (node.dev, node.ino)
-            first = self._links.get(group)
-            if first is not None:
-                if st is not None:
-                    if st.st_ino == os.lstat(first, dir_fd=self._root_fd).st_ino:
-                        return  # already this link
-                    self._replace(job.fd, name)
-                os.link(first, name, src_dir_fd=self._root_fd, dst_dir_fd=job.fd, follow_symlinks=False)
-                self.stats.files += 1
-                return
-            self._links[group] = path
-        compare = st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
-        if compare:
-            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=job.fd)
-        else:
-            if st is not None:
-                self._replace(job.fd, name)
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=job.fd)
-        self._files_in_flight.acquire()
-        batches = []
-        try:
-            for first in range(0, node.block_count, BLOCKS_PER_TASK):
-                last = min(first + BLOCKS_PER_TASK, node.block_count)
-                self._tasks_in_flight.acquire()
-                try:
-                    batches.append(self._workers.submit(self._restore_blocks, fd, node, first, last, compare))
-                except BaseException:
-                    self._tasks_in_flight.release()
-                    raise
-        finally:
-            self._finisher.submit(self._finish_file, fd, job.fd, node, path, batches, created=not compare)
+        if st is not None:
+            if st.st_ino == os.lstat(first, dir_fd=self._root_fd).st_ino:
+                return  # already this link
+            self._replace(job.fd, name)
+        os.link(first, name, src_dir_fd=self._root_fd, dst_dir_fd=job.fd, follow_symlinks=False)
         self.stats.files += 1
 
-    def _restore_blocks(self, fd: int, node: Node, first: int, last: int, compare: bool) -> None:
-        """Blocks [first, last) of a file: those that differ are fetched together and written."""
+    def _open_file(self, job: _DirJob, node: Node) -> tuple[int, bool]:
+        """An fd to write the file's content into, and whether it has old content to compare."""
+        name, dir_fd = node.name, job.fd
+        if job.fresh:
+            try:
+                return os.open(name, _CREATE, 0o600, dir_fd=dir_fd), False
+            except FileExistsError:
+                pass
         try:
-            wanted: list[int] = []
-            done_bytes = 0
-            for i in range(first, last):
-                offset = i * self._block_size
-                length = min(self._block_size, node.size - offset)
-                if compare:
-                    local = os.pread(fd, length, offset)
-                    if len(local) == length and xxhash.xxh3_128_digest(local) == node.block_xxh(i):
-                        with self._lock:
-                            self.stats.blocks_unchanged += 1
-                        done_bytes += length
-                        continue
-                if node.block_id(i) == HOLE:
-                    if compare:
-                        os.pwrite(fd, bytes(length), offset)
-                    done_bytes += length
+            st = os.lstat(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            st = None
+        compare = st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+        if compare:
+            return os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd), True
+        if st is not None:
+            self._replace(dir_fd, name)
+        return os.open(name, _CREATE, 0o600, dir_fd=dir_fd), False
+
+    def _submit_batch(self) -> None:
+        if self._batch:
+            batch, self._batch, self._batch_bytes = self._batch, [], 0
+            self._submit(self._restore_small_files, batch)
+
+    # -- worker tasks -----------------------------------------------------------------------------
+
+    def _restore_small_files(self, batch: list[tuple[_DirJob, Node, bytes]]) -> None:
+        """Create and fill a batch of small files, their blocks fetched together."""
+        opened: list[_SmallFile] = []
+        finished = 0  # files of `opened` handed to _finish_file, which closes them
+        try:
+            for job, node, path in batch:
+                try:
+                    fd, compare = self._open_file(job, node)
+                except _FAILURES as exc:
+                    self._error(path, _message(exc))
+                    self._dir_done(job)
                     continue
-                wanted.append(i)
-            self.progress.advance(nbytes=done_bytes)
-            fetched = self._blobs.fetch(DATA_BLOB, [node.block_id(i) for i in wanted]) if wanted else {}
-            for i in wanted:
-                data = fetched[node.block_id(i)]
-                if isinstance(data, FsmountError):
-                    raise data
-                offset = i * self._block_size
-                length = min(self._block_size, node.size - offset)
-                if len(data) != length:
-                    raise FsmountError(f"block {i} has {len(data)} bytes, the snapshot says {length}")
-                if compare:
-                    os.pwrite(fd, data, offset)
-                else:
-                    _write_skipping_zero_pages(fd, data, offset)
-                with self._lock:
-                    self.stats.blocks_written += 1
-                    self.stats.bytes_written += length
-                self.progress.advance(nbytes=length)
+                opened.append(_SmallFile(job, node, path, fd, compare))
+            for small in opened:
+                try:
+                    small.wanted = self._blocks_to_fetch(small.fd, small.node, 0, small.node.block_count,
+                                                         small.compare)
+                except _FAILURES as exc:
+                    small.failure = exc
+            wanted_ids = [small.node.block_id(i) for small in opened for i in small.wanted]
+            try:
+                fetched = self._blobs.fetch(DATA_BLOB, wanted_ids) if wanted_ids else {}
+            except _FAILURES as exc:  # the store failed as a whole: every file of the batch fails
+                fetched = dict.fromkeys(wanted_ids, exc)
+            for small in opened:
+                end = 0
+                if small.failure is None:
+                    try:
+                        end = self._write_blocks(small.fd, small.node, small.wanted, fetched, small.compare)
+                    except _FAILURES as exc:
+                        small.failure = exc
+                finished += 1
+                self._finish_file(small.fd, small.job, small.node, small.path, small.failure,
+                                  created=not small.compare, size_reached=end == small.node.size)
         finally:
+            for small in opened[finished:]:  # only after a bug: the restore stops, fds must not leak
+                os.close(small.fd)
             self._tasks_in_flight.release()
 
-    # -- finisher thread --------------------------------------------------------------------------
-
-    def _finish_file(self, fd: int, dir_fd: int, node: Node, path: bytes, batches: list[Future],
-                     created: bool) -> None:
+    def _restore_part(self, opened: _OpenFile, first: int, last: int) -> None:
+        """Blocks [first, last) of a file the walker opened."""
         try:
-            failure = None
-            for future in batches:
-                try:
-                    future.result()
-                except (FsmountError, OSError) as exc:
-                    failure = failure or exc
-            if failure is not None:
-                self._error(path, str(failure))
-                if created:
-                    os.unlink(node.name, dir_fd=dir_fd)
-                return
-            os.ftruncate(fd, node.size)
-            apply_metadata(dir_fd, node, fd, replace_xattrs=not created)
-        except OSError as exc:
-            self._error(path, exc.strerror or str(exc))
+            node, fd = opened.node, opened.fd
+            wanted = self._blocks_to_fetch(fd, node, first, last, opened.compare)
+            fetched = self._blobs.fetch(DATA_BLOB, [node.block_id(i) for i in wanted]) if wanted else {}
+            end = self._write_blocks(fd, node, wanted, fetched, opened.compare)
+            with self._lock:
+                opened.end = max(opened.end, end)
+        except _FAILURES as exc:
+            with self._lock:
+                opened.failure = opened.failure or exc
         finally:
-            os.close(fd)
+            self._tasks_in_flight.release()
+            self._part_done(opened)
+
+    def _blocks_to_fetch(self, fd: int, node: Node, first: int, last: int, compare: bool) -> list[int]:
+        """Of blocks [first, last), those to fetch: not holes and (in place) not already equal."""
+        wanted: list[int] = []
+        done_bytes = unchanged = 0
+        for i in range(first, last):
+            offset = i * self._block_size
+            length = min(self._block_size, node.size - offset)
+            if compare:
+                local = os.pread(fd, length, offset)
+                if len(local) == length and xxhash.xxh3_128_digest(local) == node.block_xxh(i):
+                    unchanged += 1
+                    done_bytes += length
+                    continue
+            if node.block_id(i) == HOLE:
+                if compare:
+                    os.pwrite(fd, bytes(length), offset)
+                done_bytes += length
+                continue
+            wanted.append(i)
+        if unchanged:
+            with self._lock:
+                self.stats.blocks_unchanged += unchanged
+        if done_bytes:
+            self.progress.advance(nbytes=done_bytes)
+        return wanted
+
+    def _write_blocks(self, fd: int, node: Node, wanted: list[int], fetched: dict, compare: bool) -> int:
+        """Write the fetched blocks; returns where the last byte written ends (0: none)."""
+        written = end = 0
+        for i in wanted:
+            data = fetched[node.block_id(i)]
+            if isinstance(data, Exception):
+                raise data
+            offset = i * self._block_size
+            length = min(self._block_size, node.size - offset)
+            if len(data) != length:
+                raise FsmountError(f"block {i} has {len(data)} bytes, the snapshot says {length}")
+            if compare:
+                os.pwrite(fd, data, offset)
+                end = offset + length
+            else:
+                end = max(end, _write_skipping_zero_pages(fd, data, offset))
+            written += length
+        if wanted:
+            with self._lock:
+                self.stats.blocks_written += len(wanted)
+                self.stats.bytes_written += written
+            self.progress.advance(nbytes=written)
+        return end
+
+    # -- finishing --------------------------------------------------------------------------------
+
+    def _part_done(self, opened: _OpenFile) -> None:
+        with self._lock:
+            opened.pending -= 1
+            if opened.pending:
+                return
+            self._open.discard(opened)
+        try:
+            self._finish_file(opened.fd, opened.job, opened.node, opened.path, opened.failure,
+                              created=not opened.compare, size_reached=opened.end == opened.node.size)
+        finally:
             self._files_in_flight.release()
 
-    def _finish_dir(self, job: _DirJob) -> None:
+    def _finish_file(self, fd: int, job: _DirJob, node: Node, path: bytes, failure: Exception | None,
+                     created: bool, size_reached: bool = False) -> None:
+        """Truncate, set metadata, close; or report the failure and remove a half-made copy.
+        A new file whose last byte was written has its size already and is not truncated."""
         try:
-            assert job.node is not None and job.parent_fd is not None
-            apply_metadata(job.parent_fd, job.node, job.fd, replace_xattrs=True)
+            if failure is not None:
+                self._error(path, _message(failure))
+                if created:
+                    os.unlink(node.name, dir_fd=job.fd)
+                return
+            if not (created and size_reached):
+                os.ftruncate(fd, node.size)
+            apply_metadata(job.fd, node, fd, replace_xattrs=not created)
         except OSError as exc:
-            self._error(job.path, exc.strerror or str(exc))
+            self._error(path, _message(exc))
         finally:
-            os.close(job.fd)
+            os.close(fd)
+            self._dir_done(job)
+
+    def _dir_done(self, job: _DirJob | None) -> None:
+        """One thing inside `job` is finished; the last one finishes the directory, and so upward."""
+        while job is not None:
+            with self._lock:
+                job.pending -= 1
+                if job.pending:
+                    return
+                self._open.discard(job)
+            if job.parent is None:  # the target root: its own metadata is left alone
+                self._done.set()
+                return
+            try:
+                assert job.node is not None
+                apply_metadata(job.parent.fd, job.node, job.fd, replace_xattrs=True)
+            except OSError as exc:
+                self._error(job.path, _message(exc))
+            finally:
+                os.close(job.fd)
+            job = job.parent
 
     def _error(self, path: bytes, message: str) -> None:
         text = f"{os.fsdecode(path)}: {message}"
@@ -345,26 +537,45 @@ class Restore:
             self.errors.append(text)
 
 
+def _default_workers(repo: Repository) -> int:
+    """One worker per core when the store is a local disk: the work is then CPU (unsealing,
+    hashing, file creation), and more threads only fight over the GIL (measured on 2 cores:
+    8 workers 3.8 s, 2 workers 2.7 s for 0.5 GiB). A remote store needs requests in flight."""
+    cores = os.cpu_count() or 2
+    return max(2, cores) if on_local_disk(repo.store) else max(8, 4 * cores)
+
+
+def _message(exc: Exception) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, FsmountError):
+        return exc.strerror or str(exc)
+    return str(exc)
+
+
 PAGE = 4096
 _ZERO_PAGE = bytes(PAGE)
 
 
-def _write_skipping_zero_pages(fd: int, data: bytes, offset: int) -> None:
-    """Write `data` into a new file, leaving all-zero pages as holes (as the original had them)."""
+def _write_skipping_zero_pages(fd: int, data: bytes, offset: int) -> int:
+    """Write `data` into a new file, leaving all-zero pages as holes (as the original had them).
+    Returns where the last byte written ends (`offset` if all of it was zeros)."""
     if data.find(_ZERO_PAGE) < 0:  # the usual case, checked in C: no page can be all zeros
         os.pwrite(fd, data, offset)
-        return
+        return offset + len(data)
     view = memoryview(data)
     run_start = None
+    end = offset
     for page in range(0, len(data), PAGE):
         zero = view[page:page + PAGE] == _ZERO_PAGE[: min(PAGE, len(data) - page)]
         if not zero and run_start is None:
             run_start = page
         elif zero and run_start is not None:
             os.pwrite(fd, view[run_start:page], offset + run_start)
+            end = offset + page
             run_start = None
     if run_start is not None:
         os.pwrite(fd, view[run_start:], offset + run_start)
+        end = offset + len(data)
+    return end
 
 
 def restore(repo: Repository, snapshot: Snapshot, target: str | bytes, **options: object) -> RestoreResult:

@@ -300,6 +300,11 @@ class FrozenEpoch:
         row = self.db.execute("SELECT flags FROM changes WHERE epoch=? AND path=?", (self.epoch, path)).fetchone()
         return 0 if row is None else row[0]
 
+    def written_paths(self) -> list[bytes]:
+        """Paths whose bytes changed in this epoch: the files its snapshot will read."""
+        return [path for (path,) in self.db.execute(
+            "SELECT path FROM changes WHERE epoch=? AND flags & ?", (self.epoch, CONTENT | WHOLE | NEW))]
+
     def is_empty(self) -> bool:
         return self.db.execute("SELECT 1 FROM changes WHERE epoch=? LIMIT 1", (self.epoch,)).fetchone() is None
 

@@ -25,11 +25,20 @@ from .profiles import load_profile
 
 
 def open_location(location: str) -> ObjectStore:
-    """A store from a location as the user wrote it, `profile:NAME` included (profiles.py)."""
+    """A store from a location as the user wrote it, `profile:NAME` included (profiles.py).
+
+    FSMOUNT_STORE_RETRY_S sets how long one S3 request keeps retrying before the operation that
+    needed it fails (default 60 s); a live mount then tries the snapshot again later."""
+    options: dict = {}
+    if os.environ.get("FSMOUNT_STORE_RETRY_S"):
+        try:
+            options["retry_budget_s"] = float(os.environ["FSMOUNT_STORE_RETRY_S"])
+        except ValueError:
+            raise UsageError(f"FSMOUNT_STORE_RETRY_S must be a number of seconds, not {os.environ['FSMOUNT_STORE_RETRY_S']!r}") from None
     if location.startswith("profile:"):
         profile = load_profile(location.removeprefix("profile:"))
-        return open_store(profile.location, **profile.store_options())
-    return open_store(location)
+        return open_store(profile.location, **{**profile.store_options(), **options})
+    return open_store(location, **options)
 
 
 @dataclass

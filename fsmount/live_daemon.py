@@ -71,7 +71,6 @@ class LiveMount:
         self.final_snapshot: str | None = None
         self.final_error: str | None = None
         self.skip_final_snapshot = False  # `umount --lazy`: the next mount's scan catches up
-        self._mounted = False
 
     def run(self, ready: Callable[[], None]) -> None:
         """Mount, call `ready()`, serve until unmounted, take the final snapshot."""
@@ -85,14 +84,14 @@ class LiveMount:
         changelog = Changelog(os.path.join(live_dir, "changelog.sqlite"), self.repo.block_size)
         try:
             changelog.require_full_scan("mount start: the folder may have changed while unmounted")
-            self.uploader = Uploader(self.repo, changelog, self.source, source_fd, self.host,
-                                     sync_kernel=self._sync_kernel)
+            self.uploader = Uploader(self.repo, changelog, self.source, source_fd, self.host, spill_dir=live_dir)
             self.changelog = changelog
             snapshot_tree = make_snapshot_tree(
                 self.repo, self.cache_bytes, on_mkdir=self.uploader.snapshot,
                 include=lambda s: s.host == self.host and s.source == self.source)
             self.uploader.on_snapshot = snapshot_tree.invalidate
             self.operations = LiveTree(source_fd, changelog, snapshot_tree)
+            self.uploader.live_tree = self.operations
             os.umask(0)
             options = {"fsname=fsmount", "subtype=fsmount", "default_permissions"}
             if os.geteuid() == 0:
@@ -141,29 +140,24 @@ class LiveMount:
                 nursery.start_soon(raise_readahead, self.mountpoint)
                 if self.every_s:
                     nursery.start_soon(self.uploader.run_schedule, self.every_s)
-                self._mounted = True
                 try:
                     await pyfuse3.main()
                 finally:
-                    self._mounted = False
                     pyfuse3.close(unmount=True)
+                    self.uploader.stop_retrying()  # a pending snapshot must not hold up the final one
                 if self.skip_final_snapshot:
                     log.info("unmounted %s without a final snapshot", os.fsdecode(self.mountpoint))
                 else:
                     log.info("unmounted %s; taking the final snapshot", os.fsdecode(self.mountpoint))
                     try:
-                        self.final_snapshot = (await self.uploader.snapshot()).id
+                        # One attempt: `umount` waits for it; the next mount catches up on failure.
+                        self.final_snapshot = (await self.uploader.snapshot(retry=False)).id
                     except FsmountError as exc:
                         self.final_error = str(exc)
                         log.error("final snapshot failed: %s (the next mount will catch up)", exc)
                 self._final_done.set()
                 nursery.cancel_scope.cancel()
             stop_control.set()  # the control server ends once pending replies (`umount`) are sent
-
-    def _sync_kernel(self) -> None:
-        """Make the kernel write back data and times it caches for this mount (worker thread)."""
-        if self._mounted:
-            pyfuse3.syncfs(os.fsdecode(self.mountpoint))
 
     async def _flush_changelog(self) -> None:
         while True:

@@ -11,6 +11,10 @@ timeouts, the writeback cache, `keep_cache`. Blocking calls run on worker thread
 does not stall the others: fsync always, writes over 1 MiB, and reads the page cache cannot serve
 at once (RWF_NOWAIT tells which).
 
+While a snapshot is being read, `frozen` is its point-in-time view (frozen_view.py), and every
+handler that changes the source first tells the view (`_keep_*`), so the snapshot still reads the
+folder as it was at its instant.
+
 `MOUNT/.snapshots` is not in the source: it is the read-only snapshot view, hidden from listings.
 """
 
@@ -27,7 +31,10 @@ from typing import Any
 import pyfuse3
 import trio
 
+from backend.source import key_of
+
 from .changelog import Changelog
+from .frozen_view import FrozenView
 from .live_inodes import ROOT, InodeTable
 
 log = logging.getLogger(__name__)
@@ -76,6 +83,7 @@ class LiveTree(pyfuse3.Operations):
         self.inodes = InodeTable(root_fd)
         self.changelog = changelog
         self.snapshots = snapshots  # the .snapshots view, or None
+        self.frozen: FrozenView | None = None  # the running snapshot's view of its instant
         self.as_root = os.geteuid() == 0
         self._handles: dict[int, _Handle] = {}
         self._next_handle = 1
@@ -122,6 +130,30 @@ class LiveTree(pyfuse3.Operations):
         gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else ctx.gid
         return ctx.uid, gid
 
+    # Before a change reaches the source, the running snapshot keeps what it still needs of it.
+
+    def _keep_metadata(self, inode: int) -> None:
+        record = self.inodes[inode]
+        if self.frozen is not None and inode != ROOT and record.names:
+            dir_fd, name = self.inodes.where(inode)
+            self.frozen.before_metadata(record.key, dir_fd, name)
+
+    def _keep_entries(self, parent: int) -> None:
+        """The entries of `parent` are about to change (and with them its times)."""
+        if self.frozen is not None:
+            self.frozen.before_entries(self.inodes[parent].key, self.inodes.dir_fd(parent))
+            self._keep_metadata(parent)
+
+    def _keep_entry(self, parent: int, name: bytes) -> None:
+        """The entry `name` of `parent`, if there is one, is about to be moved, replaced or removed."""
+        if self.frozen is not None:
+            dir_fd = self.inodes.dir_fd(parent)
+            try:
+                st = os.lstat(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                return
+            self.frozen.before_move(key_of(st), dir_fd, name)
+
     def _new_handle(self, fd: int, inode: int, entries: list | None = None) -> int:
         handle = self._next_handle
         self._next_handle += 1
@@ -167,17 +199,26 @@ class LiveTree(pyfuse3.Operations):
             return attr
         if fields.update_size:
             if handle is not None:
+                if self.frozen is not None:
+                    self.frozen.before_truncate(record.key, handle.fd, attr.st_size)
                 os.ftruncate(handle.fd, attr.st_size)
             else:
                 dir_fd, name = self.inodes.where(inode)
-                fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                # read and write, so the running snapshot can keep the blocks it is about to lose
                 try:
+                    fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                except PermissionError:
+                    fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    if self.frozen is not None:
+                        self.frozen.before_truncate(record.key, fd, attr.st_size)
                     os.ftruncate(fd, attr.st_size)
                 finally:
                     os.close(fd)
             for path in self._paths(inode):
                 self.changelog.mark_truncated(path)
         if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime or fields.update_mtime:
+            self._keep_metadata(inode)
             self._set_metadata(inode, attr, fields, handle)
             for path in self._paths(inode):
                 self.changelog.mark_metadata(path)
@@ -269,6 +310,7 @@ class LiveTree(pyfuse3.Operations):
         if self.snapshots is not None and self.snapshots.owns(parent_inode):
             return await self.snapshots.mkdir(parent_inode, name, mode, ctx)
         dir_fd = self.inodes.dir_fd(parent_inode)
+        self._keep_entries(parent_inode)
         os.mkdir(name, mode, dir_fd=dir_fd)
         self._chown_new(parent_inode, dir_fd, name, ctx)
         self.changelog.mark_created(self.inodes.path_of(parent_inode, name))
@@ -290,6 +332,8 @@ class LiveTree(pyfuse3.Operations):
         if self._is_snapshots(parent_inode, name):
             raise pyfuse3.FUSEError(errno.EROFS)
         path = self.inodes.path_of(parent_inode, name)
+        self._keep_entries(parent_inode)
+        self._keep_entry(parent_inode, name)
         os.rmdir(name, dir_fd=self.inodes.dir_fd(parent_inode))
         self.inodes.unlinked(parent_inode, name)
         self.changelog.mark_removed(path, is_dir=True)
@@ -300,6 +344,8 @@ class LiveTree(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._refuse_snapshots(parent_inode)
         path = self.inodes.path_of(parent_inode, name)
+        self._keep_entries(parent_inode)
+        self._keep_entry(parent_inode, name)
         os.unlink(name, dir_fd=self.inodes.dir_fd(parent_inode))
         self.inodes.unlinked(parent_inode, name)
         self.changelog.mark_removed(path)
@@ -313,6 +359,9 @@ class LiveTree(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EROFS)
         old_path = self.inodes.path_of(parent_inode_old, name_old)
         new_path = self.inodes.path_of(parent_inode_new, name_new)
+        for parent, name in ((parent_inode_old, name_old), (parent_inode_new, name_new)):
+            self._keep_entries(parent)
+            self._keep_entry(parent, name)
         renameat2(self.inodes.dir_fd(parent_inode_old), name_old, self.inodes.dir_fd(parent_inode_new),
                   name_new, flags)
         exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
@@ -323,6 +372,8 @@ class LiveTree(pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._refuse_snapshots(new_parent_inode)
+        self._keep_entries(new_parent_inode)
+        self._keep_metadata(inode)  # its link count and ctime
         dir_fd, name = self.inodes.where(inode)
         os.link(name, new_name, src_dir_fd=dir_fd, dst_dir_fd=self.inodes.dir_fd(new_parent_inode),
                 follow_symlinks=False)
@@ -334,6 +385,7 @@ class LiveTree(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._refuse_snapshots(parent_inode)
         dir_fd = self.inodes.dir_fd(parent_inode)
+        self._keep_entries(parent_inode)
         os.symlink(target, name, dir_fd=dir_fd)
         self._chown_new(parent_inode, dir_fd, name, ctx)
         self.changelog.mark_created(self.inodes.path_of(parent_inode, name))
@@ -344,6 +396,7 @@ class LiveTree(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._refuse_snapshots(parent_inode)
         dir_fd = self.inodes.dir_fd(parent_inode)
+        self._keep_entries(parent_inode)
         os.mknod(name, mode, rdev, dir_fd=dir_fd)
         self._chown_new(parent_inode, dir_fd, name, ctx)
         self.changelog.mark_created(self.inodes.path_of(parent_inode, name))
@@ -364,7 +417,17 @@ class LiveTree(pyfuse3.Operations):
         if self.snapshots is not None and self.snapshots.owns(inode):
             return await self.snapshots.open(inode, flags, ctx)
         dir_fd, name = self.inodes.where(inode)
-        fd = os.open(name, self._open_flags(flags) & ~os.O_CREAT, dir_fd=dir_fd)
+        keep_bytes = bool(flags & os.O_TRUNC) and self.frozen is not None
+        fd = os.open(name, self._open_flags(flags) & ~os.O_CREAT & ~(os.O_TRUNC if keep_bytes else 0),
+                     dir_fd=dir_fd)
+        if keep_bytes:
+            assert self.frozen is not None
+            try:
+                self.frozen.before_truncate(self.inodes[inode].key, fd, 0)
+                os.ftruncate(fd, 0)
+            except BaseException:
+                os.close(fd)
+                raise
         if flags & os.O_TRUNC:
             for path in self._paths(inode):
                 self.changelog.mark_truncated(path)
@@ -377,6 +440,7 @@ class LiveTree(pyfuse3.Operations):
         if self._is_snapshots(parent_inode, name):
             raise pyfuse3.FUSEError(errno.EROFS)
         dir_fd = self.inodes.dir_fd(parent_inode)
+        self._keep_entries(parent_inode)
         fd = os.open(name, self._open_flags(flags) | os.O_CREAT, mode, dir_fd=dir_fd)
         try:
             self._chown_new(parent_inode, dir_fd, name, ctx, fd)
@@ -410,6 +474,8 @@ class LiveTree(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
         paths = self._paths(handle.inode)
+        if self.frozen is not None:
+            self.frozen.before_write(self.inodes[handle.inode].key, handle.fd, off, len(buf))
         if len(buf) > THREAD_THRESHOLD:
             written = await trio.to_thread.run_sync(os.pwrite, handle.fd, buf, off, limiter=self.limiter)
         else:
@@ -466,6 +532,7 @@ class LiveTree(pyfuse3.Operations):
     @_fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._refuse_snapshots(inode)
+        self._keep_metadata(inode)
         os.setxattr(self._xattr_target(inode), name, value, follow_symlinks=False)
         for path in self._paths(inode):
             self.changelog.mark_metadata(path)
@@ -473,6 +540,7 @@ class LiveTree(pyfuse3.Operations):
     @_fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._refuse_snapshots(inode)
+        self._keep_metadata(inode)
         try:
             os.removexattr(self._xattr_target(inode), name, follow_symlinks=False)
         except OSError as exc:

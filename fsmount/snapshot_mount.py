@@ -21,10 +21,10 @@ import trio
 from backend.blob_reader import BlobCache, BlobReader
 from backend.errors import UsageError
 from backend.repository import Repository
-from backend.stores import LocalStore, ObjectStore
+from backend.stores import on_local_disk
 
 from .mountpoint import check_mountpoint, raise_readahead
-from .snapshot_reader import SnapshotReader
+from .snapshot_reader import LOCAL_FETCH_THREADS, SnapshotReader
 from .snapshot_tree import SnapshotTree
 
 log = logging.getLogger(__name__)
@@ -34,17 +34,17 @@ def make_snapshot_tree(repo: Repository, cache_bytes: int, **options: Any) -> Sn
     """A snapshot tree with the repository's block cache (in its XDG cache dir) behind it.
 
     A repository on local disk gets no block cache: reading the pack is as fast as reading the
-    cache, and filling it made `cp -a` of a snapshot 1.5x slower (measured, 13k files)."""
-    if _on_local_disk(repo.store):
+    cache, and filling it made `cp -a` of a snapshot 1.5x slower (measured, 13k files). It also
+    gets one fetch thread per core instead of 8, since unsealing, not waiting, is the work there:
+    `cat` of 600 MiB of large files out of the mount took 2.1-2.6 s instead of 2.6-3.0 s, with
+    20% less CPU (2 cores)."""
+    local = on_local_disk(repo.store)
+    if local:
         cache_bytes = 0
     cache = BlobCache(os.path.join(repo.cache_dir, "blocks"), cache_bytes) if cache_bytes else None
-    reader = SnapshotReader(BlobReader(repo, cache), repo.block_size)
+    reader = SnapshotReader(BlobReader(repo, cache), repo.block_size,
+                            **({"fetch_threads": LOCAL_FETCH_THREADS} if local else {}))
     return SnapshotTree(repo, reader, **options)
-
-
-def _on_local_disk(store: ObjectStore) -> bool:
-    replicas = getattr(store, "replicas", None)
-    return all(map(_on_local_disk, replicas)) if replicas else isinstance(store, LocalStore)
 
 
 def _read_only(*args: Any, **kwargs: Any) -> Any:

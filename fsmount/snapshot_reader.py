@@ -11,6 +11,7 @@ that run in parallel, the window doubling with every sequential read up to `MAX_
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 
 import trio
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 MAX_WINDOW = 32  # blocks fetched ahead of a sequential reader (4 MiB at 128 KiB blocks)
 BATCH = 8  # blocks per background fetch; batches run in parallel
-FETCH_THREADS = 8
+FETCH_THREADS = 8  # fetches at once from a remote store, where each waits for a round trip
+LOCAL_FETCH_THREADS = max(2, os.cpu_count() or 2)  # from local disk: CPU work, more would fight over the GIL
 
 
 class _Pending:
@@ -37,14 +39,15 @@ class _Pending:
 
 
 class SnapshotReader:
-    def __init__(self, blobs: BlobReader, block_size: int, *, memory_bytes: int = 64 * 1024 * 1024):
+    def __init__(self, blobs: BlobReader, block_size: int, *, memory_bytes: int = 64 * 1024 * 1024,
+                 fetch_threads: int = FETCH_THREADS):
         self.blobs = blobs
         self.block_size = block_size
         self.memory_limit = memory_bytes
         self._memory: OrderedDict[bytes, bytes] = OrderedDict()
         self._memory_bytes = 0
         self._pending: dict[bytes, _Pending] = {}
-        self._limiter = trio.CapacityLimiter(FETCH_THREADS)
+        self._limiter = trio.CapacityLimiter(fetch_threads)
 
     async def read(self, node: Node, offset: int, size: int, *, sequential: int = 0) -> bytes:
         """Up to `size` bytes of a file from `offset`; `sequential` counts the reads in a row."""

@@ -31,7 +31,6 @@ import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from operator import attrgetter
 
 import pyfuse3
 import trio
@@ -58,6 +57,9 @@ def _number(*parts: bytes) -> int:
     return int.from_bytes(digest, "big") | OWN_RANGE
 
 
+LATEST_NUMBER = _number(LATEST)  # asked about on every getattr and xattr request: computed once
+
+
 @dataclass(eq=False)
 class _Inode:
     number: int
@@ -65,7 +67,36 @@ class _Inode:
     snapshot: Snapshot | None  # None for the root
     parent: int
     lookups: int = 0
-    scan_position: int = -1  # directories: listing index of the last file opened in it
+    siblings: _Siblings | None = None  # directories: how their files are being opened
+
+
+class _Siblings:
+    """The files of one directory in the two orders copying tools open them: by name (tar,
+    rsync, `find`) and by inode number (GNU `cp -r` sorts by inode, for disks where that is the
+    on-disk order; ours are hashes, so that order is unrelated to the names). For each order,
+    the rank of the file opened last and how far ahead its files have been fetched."""
+
+    def __init__(self, files: list[Node], numbers: list[int]):
+        by_number = [node for _, node in sorted(zip(numbers, files), key=lambda pair: pair[0])]
+        self.orders = (files, by_number)
+        self.ranks = tuple({node.name: rank for rank, node in enumerate(order)} for order in self.orders)
+        self.last = [-1, -1]
+        self.horizon = [0, 0]
+
+    def ahead(self, name: bytes) -> list[Node]:
+        """Files to fetch now that `name` is opened: the next ones in each order it follows."""
+        wanted: list[Node] = []
+        for k, order in enumerate(self.orders):
+            rank = self.ranks[k][name]
+            step, self.last[k] = rank - self.last[k], rank
+            if step != 1:  # not following this order (or jumped): wait for it to resume
+                self.horizon[k] = rank + 1
+                continue
+            if rank + SIBLINGS_AHEAD // 2 < self.horizon[k]:
+                continue  # still far enough ahead; topping up in halves makes larger fetches
+            start, self.horizon[k] = max(rank + 1, self.horizon[k]), rank + 1 + SIBLINGS_AHEAD
+            wanted += order[start : self.horizon[k]]
+        return wanted
 
 
 @dataclass(eq=False)
@@ -173,7 +204,7 @@ class SnapshotTree:
     def _latest_attr(self) -> pyfuse3.EntryAttributes:
         target = self._latest or b""
         newest = self._labels[target].time_ns if target else self.mounted_ns
-        attr = self._make_attr(_number(b"latest"), stat.S_IFLNK | 0o777, 1, len(target), newest, ROOT_TIMEOUT_S)
+        attr = self._make_attr(LATEST_NUMBER, stat.S_IFLNK | 0o777, 1, len(target), newest, ROOT_TIMEOUT_S)
         return attr
 
     # -- attributes ---------------------------------------------------------------------------------
@@ -230,7 +261,7 @@ class SnapshotTree:
         return inode
 
     async def getattr(self, number: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        if number == _number(b"latest"):
+        if number == LATEST_NUMBER:
             return self._latest_attr()
         return self._attr(self._inode(number))
 
@@ -250,13 +281,17 @@ class SnapshotTree:
         where = f"snapshot {snapshot.short_id}" if snapshot else "snapshot list"
         return f"{where}, {os.fsdecode(inode.node.name)}" if inode.node else where
 
-    def _child_inode(self, parent: _Inode, node: Node) -> _Inode:
+    def _child_number(self, parent: _Inode, node: Node) -> int:
         snapshot = parent.snapshot
         assert snapshot is not None
         if node.is_hardlinked:
-            number = _number(b"link", snapshot.id.encode(), b"%d:%d" % (node.dev, node.ino))
-        else:
-            number = _number(parent.number.to_bytes(8, "big"), node.name)
+            return _number(b"link", snapshot.id.encode(), b"%d:%d" % (node.dev, node.ino))
+        return _number(parent.number.to_bytes(8, "big"), node.name)
+
+    def _child_inode(self, parent: _Inode, node: Node) -> _Inode:
+        snapshot = parent.snapshot
+        assert snapshot is not None
+        number = self._child_number(parent, node)
         inode = self._inodes.get(number)
         if inode is None:
             inode = self._inodes[number] = _Inode(number, node, snapshot, parent.number)
@@ -299,7 +334,7 @@ class SnapshotTree:
                 del self._inodes[number]
 
     async def readlink(self, number: int, ctx: pyfuse3.RequestContext | None = None) -> bytes:
-        if number == _number(b"latest"):
+        if number == LATEST_NUMBER:
             if self._latest is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return self._latest
@@ -393,18 +428,19 @@ class SnapshotTree:
         return pyfuse3.FileInfo(fh=self._new_handle(_File(inode)), keep_cache=True)
 
     def _prefetch_siblings(self, inode: _Inode) -> None:
-        """`cp -r` opens a folder's files in listing order: while it copies one, fetch the next."""
+        """A copy opens a folder's files one after another: while it copies one, fetch the next."""
         parent = self._inodes.get(inode.parent)
         if parent is None or parent.snapshot is None or inode.node is None:
             return
-        children = self.repo.cached_tree(parent.node.subtree if parent.node is not None else parent.snapshot.tree)
-        if children is None:
-            return
-        at = bisect_left(children, inode.node.name, key=attrgetter("name"))
-        forward, parent.scan_position = at > parent.scan_position, at
-        if not forward:
-            return
-        wanted = [child.block_id(i) for child in children[at + 1 : at + 1 + SIBLINGS_AHEAD] if child.type == FILE
+        if parent.siblings is None:
+            children = self.repo.cached_tree(parent.node.subtree if parent.node is not None else parent.snapshot.tree)
+            if children is None:
+                return
+            files = [child for child in children if child.type == FILE]
+            parent.siblings = _Siblings(files, [self._child_number(parent, child) for child in files])
+        if inode.node.name not in parent.siblings.ranks[0]:
+            return  # a hard link, opened under a name in another folder
+        wanted = [child.block_id(i) for child in parent.siblings.ahead(inode.node.name)
                   for i in range(min(2, child.block_count))]
         self.reader.prefetch(wanted)
 
@@ -430,11 +466,11 @@ class SnapshotTree:
     # -- extended attributes ------------------------------------------------------------------------
 
     async def getxattr(self, number: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> bytes:
-        node = self._inode(number).node if number != _number(b"latest") else None
+        node = self._inode(number).node if number != LATEST_NUMBER else None
         if node is None or name not in node.xattrs:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return node.xattrs[name]
 
     async def listxattr(self, number: int, ctx: pyfuse3.RequestContext | None = None) -> list[bytes]:
-        node = self._inode(number).node if number != _number(b"latest") else None
+        node = self._inode(number).node if number != LATEST_NUMBER else None
         return list(node.xattrs) if node is not None else []

@@ -1,13 +1,22 @@
 """The uploader: turns the changelog into snapshots, one at a time.
 
-A snapshot first has the kernel write back what it caches for the mount (`sync_kernel`: with the
-writeback cache, just-written bytes and times may not have reached the daemon yet), then freezes
-the changelog's current epoch on the event loop thread (writers wait only for that: a flush and a
-counter), then runs the engine's change-driven backup on a worker thread, through
-the source fd opened before mounting: it lists only directories on changed paths, reads only the
-written blocks, and reuses the parent snapshot everywhere else (backend/backup.py). The first
+A snapshot freezes the changelog's current epoch on the event loop thread and hands the live tree a point-in-time
+view of that instant (frozen_view.py). Writers wait only for that: a flush, a counter, and an
+lstat per file written in the epoch. The engine's change-driven backup then runs on a worker
+thread, reading the folder through the view while the user keeps working: it lists only
+directories on changed paths, reads only the written blocks, and reuses the parent snapshot
+everywhere else (backend/backup.py); whatever changes meanwhile, it records the folder as it was.
+
+The instant is the daemon's: with the kernel's writeback cache, bytes written to a file that is
+still open and not yet fsync'd may still sit in the kernel and belong to the next snapshot (closing
+a file writes it back; `fsmount snapshot` has the kernel write everything back before asking). The first
 snapshot after a mount starts, and any after a failed one, is a full metadata scan instead, which
 finds edits made while unmounted or lost in a crash (changelog.py says why that is enough).
+
+When the store fails (unreachable, down, out of space), the snapshot is not given up: its view
+keeps its instant while the user keeps working at local speed, and the same snapshot is tried
+again with growing pauses until it is stored (status shows it as pending, with the error). Only a
+view that cannot hold its instant any longer (spill limit) abandons it; the next one rescans.
 
 Snapshots are taken on demand (`fsmount snapshot`, `mkdir .snapshots/NAME`), on a schedule
 (`--every`), and at unmount.
@@ -24,15 +33,18 @@ from dataclasses import dataclass
 import trio
 
 from backend.backup import Backup, BackupResult
-from backend.errors import FsmountError
+from backend.errors import FsmountError, StoreError
 from backend.repository import Repository
 from backend.snapshot import Snapshot
 
 from .changelog import Changelog
+from .frozen_view import FrozenView
 
 log = logging.getLogger(__name__)
 
 LIVE_TAG = "live"
+SPILL_LIMIT_BYTES = 4 << 30  # what a running snapshot may keep aside of blocks overwritten meanwhile
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0  # pauses between attempts to store a pending snapshot
 
 
 @dataclass
@@ -45,13 +57,17 @@ class UploaderStatus:
     last_full_scan: bool = False
     last_error: str | None = None
     running: bool = False
+    pending_since: float | None = None  # the instant of a snapshot waiting for the store
+    attempts: int = 0  # failed attempts to store it
 
 
 class Uploader:
     def __init__(self, repo: Repository, changelog: Changelog, source: bytes, source_fd: int, host: str,
-                 sync_kernel: Callable[[], None] | None = None):
+                 spill_dir: str | None = None, spill_limit_bytes: int = SPILL_LIMIT_BYTES):
         self.repo = repo
-        self.sync_kernel = sync_kernel
+        self.spill_dir = spill_dir or repo.cache_dir
+        self.spill_limit_bytes = spill_limit_bytes
+        self.live_tree: object | None = None  # has `frozen`: told of each running snapshot's view
         self.changelog = changelog
         self.source = source
         self.source_fd = source_fd
@@ -60,28 +76,38 @@ class Uploader:
         self.status = UploaderStatus(last_snapshot=self.parent.id if self.parent else None)
         self.on_snapshot: Callable[[Snapshot], None] | None = None  # told of every snapshot stored
         self._lock = trio.Lock()
+        self._no_more_retries = trio.Event()
 
     def _latest(self) -> Snapshot | None:
         mine = [s for s in self.repo.snapshots() if s.host == self.host and s.source == self.source]
         return mine[-1] if mine else None
 
-    async def snapshot(self, name: str | None = None) -> Snapshot:
-        """Take a snapshot of the folder as it is now; raises FsmountError if it cannot be stored."""
+    async def snapshot(self, name: str | None = None, *, retry: bool = True) -> Snapshot:
+        """Take a snapshot of the folder as it is now and store it, trying again while the store
+        fails (unless not `retry`); raises FsmountError if it cannot be stored."""
         async with self._lock:
-            if self.sync_kernel is not None:
-                # on a worker thread: the write-back it causes is served by the event loop meanwhile
-                await trio.to_thread.run_sync(self.sync_kernel)
+            # The freeze: nothing below awaits until the view is in place.
             frozen = self.changelog.freeze()
             full_scan = frozen.full_scan or self.parent is None
+            view = FrozenView.at_freeze(self.source_fd, self.repo.block_size, self.spill_dir,
+                                        self.spill_limit_bytes, None if full_scan else frozen.written_paths())
+            instant_ns = time.time_ns()
+            if self.live_tree is not None:
+                self.live_tree.frozen = view  # type: ignore[attr-defined]
             self.status.running = True
             started = time.monotonic()
             try:
-                result = await trio.to_thread.run_sync(self._backup, frozen, name, full_scan)
+                result = await self._store(frozen, view, instant_ns, name, full_scan, retry)
             except FsmountError as exc:
                 self.changelog.snapshot_failed(frozen)
                 self.status.last_error = str(exc)
                 raise
             finally:
+                self.status.pending_since = None
+                self.status.attempts = 0
+                if self.live_tree is not None:
+                    self.live_tree.frozen = None  # type: ignore[attr-defined]
+                view.close()
                 frozen.close()
                 self.status.running = False
             self.changelog.snapshot_done(frozen, result.snapshot.id)
@@ -99,9 +125,31 @@ class Uploader:
                 log.warning("snapshot %s: %s", result.snapshot.short_id, warning)
             return result.snapshot
 
-    def _backup(self, frozen: object, name: str | None, full_scan: bool) -> BackupResult:
+    async def _store(self, frozen: object, view: FrozenView, instant_ns: int, name: str | None,
+                     full_scan: bool, retry: bool) -> BackupResult:
+        while True:
+            try:
+                return await trio.to_thread.run_sync(self._backup, frozen, view, instant_ns, name, full_scan)
+            except StoreError as exc:
+                self.status.attempts += 1
+                self.status.pending_since = instant_ns / 1e9
+                self.status.last_error = str(exc)
+                if not retry or view.overrun is not None or self._no_more_retries.is_set():
+                    raise
+                pause_s = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self.status.attempts - 1))
+                log.warning("snapshot not stored (%s); its instant is kept, trying again in %.0f s", exc, pause_s)
+                with trio.move_on_after(pause_s):
+                    await self._no_more_retries.wait()
+
+    def stop_retrying(self) -> None:
+        """A snapshot waiting for the store gives up after its current attempt (at unmount)."""
+        self._no_more_retries.set()
+
+    def _backup(self, frozen: object, view: FrozenView, instant_ns: int, name: str | None,
+                full_scan: bool) -> BackupResult:
         return Backup(self.repo, self.source, host=self.host, tags=[LIVE_TAG], name=name, parent=self.parent,
-                      changes=None if full_scan else frozen, source_fd=self.source_fd).run()  # type: ignore[arg-type]
+                      changes=None if full_scan else frozen, source_fd=self.source_fd,  # type: ignore[arg-type]
+                      view=view, time_ns=instant_ns).run()
 
     async def run_schedule(self, every_s: float) -> None:
         """Take a snapshot every `every_s` seconds; failures are logged and retried next time."""

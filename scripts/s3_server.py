@@ -196,6 +196,15 @@ class SeaweedServer:
                 except OSError:
                     pass
 
+    def pause(self) -> None:
+        """Stop serving, as an outage would, keeping the data and the ports for `resume()`."""
+        self._kill()
+
+    def resume(self) -> None:
+        """Serve again after `pause()`, on the same ports, with the same data."""
+        self._spawn(find_weed())
+        self._wait_ready()
+
     def stop(self) -> None:
         """Kill the server (it ignores SIGTERM) and remove its data, if the directory was ours."""
         self._kill()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from .base import ObjectStore
 from .local import LocalStore
 
-__all__ = ["ObjectStore", "LocalStore", "open_store"]
+__all__ = ["ObjectStore", "LocalStore", "on_local_disk", "open_store"]
 
 
 def open_store(location: str, **s3_options: object) -> ObjectStore:
@@ -25,3 +25,12 @@ def open_store(location: str, **s3_options: object) -> ObjectStore:
     if location.startswith("local:"):
         location = location[len("local:"):]
     return LocalStore(location)
+
+
+def on_local_disk(store: ObjectStore) -> bool:
+    """Whether every copy of the store is a local directory (reads cost no round trip)."""
+    replicas = getattr(store, "replicas", None)
+    if replicas:
+        return all(map(on_local_disk, replicas))
+    inner = getattr(store, "inner", None)  # wrappers: retries, fault injection
+    return on_local_disk(inner) if inner is not None else isinstance(store, LocalStore)

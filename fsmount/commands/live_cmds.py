@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import re
+import stat
 from contextlib import nullcontext
 
 import click
 
 from backend.errors import FsmountError, UsageError
 
-from .. import background, control
+from .. import background
 from ..context import AppContext
 from ..output import emit_json, human_bytes, json_option, stderr, stdout
 
@@ -28,7 +30,7 @@ def parse_duration(text: str) -> float:
 
 
 @click.command()
-@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.argument("source", type=click.Path(path_type=str))  # checked below: it may be a stale mount
 @click.argument("mountpoint", required=False, type=click.Path(path_type=str))
 @click.option("--every", metavar="DURATION", help="Also take a snapshot every DURATION (e.g. 15m, 1h).")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground (logs go to the terminal).")
@@ -47,6 +49,8 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
     every DURATION with --every, and at `fsmount umount MOUNT`. Every snapshot of the folder can be
     browsed, read-only, in MOUNT/.snapshots/ (hidden from listings; reach it by its path).
     """
+    from .. import control  # imports trio: only the commands that need it pay for it
+    _check_source(source)
     every_s = parse_duration(every) if every else None
     target = mountpoint or source
     if not foreground:
@@ -77,6 +81,20 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
         raise FsmountError(f"unmounted, but the final snapshot failed: {live.final_error}")
 
 
+def _check_source(source: str) -> None:
+    """SOURCE must be a folder, or a folder left mounted by a daemon that died (the mount clears it)."""
+    try:
+        st = os.stat(source)
+    except FileNotFoundError:
+        raise UsageError(f"{source}: no such folder") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return  # a dead daemon's mount: `fsmount mount` detects and clears it
+        raise UsageError(f"{source}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{source}: not a folder")
+
+
 @click.command()
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.option("--name", help="A name for the snapshot (shown in .snapshots/ and `fsmount snapshots`).")
@@ -86,8 +104,17 @@ def snapshot(app: AppContext, mountpoint: str, name: str | None) -> None:
     """Take a snapshot of a live mount now.
 
     It shows the folder at this instant; writers are held only while the change log is switched to
-    a new epoch, not during the upload. The same as `mkdir MOUNTPOINT/.snapshots/NAME`.
+    a new epoch, not during the upload. The same as `mkdir MOUNTPOINT/.snapshots/NAME`, except
+    that this first has the kernel write back what it still caches of files open for writing.
     """
+    import pyfuse3  # here, not at the top: most commands never need it
+
+    # From this process, not the daemon: a daemon blocked in syncfs on its own mount deadlocked
+    # against an fsync through the mount while `mkdir .snapshots/NAME` waited for the snapshot.
+    try:
+        pyfuse3.syncfs(mountpoint)
+    except OSError:
+        pass  # not a live mount, or a dead one: the request below says which
     reply = _ask(mountpoint, {"op": "snapshot", "name": name}, timeout=None)
     if app.json:
         emit_json(reply)
@@ -117,7 +144,11 @@ def status(app: AppContext, mountpoint: str) -> None:
         f"last         {last}",
         f"schedule     every {reply['every_s']:.0f} s" if reply.get("every_s") else "schedule     on demand",
     ]
-    if reply.get("running"):
+    if reply.get("pending_since"):
+        since = dt.datetime.fromtimestamp(reply["pending_since"]).strftime("%Y-%m-%d %H:%M:%S")
+        lines.append(f"behind       the snapshot of {since} is waiting for the store "
+                     f"({reply['attempts']} failed attempts; it keeps its instant)")
+    elif reply.get("running"):
         lines.append("now          a snapshot is being uploaded")
     if reply.get("last_error"):
         lines.append(f"error        {reply['last_error']}")
@@ -126,6 +157,7 @@ def status(app: AppContext, mountpoint: str) -> None:
 
 
 def _ask(mountpoint: str, request: dict, *, timeout: float | None = 30.0) -> dict:
+    from .. import control  # imports trio: only the commands that need it pay for it
     reply = control.request(mountpoint, request, timeout=timeout)
     if not reply.get("ok"):
         error = FsmountError(reply.get("error", "the mount refused the request"))
@@ -136,6 +168,7 @@ def _ask(mountpoint: str, request: dict, *, timeout: float | None = 30.0) -> dic
 
 def unmount_live(mountpoint: str, app: AppContext, *, lazy: bool = False) -> bool:
     """Unmount a live mount through its control socket; False if MOUNTPOINT is not one."""
+    from .. import control  # imports trio: only the commands that need it pay for it
     try:
         control.request(mountpoint, {"op": "status"}, timeout=10)
     except UsageError:
