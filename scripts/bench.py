@@ -17,6 +17,8 @@ Groups (`--only GROUP`, repeatable; default all):
   s3       The repository on a local SeaweedFS S3 server against local disk: backup and restore;
            `fsmount migrate` local -> S3 and S3 -> S3 against `aws s3 sync` of the same objects
            (awscli, if installed).
+  pressure A writer's 4 KiB write latency while a snapshot of 1,000 dirty files is taken, against
+           the same without a snapshot; remount time after kill -9 with 10,000 dirty files.
   live     The live mount against the native folder: sequential write and read of a large file,
            4 KiB random writes with fsync, create/stat/unlink of small files, a `git status`-like
            stat walk, untar of a source tree; then the change tracker: the same 0.1% mutation made
@@ -37,6 +39,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -474,6 +477,72 @@ def bench_live(work: Path, size: int, results: Results) -> None:
                       f"{tracked.growth_bytes / max(1, rescan.growth_bytes):.3f}x")
 
 
+# -- the pressure group -------------------------------------------------------------------------
+
+def _write_latencies(path: Path, stop: threading.Event, latencies: list[float]) -> None:
+    """4 KiB writes as fast as they go, each one timed (the writer a user would feel stall)."""
+    block = os.urandom(4096)
+    with open(path, "wb") as f:
+        offset = 0
+        while not stop.is_set():
+            started = time.perf_counter()
+            os.pwrite(f.fileno(), block, offset)
+            latencies.append(time.perf_counter() - started)
+            offset = (offset + 4096) % (64 * MiB)
+
+
+def _percentiles(latencies: list[float]) -> str:
+    ordered = sorted(latencies)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
+    return f"p50 {pick(0.5):.2f} ms, p99 {pick(0.99):.2f} ms, max {ordered[-1] * 1000:.1f} ms"
+
+
+def bench_pressure(work: Path, size: int, results: Results) -> None:
+    """Writer stall while a snapshot of 1,000 dirty files is taken; remount after kill -9 with
+    10,000 dirty files."""
+    fs = Fsmount(work)
+    fs.env["FSMOUNT_REPOSITORY"] = str(work / "repo")
+    run(fs.init(), fs.env)
+    source = work / "folder"
+    (source / "many").mkdir(parents=True)
+    run([*FSMOUNT, "mount", str(source)], fs.env)
+    try:
+        run([*FSMOUNT, "snapshot", str(source)], fs.env)
+        for quiet, label in ((True, "without a snapshot"), (False, "during a snapshot")):
+            for i in range(1000):
+                (source / "many" / f"f{i}").write_bytes(os.urandom(8192))
+            stop, latencies = threading.Event(), []
+            writer = threading.Thread(target=_write_latencies, args=(source / "writer.bin", stop, latencies))
+            writer.start()
+            time.sleep(0.5)
+            started = time.monotonic()
+            if not quiet:
+                subprocess.run([*FSMOUNT, "snapshot", str(source)], env=fs.env, check=True, capture_output=True)
+            else:
+                time.sleep(1.0)
+            seconds = time.monotonic() - started
+            stop.set()
+            writer.join()
+            results.add(Row("pressure", "fsmount", f"4 KiB writes {label}", seconds, note=_percentiles(latencies)))
+            if not quiet:
+                stall_ms = max(latencies) * 1000
+                results.check("max write stall during a snapshot of 1,000 dirty files < 50 ms", stall_ms < 50,
+                              f"{stall_ms:.1f} ms")
+        pid = json.loads(subprocess.run([*FSMOUNT, "status", "--json", str(source)], env=fs.env, check=True,
+                                        capture_output=True).stdout)["pid"]
+        for i in range(10_000):
+            (source / "many" / f"g{i}").write_bytes(b"dirty")
+        os.kill(pid, 9)
+        time.sleep(1)
+        seconds, _ = run([*FSMOUNT, "mount", str(source)], fs.env)
+        results.add(Row("pressure", "fsmount", "remount after kill -9 (10k dirty files)", seconds))
+        results.check("remount after kill -9 with 10,000 dirty files < 5 s", seconds < 5, f"{seconds:.2f} s")
+        seconds, _ = run([*FSMOUNT, "snapshot", str(source)], fs.env)
+        results.add(Row("pressure", "fsmount", "first snapshot after the crash (rescan)", seconds))
+    finally:
+        subprocess.run([*FSMOUNT, "umount", str(source)], env=fs.env, capture_output=True)
+
+
 # -- the browse group ---------------------------------------------------------------------------
 
 def _daemon_peak_rss_mib(pid: int) -> float:
@@ -552,7 +621,7 @@ def main() -> None:
                          "(scripts/test.sh or scripts/demo.sh creates it)")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gib", type=float, default=1.0, help="dataset size (default 1)")
-    parser.add_argument("--only", action="append", choices=["engine", "browse", "s3", "live"], help="run only these groups")
+    parser.add_argument("--only", action="append", choices=["engine", "browse", "s3", "live", "pressure"], help="run only these groups")
     parser.add_argument("--workdir", type=Path, help="where to work (default: a new dir under /tmp)")
     parser.add_argument("--json", type=Path, help="write all figures here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -562,7 +631,8 @@ def main() -> None:
     size = int(args.size_gib * (1 << 30))
     results = Results()
     try:
-        for group, fn in (("engine", bench_engine), ("browse", bench_browse), ("s3", bench_s3), ("live", bench_live)):
+        for group, fn in (("engine", bench_engine), ("browse", bench_browse), ("s3", bench_s3), ("live", bench_live),
+                          ("pressure", bench_pressure)):
             if not args.only or group in args.only:
                 print(f"== {group}", flush=True)
                 fn(work / group, size, results)
