@@ -13,6 +13,10 @@ source against the last snapshot (size, mtime, ctime, inode), which finds those 
 done while unmounted; DESIGN asks for that scan anyway, and fsync'ing a record before each file's
 first write would cost a disk flush per created file.
 
+When the changelog cannot be written (the disk holding it is full, or it fails), it loses track
+instead of failing the user's work: marks are dropped, nothing grows in memory, and the next
+snapshot rescans the whole folder; at each freeze it tries to start afresh.
+
 Paths are bytes relative to the source root (b"" is the root). Records of one epoch:
 
     changes(epoch, path, flags)     flags: CONTENT some blocks written (see blocks), ALL whole
@@ -27,10 +31,12 @@ name current paths, and `origin` always names a path of the parent snapshot.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from backend.changes import ALL, CLEAN, Content
 
@@ -59,6 +65,22 @@ def _below(path: bytes) -> tuple[bytes, bytes]:
     return path + b"/", path + b"0"
 
 
+def _unless_lost(method: Callable) -> Callable:
+    """Skip the call while the changelog has lost track; lose track if SQLite fails in it."""
+
+    @functools.wraps(method)
+    def wrapper(self: Changelog, *args: Any, **kwargs: Any) -> Any:
+        if self.lost is not None:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            self._lose_track(exc)
+            return None
+
+    return wrapper
+
+
 def _connect(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=60)
     db.execute("PRAGMA journal_mode=WAL")
@@ -83,6 +105,7 @@ class Changelog:
                 if os.path.exists(path + suffix):
                     os.replace(path + suffix, path + ".damaged" + suffix)
             self._db = self._open()
+        self.lost: str | None = None  # why marks are not being kept (the next snapshot rescans)
         self.epoch = int(self._get("epoch", 1))
         self.clean_shutdown = bool(self._get("clean_shutdown", 1))
         self._set("clean_shutdown", 0)
@@ -112,15 +135,52 @@ class Changelog:
 
     def close(self, *, clean: bool) -> None:
         self.flush()
-        if clean:
-            self._set("clean_shutdown", 1)
+        if clean and self.lost is None:
+            try:
+                self._set("clean_shutdown", 1)
+            except sqlite3.Error as exc:
+                log.warning("changelog %s: cannot record the clean stop: %s", self.path, exc)
         self._db.close()
+
+    def _lose_track(self, exc: Exception) -> None:
+        if self.lost is None:
+            log.warning("changelog %s cannot be written (%s): the next snapshot rescans the folder", self.path, exc)
+        self.lost = str(exc)
+        self._flags.clear()
+        self._blocks.clear()
+        self._removed.clear()
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+    def _start_afresh(self) -> bool:
+        """After losing track: forget every record and ask for a rescan, if SQLite lets us now."""
+        try:
+            self._db.execute("BEGIN")
+            for table in ("changes", "blocks", "origins"):
+                self._db.execute(f"DELETE FROM {table}")
+            self._set("needs_full_scan", 1)
+            self._set("epoch", self.epoch)
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            if self._db.in_transaction:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            return False
+        log.info("changelog %s is writable again", self.path)
+        self.lost = None
+        return True
 
     # -- marks (event loop thread) ----------------------------------------------------------------
 
     def _mark(self, path: bytes, flags: int) -> None:
         self._flags[path] = self._flags.get(path, 0) | flags
 
+    @_unless_lost
     def mark_written(self, path: bytes, offset: int, length: int) -> None:
         if length <= 0:
             return
@@ -129,16 +189,20 @@ class Changelog:
         blocks = self._blocks.setdefault(path, set())
         blocks.update(range(first, last + 1))
 
+    @_unless_lost
     def mark_truncated(self, path: bytes) -> None:
         self._mark(path, WHOLE)
 
+    @_unless_lost
     def mark_metadata(self, path: bytes) -> None:
         self._mark(path, META)
 
+    @_unless_lost
     def mark_created(self, path: bytes) -> None:
         self._mark(path, NEW | WHOLE | META)
         self._mark(parent_of(path), ENTRIES)
 
+    @_unless_lost
     def mark_removed(self, path: bytes, *, is_dir: bool = False) -> None:
         # Forget marks held in memory now; those already in SQLite go at the next flush, before
         # anything marked afterwards is written (a path may be removed and created again).
@@ -151,6 +215,7 @@ class Changelog:
         self._removed.append(path)
         self._mark(parent_of(path), ENTRIES)
 
+    @_unless_lost
     def mark_renamed(self, old: bytes, new: bytes, *, exchange: bool = False) -> None:
         """`old` now lives at `new` (and with `exchange`, `new` at `old`)."""
         self.flush()
@@ -217,6 +282,7 @@ class Changelog:
                 self._db.execute(f"DELETE FROM {table} WHERE epoch=? AND path=?", (epoch, path))
                 self._db.execute(f"DELETE FROM {table} WHERE epoch=? AND path>? AND path<?", (epoch, low, high))
 
+    @_unless_lost
     def flush(self) -> None:
         """Move the marks held in memory into SQLite."""
         if not self._flags and not self._blocks and not self._removed:
@@ -232,7 +298,8 @@ class Changelog:
                            ((epoch, path, b) for path, blocks in self._blocks.items() for b in blocks))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # a failed COMMIT (disk full) may have rolled back already
+                db.execute("ROLLBACK")
             raise
         self._flags.clear()
         self._blocks.clear()
@@ -244,6 +311,7 @@ class Changelog:
     def needs_full_scan(self) -> bool:
         return bool(self._get("needs_full_scan", 1))
 
+    @_unless_lost
     def require_full_scan(self, why: str) -> None:
         if not self.needs_full_scan:
             log.info("next snapshot will rescan the whole folder: %s", why)
@@ -254,9 +322,16 @@ class Changelog:
         self.flush()
         frozen = self.epoch
         self.epoch += 1
-        self._set("epoch", self.epoch)
-        return FrozenEpoch(self.path, frozen, full_scan=self.needs_full_scan)
+        if self.lost is not None and not self._start_afresh():
+            return FrozenEpoch(self.path, frozen, full_scan=True)
+        try:
+            self._set("epoch", self.epoch)
+            return FrozenEpoch(self.path, frozen, full_scan=self.needs_full_scan)
+        except sqlite3.Error as exc:
+            self._lose_track(exc)
+            return FrozenEpoch(self.path, frozen, full_scan=True)
 
+    @_unless_lost
     def snapshot_done(self, frozen: FrozenEpoch, snapshot_id: str) -> None:
         for table in ("changes", "blocks", "origins"):
             self._db.execute(f"DELETE FROM {table} WHERE epoch<=?", (frozen.epoch,))
@@ -264,12 +339,16 @@ class Changelog:
         if frozen.full_scan:
             self._set("needs_full_scan", 0)
 
+    @_unless_lost
     def snapshot_failed(self, frozen: FrozenEpoch) -> None:
         # Its changes and the next epoch's are relative to different parents: rescan to be sure.
         self.require_full_scan(f"snapshot of epoch {frozen.epoch} failed")
 
-    def statistics(self) -> dict[str, int]:
+    def statistics(self) -> dict[str, object]:
         self.flush()
+        if self.lost is not None:
+            return {"epoch": self.epoch, "pending_files": 0, "pending_blocks": 0, "pending_bytes": 0,
+                    "tracking": f"lost ({self.lost}): the next snapshot rescans the folder"}
         (paths,) = self._db.execute("SELECT count(*) FROM changes WHERE flags & ?", (CONTENT | WHOLE,)).fetchone()
         (blocks,) = self._db.execute("SELECT count(*) FROM blocks").fetchone()
         return {"epoch": self.epoch, "pending_files": paths, "pending_blocks": blocks,

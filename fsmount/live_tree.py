@@ -88,6 +88,7 @@ class LiveTree(pyfuse3.Operations):
         self._handles: dict[int, _Handle] = {}
         self._next_handle = 1
         self.limiter = trio.CapacityLimiter(8)
+        self.read_nowait = True  # whether the source answers preadv(RWF_NOWAIT)
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -461,10 +462,16 @@ class LiveTree(pyfuse3.Operations):
         # From the page cache without blocking the loop; only reads that must wait for the disk
         # pay for a worker thread (measured: a thread per 128 KiB request halves sequential reads).
         buffer = bytearray(size)
-        try:
-            got = os.preadv(handle.fd, [buffer], off, os.RWF_NOWAIT)
-        except BlockingIOError:
-            got = 0
+        got = 0
+        if self.read_nowait:
+            try:
+                got = os.preadv(handle.fd, [buffer], off, os.RWF_NOWAIT)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise
+                self.read_nowait = False  # the source's file system cannot say (tmpfs): use threads
         if got == size or (got and got < size and off + got >= os.fstat(handle.fd).st_size):
             return bytes(buffer[:got])
         rest = await trio.to_thread.run_sync(os.pread, handle.fd, size - got, off + got, limiter=self.limiter)

@@ -7,11 +7,13 @@ runs a writer that never stops while snapshots are taken, and checks every snaps
 existed: a prefix of the writer's history. The crash test kills the daemon at random moments of
 ordinary work and checks that each restart's first snapshot equals the folder as it is. The outage
 test stops the S3 server while a snapshot is pending: the folder keeps working, and the snapshot
-lands when the server is back, showing its own instant.
+lands when the server is back, showing its own instant. The full-disk test fills the disk that
+holds the folder and the changelog: writes get ENOSPC, and the mount and its snapshots carry on.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -397,3 +399,53 @@ def wait_for_status(cli, mnt: Path, condition, timeout_s: float = 60.0) -> dict:
             return status
         assert time.monotonic() < deadline, f"status never got there: {status}"
         time.sleep(0.2)
+
+
+# -- the source's disk fills up ----------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 16 MiB file system of its own (tmpfs), for a disk that fills up."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("the full-disk test needs root to mount a small tmpfs (CI runs as root)")
+        pytest.skip("needs root to mount a small tmpfs")
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_gives_enospc_and_the_mount_carries_on(cli, small_disk: Path, tmp_path: Path) -> None:
+    cli("init")
+    cli.env["XDG_CACHE_HOME"] = str(small_disk / "cache")  # the changelog fills up with the folder
+    source, mountpoint = small_disk / "work", tmp_path / "mnt"
+    source.mkdir()
+    mountpoint.mkdir()
+    (source / "notes.txt").write_text("notes\n")
+    # At a mountpoint of its own, so the folder itself can be compared: with the kernel's writeback
+    # cache, a write the disk cannot hold fails at close or fsync, and until then the mount shows
+    # the length the program wrote. The snapshot must hold what the folder holds.
+    with live_mount(cli, source, mountpoint) as mnt:
+        cli("snapshot", mnt)
+        with pytest.raises(OSError) as full:
+            with open(mnt / "filler.bin", "wb") as f:
+                for _ in range(64):
+                    f.write(os.urandom(1 << 20))
+                    f.flush()
+                    os.fsync(f.fileno())
+        assert full.value.errno == errno.ENOSPC
+        with pytest.raises(OSError):  # still full: whatever needs space fails as it would natively
+            for i in range(100):
+                (mnt / f"more-{i}.txt").write_bytes(os.urandom(100_000))
+        assert "notes.txt" in os.listdir(mnt)  # the mount carries on
+        json.loads(cli("status", mnt, "--json").stdout)
+        os.unlink(mnt / "filler.bin")
+        os.rename(mnt / "notes.txt", mnt / "renamed.txt")
+        cli("snapshot", mnt)
+        restored = tmp_path / "restored"
+        cli("restore", "latest", "--target", restored)
+        assert differences(source, restored) == []

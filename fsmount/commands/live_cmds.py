@@ -150,6 +150,8 @@ def status(app: AppContext, mountpoint: str) -> None:
                      f"({reply['attempts']} failed attempts; it keeps its instant)")
     elif reply.get("running"):
         lines.append("now          a snapshot is being uploaded")
+    if reply.get("tracking"):
+        lines.append(f"tracking     {reply['tracking']}")
     if reply.get("last_error"):
         lines.append(f"error        {reply['last_error']}")
     for line in lines:
