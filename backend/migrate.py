@@ -18,14 +18,17 @@ from dataclasses import dataclass, field
 from .errors import IntegrityError, RepositoryExists, RepositoryNotFound, StoreError
 from .progress import Progress
 from .replicas import object_intact
-from .repository import Config, Repository
-from .stores.base import ObjectStore
+from .repository import Config, Repository, open_master_key
+from .stores.base import ObjectStore, return_large_buffers_to_the_os
 from .verify import verify
 
 log = logging.getLogger(__name__)
 
 # Order of copying: what lets a reader make sense of the rest comes last.
 _ORDER = ("keys/", "data/", "index/", "snapshots/")
+MiB = 1024 * 1024
+# Object data held in memory at once by all copying threads together (a pack is ~16 MiB).
+MEMORY_BUDGET = 48 * MiB
 
 
 @dataclass
@@ -39,14 +42,23 @@ class MigrateReport:
 
 
 def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *, delete_source: bool = False,
-            workers: int = 16, progress: Progress | None = None, cache_dir: str | None = None) -> MigrateReport:
+            workers: int = 16, progress: Progress | None = None, cache_dir: str | None = None,
+            memory_budget: int = MEMORY_BUDGET) -> MigrateReport:
+    """Copy `source` to `destination` (see the module docstring); `workers` objects travel at once,
+    holding at most `memory_budget` bytes of object data between them (one larger object alone)."""
     progress = progress or Progress()
     report = MigrateReport()
+    return_large_buffers_to_the_os()
     try:
         config = source.get("config")
     except StoreError as exc:
         raise RepositoryNotFound(f"no repository at {source.location} to migrate ({exc})") from None
-    _check_destination(destination, Config.decode(config), source)
+    decoded = Config.decode(config)
+    _check_destination(destination, decoded, source)
+    # The passphrase is checked (scrypt) while objects travel; the same key then opens the copy.
+    opener = ThreadPoolExecutor(1, thread_name_prefix="migrate-key")
+    master_key = opener.submit(open_master_key, source, passphrase)
+    opener.shutdown(wait=False)
 
     objects = dict(source.list(""))
     present = dict(destination.list(""))
@@ -56,25 +68,52 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
     report.skipped = len(objects) - len(todo) - 1
     progress.start(total_bytes=sum(objects[k] for k in todo))
     lock = threading.Lock()
+    budget = _ByteBudget(memory_budget)
+    pending = iter(todo)
 
     def copy(key: str) -> None:
+        held = budget.acquire(objects[key])
         try:
             data = source.get(key)
             if not object_intact(key, data):
                 raise IntegrityError(f"{key} is damaged in the source")
             destination.put(key, data)
+            size = len(data)
+            del data
         except (StoreError, IntegrityError) as exc:
             with lock:
                 report.errors.append(f"{key}: {exc}")
             return
+        finally:
+            budget.release(held)
         with lock:
             report.copied += 1
-            report.bytes_copied += len(data)
-        progress.advance(nbytes=len(data), items=1, current=f"{report.copied}/{len(todo)} objects")
+            report.bytes_copied += size
+        progress.advance(nbytes=size, items=1, current=f"{report.copied}/{len(todo)} objects")
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="migrate") as pool:
-        list(pool.map(copy, todo))
+    crashed: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            while not crashed and (not master_key.done() or master_key.exception() is None):
+                with lock:
+                    key = next(pending, None)
+                if key is None:
+                    return
+                copy(key)
+        except BaseException as exc:  # a bug: stop every thread and raise it below
+            crashed.append(exc)
+
+    threads = [threading.Thread(target=worker, name=f"migrate-{i}", daemon=True)
+               for i in range(max(1, min(workers, len(todo))))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     progress.finish()
+    if crashed:
+        raise crashed[0]
+    key = master_key.result()  # a wrong passphrase stops here, before anything else is written
     if report.errors:
         raise StoreError(f"{len(report.errors)} objects could not be copied (run migrate again to resume): "
                          f"{report.errors[0]}")
@@ -85,18 +124,42 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
     if short:
         raise IntegrityError(f"{len(short)} objects did not arrive intact at {destination.location}, e.g. {short[0]}")
     destination.put("config", config)
-    with Repository.open(_Unclosed(destination), passphrase, cache_dir=cache_dir) as copy_repo:
+    with Repository(_Unclosed(destination), decoded, key, cache_dir) as copy_repo:
         checked = verify(copy_repo)
     if not checked.ok:
         raise IntegrityError(f"the copy at {destination.location} does not verify: {checked.errors[0]}")
 
     if delete_source:
         source.delete("config")  # first: the source stops being a repository at once
-        for key in objects:
-            if key != "config":
-                source.delete(key)
+        for key_name in objects:
+            if key_name != "config":
+                source.delete(key_name)
                 report.deleted += 1
     return report
+
+
+class _ByteBudget:
+    """How many bytes of object data the copying threads may hold at once: a bounded queue in bytes."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, limit)
+        self._used = 0
+        self._changed = threading.Condition()
+
+    def acquire(self, size: int) -> int:
+        """Wait until `size` bytes fit (an object above the limit waits for all of it); returns the
+        amount to give back to `release`."""
+        size = min(max(size, 1), self.limit)
+        with self._changed:
+            while self._used + size > self.limit:
+                self._changed.wait()
+            self._used += size
+        return size
+
+    def release(self, size: int) -> None:
+        with self._changed:
+            self._used -= size
+            self._changed.notify_all()
 
 
 def _check_destination(destination: ObjectStore, config: Config, source: ObjectStore) -> None:

@@ -29,7 +29,7 @@ from .errors import (FsmountError, IntegrityError, ObjectNotFound, RepositoryExi
 from .index import IndexCache
 from .pack import DATA_BLOB, TREE_BLOB, pack_key
 from .snapshot import Snapshot
-from .stores import ObjectStore
+from .stores import ObjectStore, on_local_disk
 from .tree import Node, decode_tree, encode_tree
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,10 @@ class Repository:
         self.cache_dir = os.path.join(cache_dir or default_cache_dir(), config.id)
         self.index = IndexCache(os.path.join(self.cache_dir, "index.sqlite"))
         self.index.sync(store, key)
-        self.writer = BlobWriter(store, key, self.index, config.pack_size)
+        # A remote store answers slower than the savers fill packs: let a few more finished packs
+        # queue (each ~pack_size of memory) so that savers keep going while uploads travel.
+        uploads = {} if on_local_disk(store) else {"upload_workers": 2, "uploads_in_flight": 4}
+        self.writer = BlobWriter(store, key, self.index, config.pack_size, **uploads)
         self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
         self._trees_lock = threading.Lock()
         self._cached_nodes = 0

@@ -51,6 +51,10 @@ BYTES_PER_TASK = 1024 * 1024  # small files are restored in batches of about thi
 FILES_PER_TASK = 32
 MAX_TASKS_IN_FLIGHT = 32
 MAX_FILES_IN_FLIGHT = 128  # large files held open by the walker at once
+# From a remote store each request costs a round trip and server work whatever its size (SeaweedFS
+# on 127.0.0.1: 1 MiB ranged reads came at 74 MB/s, whole 16 MiB packs at 227 MB/s), so tasks
+# there are 8x larger: 8 MiB of adjacent blocks, one ranged read each.
+REMOTE_TASK_SCALE = 8
 
 _ALL, _PARTIAL = "all", "partial"  # restore a whole subtree / only toward selected paths
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -131,6 +135,10 @@ class Restore:
         self.errors: list[str] = []
         self._lock = threading.Lock()
         self._block_size = repo.block_size
+        scale = 1 if on_local_disk(repo.store) else REMOTE_TASK_SCALE
+        self._blocks_per_task = BLOCKS_PER_TASK * scale
+        self._bytes_per_task = BYTES_PER_TASK * scale
+        self._files_per_task = FILES_PER_TASK * scale
         self._blobs = BlobReader(repo)
         self._workers = ThreadPoolExecutor(workers or _default_workers(repo), thread_name_prefix="restore")
         self._tasks_in_flight = threading.Semaphore(MAX_TASKS_IN_FLIGHT)
@@ -300,12 +308,12 @@ class Restore:
                 self._link(job, node, first)
                 return
             self._links[group] = path  # created now, below, so that later names can link to it
-        elif node.block_count <= BLOCKS_PER_TASK:
+        elif node.block_count <= self._blocks_per_task:
             self._batch.append((job, node, path))
             with self._lock:
                 job.pending += 1
             self._batch_bytes += node.size
-            if self._batch_bytes >= BYTES_PER_TASK or len(self._batch) >= FILES_PER_TASK:
+            if self._batch_bytes >= self._bytes_per_task or len(self._batch) >= self._files_per_task:
                 self._submit_batch()
             self.stats.files += 1
             return
@@ -321,11 +329,12 @@ class Restore:
             self._open.add(opened)
         self.stats.files += 1
         try:
-            for first in range(0, node.block_count, BLOCKS_PER_TASK):
+            step = self._blocks_per_task
+            for first in range(0, node.block_count, step):
                 with self._lock:
                     opened.pending += 1
                 try:
-                    self._submit(self._restore_part, opened, first, min(first + BLOCKS_PER_TASK, node.block_count))
+                    self._submit(self._restore_part, opened, first, min(first + step, node.block_count))
                 except BaseException:
                     with self._lock:
                         opened.pending -= 1

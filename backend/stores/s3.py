@@ -14,6 +14,7 @@ first request, so a typo fails clearly (SeaweedFS would otherwise create the buc
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -28,6 +29,7 @@ import botocore.exceptions as bex
 import urllib3.exceptions
 
 from ..errors import ObjectNotFound, StoreError, TransientStoreError
+from .base import return_large_buffers_to_the_os
 from .retry import RetryPolicy, call_with_retry
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class S3Store:
         self._bucket_checked = False
         self._bucket_lock = threading.Lock()
         self._parts_pool = ThreadPoolExecutor(max_connections, thread_name_prefix="s3-parts")
+        return_large_buffers_to_the_os()  # whole objects travel as bytes (stores/base.py)
         self.client = _make_client(self._explicit_endpoint, credentials, region, max_connections,
                                    connect_timeout_s, read_timeout_s)
         self.endpoint: str = self.client.meta.endpoint_url
@@ -92,8 +95,11 @@ class S3Store:
         if len(data) >= self.multipart_threshold:
             self._put_multipart(key, full, data)
             return
-        body = bytes(data)
-        self._call(f"writing {key} to", lambda c: c.put_object(Bucket=self.bucket, Key=full, Body=body))
+        body = bytes(data)  # no copy when it is bytes already
+        # A file object, not bytes: botocore would otherwise join the body to the request headers
+        # (a second copy of every upload in memory); a fresh one per attempt, read from the start.
+        self._call(f"writing {key} to", lambda c: c.put_object(Bucket=self.bucket, Key=full,
+                                                               Body=io.BytesIO(body)))
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         full = self._key(key)
@@ -268,7 +274,7 @@ class S3Store:
         def put_part(number: int) -> dict[str, Any]:
             chunk = bytes(view[(number - 1) * self.part_size:number * self.part_size])
             response = self._call(f"writing part {number} of {key} to", lambda c: c.upload_part(
-                Bucket=self.bucket, Key=full, UploadId=upload, PartNumber=number, Body=chunk))
+                Bucket=self.bucket, Key=full, UploadId=upload, PartNumber=number, Body=io.BytesIO(chunk)))
             return {"PartNumber": number, "ETag": response["ETag"]}
 
         try:
@@ -333,10 +339,14 @@ def _make_client(endpoint_url: str | None, credentials: tuple[str, str] | None, 
     region = region or session.region_name or "us-east-1"
 
     def build(addressing: str) -> Any:
+        # Payloads are not SHA-256 signed (botocore signs them on plain http unless told not to: a
+        # second pass over every byte); a CRC32 of each upload still goes along, and every object is
+        # checked against its content hash or AEAD tag when read. Responses are not checksummed again.
         config = botocore.config.Config(
             max_pool_connections=max_connections, connect_timeout=connect_timeout_s,
             read_timeout=read_timeout_s, retries={"total_max_attempts": 1, "mode": "standard"},
-            s3={"addressing_style": addressing})
+            request_checksum_calculation="when_supported", response_checksum_validation="when_required",
+            s3={"addressing_style": addressing, "payload_signing_enabled": False})
         return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
     if endpoint_url and not _is_aws(endpoint_url):
