@@ -9,19 +9,21 @@ keep what the snapshot still needs of T:
 - metadata: before the first change to an entry, its stat, xattrs and symlink target;
 - reachability: before an entry is renamed or removed, an fd of it, so the walk still finds it
   by its name at T (and a removed file keeps its bytes);
-- bytes: before a write or truncate reaches a block the snapshot has yet to read, a copy of the
+- bytes: before a write or truncate first reaches a block the snapshot may read, a copy of the
   block in a spill file (copy-on-write). Only files the snapshot will read are copied from: those
   written in the frozen epoch (`needed`), or every file when the snapshot rescans everything.
 
 Nothing counts as read until the snapshot is stored: a snapshot whose upload fails (the store is
-down) is read again, through the same view, when it is retried. Invariant: for every entry, the view answers
-with its state at T — either nothing changed it since (and the live answer is T's), or a hook kept
-T's answer before the first change. Hooks run on the event loop thread and the walk on the
+down) is read again, through the same view, when it is retried. Invariant: for every entry, the
+view answers with its state at T — either nothing changed it since (and the live answer is T's),
+or a hook kept T's answer before the first change. Hooks run on the event loop thread and the walk on the
 uploader's thread; one lock makes each hook's "check and keep" and each of the walk's "check and
 read" atomic, and every change is made only after its hook returns.
 
-The spill file is bounded (`limit_bytes`). Past it the view stops keeping bytes and the snapshot
-fails with `SnapshotOverrun` before its snapshot object is written; the next one rescans.
+The spill file is bounded (`limit_bytes`), and so are the fds kept (`MAX_KEPT_FDS`, so the daemon
+never runs out of descriptors for the user's own files). Past either, the view stops keeping and
+the snapshot fails with `SnapshotOverrun` before its snapshot object is written; the next one
+rescans.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from backend.source import Key, LiveSource, SourceChanged, key_of, open_file, se
 log = logging.getLogger(__name__)
 
 HOLE = -1
+MAX_KEPT_FDS = 10_000
+
 
 class SnapshotOverrun(FsmountError):
     """The folder changed more during a snapshot than the spill file may hold."""
@@ -57,7 +61,7 @@ def _never_fails(hook):
         try:
             hook(self, *args)
         except OSError as exc:
-            self._overrun(f"cannot keep what {hook.__name__} changes: {exc.strerror or exc}")
+            self.give_up(f"cannot keep what {hook.__name__} changes: {exc.strerror or exc}")
 
     return wrapper
 
@@ -82,7 +86,8 @@ class FrozenView:
         self._fds: dict[Key, int] = {}
         # key -> block -> (offset in the spill file, length); offset HOLE: the block was a hole at T
         self._spilled: dict[Key, dict[int, tuple[int, int]]] = {}
-        self._spill_file = tempfile.TemporaryFile(dir=spill_dir)  # unlinked: nothing to clean after a crash
+        # Unlinked from the start: nothing to clean up after a crash. Closed by close().
+        self._spill_file = tempfile.TemporaryFile(dir=spill_dir)  # noqa: SIM115
         self._spill_fd = self._spill_file.fileno()
         self._spill_end = 0
         self.overrun: str | None = None
@@ -145,13 +150,16 @@ class FrozenView:
             if kept is None or key in self._fds:
                 return
             mode = kept.stat.st_mode
+            if len(self._fds) >= MAX_KEPT_FDS:
+                self.give_up(f"more than {MAX_KEPT_FDS} entries were moved or removed meanwhile")
+                return
             try:
                 if stat.S_ISDIR(mode):
                     self._fds[key] = open_dir(dir_fd, name)
                 elif stat.S_ISREG(mode):  # even if unchanged: a damaged parent means reading it all
                     self._fds[key] = open_file(dir_fd, name)
             except OSError as exc:
-                self._overrun(f"cannot keep {os.fsdecode(name)!r} open: {exc.strerror}")
+                self.give_up(f"cannot keep {os.fsdecode(name)!r} open: {exc.strerror}")
 
     @_never_fails
     def before_write(self, key: Key, fd: int, offset: int, length: int) -> None:
@@ -209,18 +217,19 @@ class FrozenView:
                 spilled[block] = (HOLE, length)  # nothing to copy
                 continue
             if self._spill_end + length > self.limit_bytes:
-                self._overrun(f"more than {self.limit_bytes >> 20} MiB changed while the snapshot was taken")
+                self.give_up(f"more than {self.limit_bytes >> 20} MiB changed while the snapshot was taken")
                 return
             data = os.pread(fd, length, offset)
             try:
                 os.pwrite(self._spill_fd, data, self._spill_end)
             except OSError as exc:
-                self._overrun(f"cannot keep changed blocks aside: {exc.strerror}")
+                self.give_up(f"cannot keep changed blocks aside: {exc.strerror}")
                 return
             spilled[block] = (self._spill_end, len(data))
             self._spill_end += len(data)
 
-    def _overrun(self, why: str) -> None:
+    def give_up(self, why: str) -> None:
+        """The view cannot hold its instant any longer: its snapshot will be abandoned."""
         if self.overrun is None:
             log.warning("the running snapshot cannot hold its instant: %s; it will be retried", why)
             self.overrun = why

@@ -418,17 +418,17 @@ class LiveTree(pyfuse3.Operations):
         if self.snapshots is not None and self.snapshots.owns(inode):
             return await self.snapshots.open(inode, flags, ctx)
         dir_fd, name = self.inodes.where(inode)
-        keep_bytes = bool(flags & os.O_TRUNC) and self.frozen is not None
-        fd = os.open(name, self._open_flags(flags) & ~os.O_CREAT & ~(os.O_TRUNC if keep_bytes else 0),
-                     dir_fd=dir_fd)
-        if keep_bytes:
-            assert self.frozen is not None
+        if flags & os.O_TRUNC and self.frozen is not None:
             try:
-                self.frozen.before_truncate(self.inodes[inode].key, fd, 0)
-                os.ftruncate(fd, 0)
-            except BaseException:
-                os.close(fd)
-                raise
+                old = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except PermissionError:  # a write-only file we may not read: the snapshot cannot keep it
+                self.frozen.give_up(f"cannot read {os.fsdecode(name)!r} to keep it before it is truncated")
+            else:
+                try:
+                    self.frozen.before_truncate(self.inodes[inode].key, old, 0)
+                finally:
+                    os.close(old)
+        fd = os.open(name, self._open_flags(flags) & ~os.O_CREAT, dir_fd=dir_fd)
         if flags & os.O_TRUNC:
             for path in self._paths(inode):
                 self.changelog.mark_truncated(path)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,8 +90,14 @@ class Uploader:
             # The freeze: nothing below awaits until the view is in place.
             frozen = self.changelog.freeze()
             full_scan = frozen.full_scan or self.parent is None
-            view = FrozenView.at_freeze(self.source_fd, self.repo.block_size, self.spill_dir,
-                                        self.spill_limit_bytes, None if full_scan else frozen.written_paths())
+            try:
+                view = FrozenView.at_freeze(self.source_fd, self.repo.block_size, self.spill_dir,
+                                            self.spill_limit_bytes, None if full_scan else frozen.written_paths())
+            except (OSError, sqlite3.Error) as exc:  # no room for the spill file, an unreadable changelog
+                frozen.close()
+                self.changelog.snapshot_failed(frozen)
+                self.status.last_error = f"cannot start a snapshot: {exc}"
+                raise FsmountError(self.status.last_error) from exc
             instant_ns = time.time_ns()
             if self.live_tree is not None:
                 self.live_tree.frozen = view  # type: ignore[attr-defined]

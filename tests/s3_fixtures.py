@@ -72,6 +72,12 @@ def s3_server() -> Iterator[Any]:
     yield from _serve()
 
 
+@pytest.fixture
+def own_s3_server() -> Iterator[Any]:
+    """A server of the test's own, which it may stop and start again (`pause()`, `resume()`)."""
+    yield from _serve()
+
+
 @pytest.fixture(scope="session")
 def s3_server_b() -> Iterator[Any]:
     """A second, independent server: another provider. Started only by tests that use it."""

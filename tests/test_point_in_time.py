@@ -26,16 +26,17 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TEST_BLOCK_SIZE
+from live_mount import force_unmount, is_mounted, live_mount
+from treecompare import differences
 
 from backend.backup import Backup, backup
 from backend.restore import restore
 from backend.source import key_of
-from conftest import TEST_BLOCK_SIZE
 from fsmount.changelog import Changelog
 from fsmount.frozen_view import FrozenView, SnapshotOverrun
-from live_mount import force_unmount, is_mounted, live_mount
-from s3_fixtures import _load_s3_server
-from treecompare import differences
+
+pytest_plugins = ["s3_fixtures"]
 
 BS = TEST_BLOCK_SIZE
 
@@ -237,7 +238,7 @@ class Writer(threading.Thread):
                     generation += 1
                     os.rename(log, self.root / "archive" / f"log-{i}.{generation}")
                     counts[i] = 0
-        except BaseException as exc:  # reported by the test
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
 
 
@@ -350,45 +351,38 @@ def test_every_restart_after_kill_9_snapshots_the_source_as_it_is(cli, tmp_path:
 # -- the store goes away and comes back -------------------------------------------------------------
 
 @pytest.mark.s3
-def test_a_snapshot_waits_out_a_store_outage_and_keeps_its_instant(cli, tmp_path: Path) -> None:
-    server = _load_s3_server().SeaweedServer(tmp_path / "weed")
-    try:
-        server.start()
-    except Exception as exc:  # noqa: BLE001 - any failure to start is the same failure here
-        pytest.fail(f"the SeaweedFS test server did not start (never skipped): {exc}")
+def test_a_snapshot_waits_out_a_store_outage_and_keeps_its_instant(cli, own_s3_server, tmp_path: Path) -> None:
+    server = own_s3_server
     key_id, secret = server.credentials
     cli.env.update(AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret, AWS_DEFAULT_REGION="us-east-1",
                    FSMOUNT_REPOSITORY=f"s3:{server.endpoint}/outage/repo", FSMOUNT_STORE_RETRY_S="2")
-    try:
-        cli("init")
-        source = tmp_path / "work"
-        source.mkdir()
-        (source / "kept.txt").write_text("there all along\n")
-        with live_mount(cli, source) as mnt:
-            cli("snapshot", mnt)
-            (mnt / "notes.txt").write_text("written before the outage\n")
-            at_the_instant = tmp_path / "at-the-instant"
-            shutil.copytree(mnt, at_the_instant)
-            server.pause()
-            pending = cli.popen("snapshot", mnt, "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            status = wait_for_status(cli, mnt, lambda s: s["pending_since"] is not None and s["last_error"])
-            assert status["attempts"] >= 1
-            started = time.monotonic()  # the folder keeps working at local speed meanwhile
-            (mnt / "notes.txt").write_text("written during the outage\n")
-            (mnt / "new.bin").write_bytes(os.urandom(300_000))
-            os.unlink(mnt / "kept.txt")
-            assert time.monotonic() - started < 2
-            assert pending.poll() is None  # still waiting for the store
-            server.resume()
-            out, err = pending.communicate(timeout=120)
-            assert pending.returncode == 0, err.decode(errors="replace")
-            assert wait_for_status(cli, mnt, lambda s: s["pending_since"] is None)["last_error"] is None
-        restored = tmp_path / "restored"
-        cli("restore", json.loads(out)["id"], "--target", restored)
-        assert differences(at_the_instant, restored, file_mtime_slack_ns=2 * 10**9) == []
-        cli("verify", "--read-data")
-    finally:
-        server.stop()
+    cli("init")
+    source = tmp_path / "work"
+    source.mkdir()
+    (source / "kept.txt").write_text("there all along\n")
+    with live_mount(cli, source) as mnt:
+        cli("snapshot", mnt)
+        (mnt / "notes.txt").write_text("written before the outage\n")
+        at_the_instant = tmp_path / "at-the-instant"
+        shutil.copytree(mnt, at_the_instant)
+        server.pause()
+        pending = cli.popen("snapshot", mnt, "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        status = wait_for_status(cli, mnt, lambda s: s["pending_since"] is not None and s["last_error"])
+        assert status["attempts"] >= 1
+        started = time.monotonic()  # the folder keeps working at local speed meanwhile
+        (mnt / "notes.txt").write_text("written during the outage\n")
+        (mnt / "new.bin").write_bytes(os.urandom(300_000))
+        os.unlink(mnt / "kept.txt")
+        assert time.monotonic() - started < 2
+        assert pending.poll() is None  # still waiting for the store
+        server.resume()
+        out, err = pending.communicate(timeout=120)
+        assert pending.returncode == 0, err.decode(errors="replace")
+        assert wait_for_status(cli, mnt, lambda s: s["pending_since"] is None)["last_error"] is None
+    restored = tmp_path / "restored"
+    cli("restore", json.loads(out)["id"], "--target", restored)
+    assert differences(at_the_instant, restored, file_mtime_slack_ns=2 * 10**9) == []
+    cli("verify", "--read-data")
 
 
 def wait_for_status(cli, mnt: Path, condition, timeout_s: float = 60.0) -> dict:
@@ -431,12 +425,11 @@ def test_a_full_disk_gives_enospc_and_the_mount_carries_on(cli, small_disk: Path
     # the length the program wrote. The snapshot must hold what the folder holds.
     with live_mount(cli, source, mountpoint) as mnt:
         cli("snapshot", mnt)
-        with pytest.raises(OSError) as full:
-            with open(mnt / "filler.bin", "wb") as f:
-                for _ in range(64):
-                    f.write(os.urandom(1 << 20))
-                    f.flush()
-                    os.fsync(f.fileno())
+        with pytest.raises(OSError) as full, open(mnt / "filler.bin", "wb") as f:
+            for _ in range(64):
+                f.write(os.urandom(1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
         assert full.value.errno == errno.ENOSPC
         with pytest.raises(OSError):  # still full: whatever needs space fails as it would natively
             for i in range(100):
