@@ -18,7 +18,7 @@ import errno
 import os
 from typing import Protocol
 
-from .fsnode import at_path, open_dir, read_xattrs
+from .fsnode import at_path, list_dir, open_dir, read_xattrs
 
 Key = tuple[int, int]  # (st_dev, st_ino): an entry's identity, wherever it is now
 
@@ -69,7 +69,7 @@ class LiveSource:
     """The file system as it is now: a plain directory backup reads through this."""
 
     def list(self, dir_fd: int, dir_key: Key) -> list[bytes]:
-        return sorted(os.fsencode(n) for n in os.listdir(dir_fd))
+        return list_dir(dir_fd)
 
     def lstat(self, dir_fd: int, dir_key: Key, name: bytes) -> os.stat_result:
         return os.lstat(name, dir_fd=dir_fd)

@@ -81,6 +81,15 @@ def _unless_lost(method: Callable) -> Callable:
     return wrapper
 
 
+def _rollback(db: sqlite3.Connection) -> None:
+    """End a failed transaction, if SQLite has not already (a failed COMMIT may have)."""
+    if db.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the error that brought us here is the one worth reporting
+
+
 def _connect(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=60)
     db.execute("PRAGMA journal_mode=WAL")
@@ -149,11 +158,7 @@ class Changelog:
         self._flags.clear()
         self._blocks.clear()
         self._removed.clear()
-        if self._db.in_transaction:
-            try:
-                self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+        _rollback(self._db)
 
     def _start_afresh(self) -> bool:
         """After losing track: forget every record and ask for a rescan, if SQLite lets us now."""
@@ -162,14 +167,9 @@ class Changelog:
             for table in ("changes", "blocks", "origins"):
                 self._db.execute(f"DELETE FROM {table}")
             self._set("needs_full_scan", 1)
-            self._set("epoch", self.epoch)
             self._db.execute("COMMIT")
         except sqlite3.Error:
-            if self._db.in_transaction:
-                try:
-                    self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+            _rollback(self._db)
             return False
         log.info("changelog %s is writable again", self.path)
         self.lost = None
@@ -298,8 +298,7 @@ class Changelog:
                            ((epoch, path, b) for path, blocks in self._blocks.items() for b in blocks))
             db.execute("COMMIT")
         except BaseException:
-            if db.in_transaction:  # a failed COMMIT (disk full) may have rolled back already
-                db.execute("ROLLBACK")
+            _rollback(db)
             raise
         self._flags.clear()
         self._blocks.clear()

@@ -117,9 +117,6 @@ class FrozenView:
             self._fds.clear()
             self._spill_file.close()
 
-    def statistics(self) -> dict[str, int]:
-        return {"kept_entries": len(self._kept), "kept_fds": len(self._fds), "spilled_bytes": self._spill_end}
-
     # -- hooks: the live tree calls these before it changes the source (event loop thread) ------
 
     @_never_fails
