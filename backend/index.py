@@ -125,12 +125,13 @@ class IndexCache:
             self._reader_connections.clear()
             self._db.close()
 
-    def sync(self, store: ObjectStore, key: MasterKey) -> None:
-        """Bring the cache up to date with the store's `index/` objects."""
+    def sync(self, store: ObjectStore, key: MasterKey, *, staged: Iterable[str] = ()) -> None:
+        """Bring the cache up to date with the store's `index/` objects. `staged` names index objects
+        that a live mount's backlog still holds: not in the store yet, but not removed either."""
         in_store = {k.removeprefix("index/") for k, _ in store.list("index/")}
         with self._lock:
             known = {name for (name,) in self._db.execute("SELECT name FROM index_objects")}
-        if known - in_store:
+        if known - in_store - set(staged):
             log.info("index objects were removed from the repository; rebuilding the index cache")
             with self._lock:
                 self._db.executescript("DELETE FROM blobs; DELETE FROM packs; DELETE FROM index_objects;")

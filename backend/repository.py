@@ -24,12 +24,21 @@ from dataclasses import dataclass
 
 from .blob_writer import BlobWriter
 from .crypto import MasterKey, content_hash, random_id
-from .errors import (FsmountError, IntegrityError, ObjectNotFound, RepositoryExists, RepositoryNotFound,
-                     UnsupportedFormat, UsageError, WrongPassword)
+from .errors import (
+    FsmountError,
+    IntegrityError,
+    ObjectNotFound,
+    RepositoryExists,
+    RepositoryNotFound,
+    UnsupportedFormat,
+    UsageError,
+    WrongPassword,
+)
 from .index import IndexCache
 from .pack import DATA_BLOB, TREE_BLOB, pack_key
 from .snapshot import Snapshot
 from .stores import ObjectStore, on_local_disk
+from .stores.backlog import BacklogStore, staged_index_names
 from .tree import Node, decode_tree, encode_tree
 
 log = logging.getLogger(__name__)
@@ -38,6 +47,8 @@ FORMAT_VERSION = 1
 DEFAULT_BLOCK_SIZE = 128 * 1024
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 64 * 1024, 4 * 1024 * 1024
 DEFAULT_PACK_SIZE = 16 * 1024 * 1024
+BACKLOGS_DIR = "backlog"  # in the repository's cache dir: one backlog per live mount
+DEFAULT_BACKLOG_LIMIT = 4 << 30
 TREE_CACHE_NODES = 100_000  # decoded tree entries kept in memory (~30 MiB), whatever the tree sizes
 
 
@@ -85,7 +96,7 @@ class Repository:
         self.key = key
         self.cache_dir = os.path.join(cache_dir or default_cache_dir(), config.id)
         self.index = IndexCache(os.path.join(self.cache_dir, "index.sqlite"))
-        self.index.sync(store, key)
+        self.index.sync(store, key, staged=staged_index_names(os.path.join(self.cache_dir, BACKLOGS_DIR)))
         # A remote store answers slower than the savers fill packs: let a few more finished packs
         # queue (each ~pack_size of memory) so that savers keep going while uploads travel.
         uploads = {} if on_local_disk(store) else {"upload_workers": 2, "uploads_in_flight": 4}
@@ -112,13 +123,23 @@ class Repository:
         return cls(store, config, key, cache_dir)
 
     @classmethod
-    def open(cls, store: ObjectStore, passphrase: bytes, *, cache_dir: str | None = None) -> Repository:
+    def open(cls, store: ObjectStore, passphrase: bytes, *, cache_dir: str | None = None,
+             backlog: str | None = None, backlog_limit_bytes: int = DEFAULT_BACKLOG_LIMIT) -> Repository:
+        """The repository in `store`. With `backlog` (a name), writes the store cannot take now wait in
+        a local backlog of that name instead (stores/backlog.py); `repo.backlog` drains it."""
         try:
             config = Config.decode(store.get("config"))
         except ObjectNotFound:
             raise RepositoryNotFound(f"no repository at {store.location} (run `fsmount init` first)") from None
         key = open_master_key(store, passphrase)
+        if backlog is not None:
+            directory = os.path.join(cache_dir or default_cache_dir(), config.id, BACKLOGS_DIR, backlog)
+            store = BacklogStore(store, directory, backlog_limit_bytes)
         return cls(store, config, key, cache_dir)
+
+    @property
+    def backlog(self) -> BacklogStore | None:
+        return self.store if isinstance(self.store, BacklogStore) else None
 
     def add_key(self, passphrase: bytes) -> str:
         wrapped = self.key.wrap(passphrase)
@@ -193,6 +214,9 @@ class Repository:
 
     def save_tree(self, nodes: list[Node]) -> bytes:
         blob_id, _ = self.save_blob(TREE_BLOB, encode_tree(nodes))
+        # The next backup reads the trees along its changed paths from here, not from the store
+        # (which may be down: a live mount's backlog then holds the pack they are in).
+        self._cache_tree(blob_id, list(nodes))
         return blob_id
 
     def load_tree(self, tree_id: bytes) -> list[Node]:
@@ -203,14 +227,19 @@ class Repository:
                 self._trees.move_to_end(tree_id)
                 return list(nodes)
         nodes = decode_tree(self.load_blob(TREE_BLOB, tree_id), f"tree {tree_id.hex()}")
+        self._cache_tree(tree_id, nodes)
+        return list(nodes)
+
+    def _cache_tree(self, tree_id: bytes, nodes: list[Node]) -> None:
         with self._trees_lock:
-            if tree_id not in self._trees:
-                self._trees[tree_id] = nodes
-                self._cached_nodes += len(nodes)
+            if tree_id in self._trees:
+                self._trees.move_to_end(tree_id)
+                return
+            self._trees[tree_id] = nodes
+            self._cached_nodes += len(nodes)
             while self._cached_nodes > TREE_CACHE_NODES and len(self._trees) > 1:
                 _, evicted = self._trees.popitem(last=False)
                 self._cached_nodes -= len(evicted)
-        return list(nodes)
 
     def cached_tree(self, tree_id: bytes) -> list[Node] | None:
         """The nodes of a tree if the cache holds them (read-only), without loading anything."""

@@ -113,10 +113,11 @@ class AppContext:
             raise UsageError("no passphrase: use --password-file, FSMOUNT_PASSWORD_FILE or FSMOUNT_PASSWORD")
         return secret
 
-    def open_repository(self) -> Repository:
+    def open_repository(self, **options: object) -> Repository:
+        """The repository; `options` go to `Repository.open` (a live mount's backlog)."""
         store = self.open_store()
         try:
-            return Repository.open(store, self.passphrase(), cache_dir=self.cache_dir)
+            return Repository.open(store, self.passphrase(), cache_dir=self.cache_dir, **options)  # type: ignore[arg-type]
         except BaseException:
             store.close()
             raise

@@ -24,19 +24,27 @@ from functools import partial
 import pyfuse3
 import trio
 
-from backend.errors import FsmountError, UsageError
+from backend.errors import FsmountError, StoreError, UsageError
 from backend.repository import Repository
+from backend.stores.backlog import BacklogStore
 
 from . import control
-from .mountpoint import check_mountpoint, is_stale, mounted_at, raise_readahead
 from .changelog import Changelog
 from .live_tree import LiveTree
+from .mountpoint import check_mountpoint, is_stale, mounted_at, raise_readahead
 from .snapshot_mount import make_snapshot_tree
-from .uploader import Uploader
+from .uploader import RETRY_FIRST_S, Uploader
 
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S = 1.0
+BACKLOG_CHECK_S = 1.0  # how often an empty backlog is looked at
+BACKLOG_RETRY_MAX_S = 15.0  # longest pause between attempts to upload the backlog
+
+
+def source_id(source: bytes) -> str:
+    """A short stable name for a source folder: its changelog's and backlog's directory name."""
+    return hashlib.sha256(os.path.realpath(source)).hexdigest()[:16]
 
 
 class SourceLock:
@@ -70,11 +78,13 @@ class LiveMount:
         self.host = host or socket.gethostname()
         self.final_snapshot: str | None = None
         self.final_error: str | None = None
-        self.skip_final_snapshot = False  # `umount --lazy`: the next mount's scan catches up
+        self.lazy = False  # `umount --lazy`: the final snapshot stays in the backlog for the next mount
+        self.backlog_error: str | None = None  # why the backlog could not be uploaded at unmount
+        self.unmounting = False  # unmounted, busy with the final snapshot and upload
 
     def run(self, ready: Callable[[], None]) -> None:
         """Mount, call `ready()`, serve until unmounted, take the final snapshot."""
-        live_dir = os.path.join(self.repo.cache_dir, "live", hashlib.sha256(self.source).hexdigest()[:16])
+        live_dir = os.path.join(self.repo.cache_dir, "live", source_id(self.source))
         lock = SourceLock(live_dir)  # held: no other daemon serves this source
         try:
             source_fd = self._open_source()
@@ -138,6 +148,8 @@ class LiveMount:
                 nursery.start_soon(self._flush_changelog)
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(raise_readahead, self.mountpoint)
+                if self.repo.backlog is not None:
+                    nursery.start_soon(self._upload_backlog, self.repo.backlog)
                 if self.every_s:
                     nursery.start_soon(self.uploader.run_schedule, self.every_s)
                 try:
@@ -145,19 +157,52 @@ class LiveMount:
                 finally:
                     pyfuse3.close(unmount=True)
                     self.uploader.stop_retrying()  # a pending snapshot must not hold up the final one
-                if self.skip_final_snapshot:
-                    log.info("unmounted %s without a final snapshot", os.fsdecode(self.mountpoint))
-                else:
-                    log.info("unmounted %s; taking the final snapshot", os.fsdecode(self.mountpoint))
-                    try:
-                        # One attempt: `umount` waits for it; the next mount catches up on failure.
-                        self.final_snapshot = (await self.uploader.snapshot(retry=False)).id
-                    except FsmountError as exc:
-                        self.final_error = str(exc)
-                        log.error("final snapshot failed: %s (the next mount will catch up)", exc)
+                    self.unmounting = True
+                await self._final_snapshot()
                 self._final_done.set()
                 nursery.cancel_scope.cancel()
             stop_control.set()  # the control server ends once pending replies (`umount`) are sent
+
+    async def _final_snapshot(self) -> None:
+        """Snapshot what the folder holds now that nothing can change it, and (unless lazy) upload
+        the backlog. One attempt each: `umount` waits for them; the next mount catches up."""
+        backlog = self.repo.backlog
+        if self.lazy and backlog is not None:
+            backlog.hold()
+        log.info("unmounted %s; taking the final snapshot", os.fsdecode(self.mountpoint))
+        try:
+            self.final_snapshot = (await self.uploader.snapshot(retry=False)).id
+        except FsmountError as exc:
+            self.final_error = str(exc)
+            log.error("final snapshot failed: %s (the next mount will catch up)", exc)
+        if backlog is None or self.lazy or backlog.is_empty():
+            return
+        log.info("uploading the backlog before exiting")
+        try:
+            await trio.to_thread.run_sync(backlog.drain)
+        except StoreError as exc:
+            self.backlog_error = str(exc)
+            log.error("the backlog stays on local disk for the next mount: %s", exc)
+
+    async def _upload_backlog(self, backlog: BacklogStore) -> None:
+        """Keep the store taking the backlog, pausing longer after each failure."""
+        failures = 0
+        while True:
+            if backlog.is_empty():
+                await trio.sleep(BACKLOG_CHECK_S)
+                continue
+            try:
+                # Abandoned (still running) at unmount; the final upload waits for it in drain().
+                drained = await trio.to_thread.run_sync(backlog.drain, abandon_on_cancel=True)
+            except StoreError as exc:
+                failures += 1
+                pause_s = min(BACKLOG_RETRY_MAX_S, RETRY_FIRST_S * 2 ** (failures - 1))
+                log.warning("backlog not uploaded (%s); trying again in %.0f s", exc, pause_s)
+                await trio.sleep(pause_s)
+                continue
+            if failures or drained:
+                log.info("backlog uploaded (%d bytes)", drained)
+            failures = 0
 
     async def _flush_changelog(self) -> None:
         while True:
@@ -173,14 +218,22 @@ class LiveMount:
     async def _handle(self, request: dict) -> dict:
         op = request["op"]
         if op == "status":
+            backlog = self.repo.backlog
             return {"mountpoint": os.fsdecode(self.mountpoint), "pid": os.getpid(),
-                    "every_s": self.every_s, **self.uploader.describe()}
+                    "every_s": self.every_s, "unmounting": self.unmounting,
+                    **self.uploader.describe(),
+                    "backlog": vars(backlog.status()) if backlog is not None else None}
         if op == "snapshot":
             snapshot = await self.uploader.snapshot(request.get("name"))
-            return {"id": snapshot.id, "short_id": snapshot.short_id, "label": snapshot.label()}
+            backlog = self.repo.backlog
+            return {"id": snapshot.id, "short_id": snapshot.short_id, "label": snapshot.label(),
+                    "in_backlog": backlog is not None and f"snapshots/{snapshot.id}" in backlog}
         if op == "unmount":
-            self.skip_final_snapshot = bool(request.get("lazy"))
+            self.lazy = bool(request.get("lazy"))
             pyfuse3.terminate()
             await self._final_done.wait()
-            return {"final_snapshot": self.final_snapshot, "final_error": self.final_error}
+            backlog = self.repo.backlog
+            return {"final_snapshot": self.final_snapshot, "final_error": self.final_error,
+                    "backlog_error": self.backlog_error,
+                    "backlog": vars(backlog.status()) if backlog is not None else None}
         raise UsageError(f"unknown control request {op!r}")

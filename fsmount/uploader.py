@@ -13,8 +13,11 @@ a file writes it back; `fsmount snapshot` has the kernel write everything back b
 snapshot after a mount starts, and any after a failed one, is a full metadata scan instead, which
 finds edits made while unmounted or lost in a crash (changelog.py says why that is enough).
 
-When the store fails (unreachable, down, out of space), the snapshot is not given up: its view
-keeps its instant while the user keeps working at local speed, and the same snapshot is tried
+When the store fails (unreachable, down, out of space), what the snapshot writes waits in the
+repository's backlog on local disk (backend/stores/backlog.py) and the snapshot is done; the mount
+uploads the backlog, in order, once the store is back. When even that cannot be (the backlog is
+full, or a tree the snapshot must read is only in the store), the snapshot is not given up: its
+view keeps its instant while the user keeps working at local speed, and the same snapshot is tried
 again with growing pauses until it is stored (status shows it as pending, with the error). Only a
 view that cannot hold its instant any longer (spill limit) abandons it; the next one rescans.
 
@@ -45,7 +48,7 @@ log = logging.getLogger(__name__)
 
 LIVE_TAG = "live"
 SPILL_LIMIT_BYTES = 4 << 30  # what a running snapshot may keep aside of blocks overwritten meanwhile
-RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0  # pauses between attempts to store a pending snapshot
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 15.0  # pauses between attempts to store a pending snapshot
 
 
 @dataclass

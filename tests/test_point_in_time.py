@@ -5,10 +5,9 @@ the folder in every way the live tree can (telling the point-in-time view first,
 does), and only then lets the backup read: what it stores must equal the copy. The mount-level test
 runs a writer that never stops while snapshots are taken, and checks every snapshot is a state that
 existed: a prefix of the writer's history. The crash test kills the daemon at random moments of
-ordinary work and checks that each restart's first snapshot equals the folder as it is. The outage
-test stops the S3 server while a snapshot is pending: the folder keeps working, and the snapshot
-lands when the server is back, showing its own instant. The full-disk test fills the disk that
-holds the folder and the changelog: writes get ENOSPC, and the mount and its snapshots carry on.
+ordinary work and checks that each restart's first snapshot equals the folder as it is. The
+full-disk test fills the disk that holds the folder and the changelog: writes get ENOSPC, and the
+mount and its snapshots carry on. (A misbehaving store: test_store_pressure.py.)
 """
 
 from __future__ import annotations
@@ -35,8 +34,6 @@ from backend.restore import restore
 from backend.source import key_of
 from fsmount.changelog import Changelog
 from fsmount.frozen_view import FrozenView, SnapshotOverrun
-
-pytest_plugins = ["s3_fixtures"]
 
 BS = TEST_BLOCK_SIZE
 
@@ -346,53 +343,6 @@ def test_every_restart_after_kill_9_snapshots_the_source_as_it_is(cli, tmp_path:
     finally:
         if is_mounted(source):
             force_unmount(source)
-
-
-# -- the store goes away and comes back -------------------------------------------------------------
-
-@pytest.mark.s3
-def test_a_snapshot_waits_out_a_store_outage_and_keeps_its_instant(cli, own_s3_server, tmp_path: Path) -> None:
-    server = own_s3_server
-    key_id, secret = server.credentials
-    cli.env.update(AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret, AWS_DEFAULT_REGION="us-east-1",
-                   FSMOUNT_REPOSITORY=f"s3:{server.endpoint}/outage/repo", FSMOUNT_STORE_RETRY_S="2")
-    cli("init")
-    source = tmp_path / "work"
-    source.mkdir()
-    (source / "kept.txt").write_text("there all along\n")
-    with live_mount(cli, source) as mnt:
-        cli("snapshot", mnt)
-        (mnt / "notes.txt").write_text("written before the outage\n")
-        at_the_instant = tmp_path / "at-the-instant"
-        shutil.copytree(mnt, at_the_instant)
-        server.pause()
-        pending = cli.popen("snapshot", mnt, "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        status = wait_for_status(cli, mnt, lambda s: s["pending_since"] is not None and s["last_error"])
-        assert status["attempts"] >= 1
-        started = time.monotonic()  # the folder keeps working at local speed meanwhile
-        (mnt / "notes.txt").write_text("written during the outage\n")
-        (mnt / "new.bin").write_bytes(os.urandom(300_000))
-        os.unlink(mnt / "kept.txt")
-        assert time.monotonic() - started < 2
-        assert pending.poll() is None  # still waiting for the store
-        server.resume()
-        out, err = pending.communicate(timeout=120)
-        assert pending.returncode == 0, err.decode(errors="replace")
-        assert wait_for_status(cli, mnt, lambda s: s["pending_since"] is None)["last_error"] is None
-    restored = tmp_path / "restored"
-    cli("restore", json.loads(out)["id"], "--target", restored)
-    assert differences(at_the_instant, restored, file_mtime_slack_ns=2 * 10**9) == []
-    cli("verify", "--read-data")
-
-
-def wait_for_status(cli, mnt: Path, condition, timeout_s: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = json.loads(cli("status", mnt, "--json").stdout)
-        if condition(status):
-            return status
-        assert time.monotonic() < deadline, f"status never got there: {status}"
-        time.sleep(0.2)
 
 
 # -- the source's disk fills up ----------------------------------------------------------------------

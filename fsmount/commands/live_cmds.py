@@ -7,15 +7,16 @@ import errno
 import os
 import re
 import stat
-from contextlib import nullcontext
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import click
 
-from backend.errors import FsmountError, UsageError
+from backend.errors import FsmountError, StoreError, UsageError
 
 from .. import background
 from ..context import AppContext
 from ..output import emit_json, human_bytes, json_option, stderr, stdout
+from .repository_cmds import parse_size
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -35,9 +36,11 @@ def parse_duration(text: str) -> float:
 @click.option("--every", metavar="DURATION", help="Also take a snapshot every DURATION (e.g. 15m, 1h).")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground (logs go to the terminal).")
 @click.option("--host", help="Record this host name in snapshots instead of this machine's.")
+@click.option("--backlog-limit", default="4G", show_default=True, metavar="SIZE",
+              help="Local disk that snapshots may take while the store cannot take them.")
 @click.pass_obj
 def mount(app: AppContext, source: str, mountpoint: str | None, every: str | None, foreground: bool,
-          host: str | None) -> None:
+          host: str | None, backlog_limit: str) -> None:
     """Mount SOURCE so that everything written to it is backed up continuously.
 
     \b
@@ -48,10 +51,18 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
     changed. Snapshots are taken with `fsmount snapshot MOUNT`, with `mkdir MOUNT/.snapshots/NAME`,
     every DURATION with --every, and at `fsmount umount MOUNT`. Every snapshot of the folder can be
     browsed, read-only, in MOUNT/.snapshots/ (hidden from listings; reach it by its path).
+
+    When the store is slow or unreachable, work goes on at local speed: snapshots wait in a
+    backlog on local disk (up to --backlog-limit; past it, snapshots wait and `fsmount status`
+    says why) and are uploaded, in order, once the store is back.
     """
     from .. import control  # imports trio: only the commands that need it pay for it
     _check_source(source)
     every_s = parse_duration(every) if every else None
+    try:
+        backlog_bytes = parse_size(backlog_limit)
+    except ValueError:
+        raise click.BadParameter(f"{backlog_limit!r} is not a size like 512M or 2G", param_hint="--backlog-limit")
     target = mountpoint or source
     if not foreground:
         log_path = os.path.join(control.runtime_dir(), control.mount_id(target) + ".log")
@@ -62,13 +73,14 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
             argv += ["--every", every]
         if host:
             argv += ["--host", host]
+        argv += ["--backlog-limit", backlog_limit]
         pid = background.start(argv, log_path, app.passphrase())
         if not app.quiet:
             stdout.print(f"mounted {source} at {target} (daemon pid {pid}, log {log_path})")
         return
-    from ..live_daemon import LiveMount
+    from ..live_daemon import LiveMount, source_id
 
-    with app.open_repository() as repo:
+    with app.open_repository(backlog=source_id(os.fsencode(source)), backlog_limit_bytes=backlog_bytes) as repo:
         live = LiveMount(repo, os.fsencode(source), os.fsencode(target), every_s=every_s, host=host)
 
         def ready() -> None:
@@ -119,7 +131,9 @@ def snapshot(app: AppContext, mountpoint: str, name: str | None) -> None:
     if app.json:
         emit_json(reply)
     elif not app.quiet:
-        stdout.print(f"snapshot {reply['short_id']} taken ({reply['label']})")
+        stdout.print(f"snapshot {reply['short_id']} taken ({reply['label']})" +
+                     ("; the store cannot take it now: it waits on local disk and is uploaded when the store is back"
+                      if reply.get("in_backlog") else ""))
 
 
 @click.command()
@@ -146,10 +160,16 @@ def status(app: AppContext, mountpoint: str) -> None:
     ]
     if reply.get("pending_since"):
         since = dt.datetime.fromtimestamp(reply["pending_since"]).strftime("%Y-%m-%d %H:%M:%S")
-        lines.append(f"behind       the snapshot of {since} is waiting for the store "
+        lines.append(f"behind       the snapshot of {since} is waiting "
                      f"({reply['attempts']} failed attempts; it keeps its instant)")
     elif reply.get("running"):
         lines.append("now          a snapshot is being uploaded")
+    backlog = reply.get("backlog")
+    if backlog and backlog["objects"]:
+        lines.append(f"backlog      {backlog['snapshots']} snapshots, {human_bytes(backlog['bytes'])} on local disk "
+                     f"waiting for the store (limit {human_bytes(backlog['limit_bytes'])})")
+        if backlog.get("last_error"):
+            lines.append(f"store error  {backlog['last_error']}")
     if reply.get("tracking"):
         lines.append(f"tracking     {reply['tracking']}")
     if reply.get("last_error"):
@@ -175,25 +195,62 @@ def unmount_live(mountpoint: str, app: AppContext, *, lazy: bool = False) -> boo
         control.request(mountpoint, {"op": "status"}, timeout=10)
     except UsageError:
         return False
-    with stderr.status(f"unmounting {mountpoint}" + ("" if lazy else " and storing the final snapshot"),
-                       spinner="dots") if stderr.is_terminal and not app.quiet else nullcontext():
-        reply = _ask(mountpoint, {"op": "unmount", "lazy": lazy}, timeout=None)
+    with ThreadPoolExecutor(1) as waiter:
+        unmounted = waiter.submit(_ask, mountpoint, {"op": "unmount", "lazy": lazy}, timeout=None)
+        if stderr.is_terminal and not app.quiet:
+            _show_final_upload(mountpoint, unmounted, lazy)
+        reply = unmounted.result()
     if reply.get("final_error"):
         raise FsmountError(f"unmounted {mountpoint}, but the final snapshot failed: {reply['final_error']}")
+    final = reply.get("final_snapshot")
+    backlog = reply.get("backlog") or {"objects": 0, "bytes": 0}
+    if backlog["objects"] and not lazy:
+        raise StoreError(f"unmounted {mountpoint}; {human_bytes(backlog['bytes'])} of snapshots could not be "
+                         f"uploaded ({reply.get('backlog_error')}); they stay on local disk and the next "
+                         f"mount of this folder uploads them")
     if not app.quiet:
-        final = reply.get("final_snapshot")
-        stdout.print(f"unmounted {mountpoint}; " + (f"final snapshot {final[:8]}" if final else
-                                                    "no final snapshot (the next mount catches up)"))
+        said = f"final snapshot {final[:8]}" if final else "no final snapshot (the next mount catches up)"
+        if backlog["objects"]:
+            said += (f"; {human_bytes(backlog['bytes'])} of snapshots wait on local disk for the next mount "
+                     f"to upload")
+        stdout.print(f"unmounted {mountpoint}; {said}")
     return True
+
+
+def _show_final_upload(mountpoint: str, unmounted: Future, lazy: bool) -> None:
+    """A progress bar of the final snapshot and backlog upload, until `unmounted` is done."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                  TimeElapsedColumn(), console=stderr, transient=True) as bar:
+        task = bar.add_task(f"unmounting {mountpoint}" + ("" if lazy else ": final snapshot"), total=None)
+        most = 0
+        while not unmounted.done():
+            try:
+                reply = _ask(mountpoint, {"op": "status"}, timeout=5)
+            except FsmountError:
+                break  # gone: the reply to `unmount` says how it ended
+            backlog = reply.get("backlog") or {"bytes": 0}
+            if reply.get("unmounting") and not reply.get("running") and backlog["bytes"] and not lazy:
+                most = max(most, backlog["bytes"])
+                bar.update(task, description="uploading the backlog", total=most,
+                           completed=most - backlog["bytes"])
+            wait([unmounted], timeout=0.25)
 
 
 @click.command()
 @click.argument("mountpoint", type=click.Path(path_type=str))
 @click.option("--lazy", is_flag=True,
-              help="Unmount at once without the final snapshot; the next mount picks up what is pending.")
+              help="Do not wait for the upload: the final snapshot and the backlog stay on local disk, "
+                   "and the next mount of the folder uploads them.")
 @click.pass_obj
 def umount(app: AppContext, mountpoint: str, lazy: bool) -> None:
-    """Unmount a live mount, after its final snapshot is stored, or a snapshot mount."""
+    """Unmount a live mount, after its final snapshot is stored, or a snapshot mount.
+
+    A live mount takes a final snapshot and uploads it, with whatever else waits in its backlog,
+    before this returns (a progress bar shows how far it is). If the store cannot take it, the
+    snapshots stay on local disk for the next mount and the exit code says so (15).
+    """
     if unmount_live(mountpoint, app, lazy=lazy):
         return
     import subprocess

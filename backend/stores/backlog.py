@@ -1,0 +1,257 @@
+"""The backlog: a store in front of another that writers never wait on while it is down.
+
+A live mount writes through it. While the backlog is empty, a write goes straight to the store.
+When one fails (the store unreachable, too slow, out of space), that object and every write after
+it are kept on local disk instead, in the order they were made, and `drain()` (run by the mount in
+the background) writes them to the store in that order, removing each once it is stored. A snapshot
+is therefore done once it is on local disk, and later snapshots queue behind it, each keeping its
+own instant. The order keeps the repository's rule that a snapshot object is written only after
+everything it references: objects under `data/` go up several at a time, every other object
+(index, snapshot) only once everything staged before it is stored.
+
+Reads see both: a staged object is read from local disk. The backlog is bounded: a write that would
+take it past `limit_bytes` raises `BacklogFull`, a `StoreError`, so the snapshot that needed it
+waits (the live tree keeps working) and the status says why.
+
+On disk: one file per object, `<sequence>-<quoted key>`, written as a `LocalStore` writes (temp
+file, fsync, rename). A backlog found at start (after a crash or `umount --lazy`) is taken up where
+it was left. Other processes opening the repository read the index names staged here
+(`staged_index_names`), so they do not take a staged index object for one removed from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+from ..errors import ObjectNotFound, StoreError
+from .base import ObjectStore
+from .local import LocalStore
+
+log = logging.getLogger(__name__)
+
+DRAIN_PARALLEL = 4  # data objects written to the store at once while draining
+_ORDERED_FREELY = "data/"  # packs reference nothing: they may reach the store in any order
+
+
+class BacklogFull(StoreError):
+    """The backlog holds all it may; the store has to take some of it first."""
+
+
+@dataclass(frozen=True)
+class _Staged:
+    sequence: int
+    key: str
+    size: int
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.sequence:012d}-{quote(self.key, safe='')}"
+
+
+def _parse(file_name: str, size: int) -> _Staged | None:
+    sequence, dash, quoted = file_name.partition("-")
+    if not dash or not sequence.isdigit():
+        return None
+    return _Staged(int(sequence), unquote(quoted), size)
+
+
+def _remove_partial_files(directory: str) -> None:
+    """Temp files of writes a crash interrupted: their objects were never staged."""
+    for entry in os.scandir(directory):
+        if entry.name.startswith(".tmp-"):
+            os.unlink(entry.path)
+
+
+def staged_index_names(backlogs_root: str) -> set[str]:
+    """Names of the index objects waiting in any backlog under `backlogs_root`."""
+    names = set()
+    try:
+        backlogs = [entry.path for entry in os.scandir(backlogs_root) if entry.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return names
+    for directory in backlogs:
+        for file_name, size in LocalStore(directory).list():
+            staged = _parse(file_name, size)
+            if staged is not None and staged.key.startswith("index/"):
+                names.add(staged.key.removeprefix("index/"))
+    return names
+
+
+@dataclass
+class BacklogStatus:
+    objects: int
+    bytes: int
+    snapshots: int  # snapshot objects among them: snapshots taken but not yet in the store
+    limit_bytes: int
+    last_error: str | None  # why the store did not take them
+
+
+class BacklogStore:
+    """`inner`, with every write that it cannot take now kept in `directory` until `drain()`."""
+
+    def __init__(self, inner: ObjectStore, directory: str, limit_bytes: int):
+        self.inner = inner
+        self.limit_bytes = limit_bytes
+        self._files = LocalStore(directory)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        _remove_partial_files(directory)
+        self._lock = threading.Lock()
+        self._staged: dict[str, _Staged] = {}
+        self._staging = 0  # writes to local disk in progress
+        self._bytes = 0
+        self._hold = False
+        self._draining = threading.Lock()  # one drain at a time: each object is stored once
+        self._pool = ThreadPoolExecutor(DRAIN_PARALLEL, thread_name_prefix="backlog")
+        self.last_error: str | None = None
+        found = [s for s in (_parse(n, size) for n, size in self._files.list()) if s is not None]
+        for staged in sorted(found, key=lambda s: s.sequence):
+            self._staged[staged.key] = staged
+            self._bytes += staged.size
+        self._next_sequence = max((s.sequence for s in found), default=-1) + 1
+        if found:
+            log.info("backlog of %d objects (%d bytes) left by the last mount; uploading it", len(found), self._bytes)
+
+    @property
+    def location(self) -> str:
+        return self.inner.location
+
+    def hold(self) -> None:
+        """Keep every later write on local disk (`umount --lazy`: the next mount uploads it)."""
+        with self._lock:
+            self._hold = True
+
+    def status(self) -> BacklogStatus:
+        with self._lock:
+            return BacklogStatus(len(self._staged), self._bytes,
+                                 sum(key.startswith("snapshots/") for key in self._staged),
+                                 self.limit_bytes, self.last_error if self._staged else None)
+
+    def __contains__(self, key: str) -> bool:
+        """Whether `key` waits here for the store."""
+        with self._lock:
+            return key in self._staged
+
+    def is_empty(self) -> bool:
+        with self._lock:
+            return not self._staged and not self._staging
+
+    # -- the ObjectStore operations -------------------------------------------------------------------
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._lock:
+            if key in self._staged:
+                return  # keys name their content: the staged copy is this object
+            direct = not self._staged and not self._staging and not self._hold
+        if direct:
+            try:
+                self.inner.put(key, data)
+                return
+            except StoreError as exc:
+                self.last_error = str(exc)
+                log.warning("%s; keeping it, and what follows, on local disk until the store takes them", exc)
+        self._stage(key, data)
+
+    def _stage(self, key: str, data: bytes) -> None:
+        with self._lock:
+            if self._staged and self._bytes + len(data) > self.limit_bytes:
+                raise BacklogFull(f"the backlog is full: {self._bytes / 2**20:.0f} MiB wait for "
+                                  f"{self.inner.location} (limit {self.limit_bytes / 2**20:.0f} MiB); "
+                                  f"the store's last error: {self.last_error}")
+            staged = _Staged(self._next_sequence, key, len(data))
+            self._next_sequence += 1
+            self._staging += 1
+            self._bytes += staged.size
+        try:
+            self._files.put(staged.file_name, data)
+        except BaseException:
+            with self._lock:
+                self._staging -= 1
+                self._bytes -= staged.size
+            raise
+        with self._lock:
+            self._staging -= 1
+            self._staged[key] = staged
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        with self._lock:
+            staged = self._staged.get(key)
+        if staged is not None:
+            try:
+                return self._files.get(staged.file_name, offset, length)
+            except ObjectNotFound:
+                pass  # stored and removed from the backlog meanwhile
+        return self.inner.get(key, offset, length)
+
+    def exists(self, key: str) -> bool:
+        with self._lock:
+            if key in self._staged:
+                return True
+        return self.inner.exists(key)
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        with self._lock:
+            staged = [(s.key, s.size) for s in self._staged.values() if s.key.startswith(prefix)]
+        yield from staged
+        seen = {key for key, _ in staged}
+        for key, size in self.inner.list(prefix):
+            if key not in seen:
+                yield key, size
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            staged = self._staged.pop(key, None)
+            if staged is not None:
+                self._bytes -= staged.size
+        if staged is not None:
+            self._files.delete(staged.file_name)
+        self.inner.delete(key)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.inner.close()
+
+    # -- draining -------------------------------------------------------------------------------------
+
+    def drain(self) -> int:
+        """Write everything staged to the store, in order; how many bytes that was.
+
+        Raises `StoreError` when the store fails; what is not stored yet stays staged."""
+        drained = 0
+        with self._draining:
+            while True:
+                batch = self._next_batch()
+                if not batch:
+                    return drained
+                for staged in self._pool.map(self._push, batch):
+                    drained += staged.size
+
+    def _next_batch(self) -> list[_Staged]:
+        """The oldest staged object, with the data objects right behind it when it is one."""
+        with self._lock:
+            queue = sorted(self._staged.values(), key=lambda s: s.sequence)
+        batch: list[_Staged] = []
+        for staged in queue:
+            if not staged.key.startswith(_ORDERED_FREELY):
+                return batch or [staged]
+            batch.append(staged)
+            if len(batch) == 2 * DRAIN_PARALLEL:
+                break
+        return batch
+
+    def _push(self, staged: _Staged) -> _Staged:
+        try:
+            self.inner.put(staged.key, self._files.get(staged.file_name))
+        except StoreError as exc:
+            self.last_error = str(exc)
+            raise
+        with self._lock:
+            if self._staged.pop(staged.key, None) is not None:
+                self._bytes -= staged.size
+        self._files.delete(staged.file_name)  # a crash before this only writes it to the store again
+        return staged

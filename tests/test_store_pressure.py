@@ -1,0 +1,139 @@
+"""A live mount over S3 while the store misbehaves: writes never fail, every snapshot lands.
+
+Both tests run the real daemon against a real SeaweedFS. In the first, every request goes through
+a proxy that answers 20% of them with `503 SlowDown` while a writer keeps appending checksummed
+records and snapshots are taken every few hundred milliseconds: each snapshot must be stored, hold
+a prefix of the writer's history, and the repository must verify. In the second, the server is
+stopped for a minute: snapshots taken meanwhile complete on local disk (the backlog), one that
+does not fit in the backlog waits with its instant, status says why, and once the server is back
+all of them reach the store, each showing the folder as it was when it was taken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from flaky_proxy import FlakyProxy
+from live_mount import live_mount
+from test_point_in_time import Writer, check_prefix
+from treecompare import differences
+
+pytest_plugins = ["s3_fixtures"]
+
+pytestmark = pytest.mark.s3
+
+OUTAGE_S = 60.0
+
+
+def use_s3(cli, server, endpoint: str, bucket: str) -> None:
+    key_id, secret = server.credentials
+    cli.env.update(AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret, AWS_DEFAULT_REGION="us-east-1",
+                   FSMOUNT_REPOSITORY=f"s3:{endpoint}/{bucket}/repo", FSMOUNT_STORE_RETRY_S="2")
+
+
+def wait_for_status(cli, mnt: Path, condition, timeout_s: float = 90.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = json.loads(cli("status", mnt, "--json").stdout)
+        if condition(status):
+            return status
+        assert time.monotonic() < deadline, f"status never got there: {status}"
+        time.sleep(0.3)
+
+
+def test_snapshots_land_and_verify_while_a_fifth_of_requests_fail(cli, s3_server, tmp_path: Path) -> None:
+    with FlakyProxy(s3_server.endpoint, 0.2, seed=5) as proxy:
+        use_s3(cli, s3_server, proxy.endpoint, "flaky")
+        cli("init")
+        source = tmp_path / "busy"
+        source.mkdir()
+        with live_mount(cli, source) as mnt:
+            writer = Writer(mnt)
+            writer.start()
+            taken = []
+            try:
+                while len(taken) < 6 and writer.is_alive():
+                    time.sleep(0.3)
+                    taken.append(json.loads(cli("snapshot", mnt, "--json").stdout)["id"])
+            finally:
+                writer.stop.set()
+                writer.join()
+            assert writer.error is None, writer.error  # no write failed
+            assert wait_for_status(cli, mnt, lambda s: not s["backlog"]["objects"])["last_error"] is None
+        assert proxy.failed > 0.1 * (proxy.failed + proxy.forwarded)
+    use_s3(cli, s3_server, s3_server.endpoint, "flaky")  # checked without the proxy: what the store holds
+    stored = {s["id"] for s in json.loads(cli("snapshots", "--json").stdout)}
+    assert set(taken) <= stored
+    held = []
+    for snapshot_id in taken:
+        restored = tmp_path / f"restored-{snapshot_id[:8]}"
+        cli("restore", snapshot_id, "--target", restored)
+        held.append(check_prefix(restored))
+    assert held == sorted(held) and held[-1] > held[0] > 0
+    cli("verify", "--read-data")
+
+
+def test_a_minute_without_the_store_loses_no_snapshot(cli, own_s3_server, tmp_path: Path) -> None:
+    server = own_s3_server
+    use_s3(cli, server, server.endpoint, "outage")
+    cli("init")
+    source = tmp_path / "work"
+    source.mkdir()
+    (source / "kept.txt").write_text("there all along\n")
+    states: dict[str, Path] = {}  # snapshot id -> a copy of the folder at its instant
+
+    def snapshot_and_copy(mnt: Path) -> dict:
+        reply = json.loads(cli("snapshot", mnt, "--json").stdout)
+        states[reply["id"]] = tmp_path / f"state-{len(states)}"
+        shutil.copytree(mnt, states[reply["id"]], symlinks=True)
+        return reply
+
+    with live_mount(cli, source, None, "--backlog-limit", "2M") as mnt:
+        assert not snapshot_and_copy(mnt)["in_backlog"]
+        server.pause()
+        down_at = time.monotonic()
+
+        # While the store is down, snapshots complete on local disk.
+        (mnt / "notes.txt").write_text("written during the outage\n")
+        assert snapshot_and_copy(mnt)["in_backlog"]
+        os.unlink(mnt / "kept.txt")
+        (mnt / "small.bin").write_bytes(os.urandom(200_000))
+        assert snapshot_and_copy(mnt)["in_backlog"]
+        status = wait_for_status(cli, mnt, lambda s: s["backlog"]["snapshots"] == 2)
+        assert status["backlog"]["last_error"]
+
+        # One that does not fit in the 2 MiB backlog waits for the store, keeping its instant.
+        (mnt / "large.bin").write_bytes(os.urandom(3_000_000))
+        before = tmp_path / "state-waiting"
+        shutil.copytree(mnt, before, symlinks=True)
+        waiting = cli.popen("snapshot", mnt, "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        status = wait_for_status(cli, mnt, lambda s: s["pending_since"] is not None)
+        assert "backlog is full" in status["last_error"]
+        listed = cli("status", mnt).stdout.decode()
+        assert "behind" in listed and "backlog is full" in listed and "2 snapshots" in listed
+        started = time.monotonic()  # the folder works at local speed all the while
+        (mnt / "large.bin").write_bytes(b"overwritten after the instant\n")
+        (mnt / "notes.txt").write_text("written after the waiting snapshot\n")
+        assert time.monotonic() - started < 2
+        time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))
+        assert waiting.poll() is None
+        server.resume()
+
+        out, err = waiting.communicate(timeout=120)
+        assert waiting.returncode == 0, err.decode(errors="replace")
+        states[json.loads(out)["id"]] = before
+        status = wait_for_status(cli, mnt, lambda s: not s["backlog"]["objects"] and s["pending_since"] is None)
+        assert status["last_error"] is None
+    stored = {s["id"] for s in json.loads(cli("snapshots", "--json").stdout)}
+    assert set(states) <= stored
+    for snapshot_id, state in states.items():
+        restored = tmp_path / f"restored-{snapshot_id[:8]}"
+        cli("restore", snapshot_id, "--target", restored)
+        assert differences(state, restored, file_mtime_slack_ns=2 * 10**9) == [], snapshot_id[:8]
+    cli("verify", "--read-data")
