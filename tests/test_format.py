@@ -35,6 +35,19 @@ def test_blob_seal_round_trip_and_tamper_detection() -> None:
     assert len(key.seal_blob(DATA_BLOB, key.blob_id(b"a" * 100_000), b"a" * 100_000)) < 1000  # compressed
 
 
+def test_blocks_are_compressed_when_any_part_of_them_compresses() -> None:
+    """Random blocks are stored raw without compressing them whole; a block that is random only
+    in places still compresses (the probe samples its start, middle and end)."""
+    key = MasterKey.generate()
+    random_block = os.urandom(128 * 1024)
+    assert len(key.seal_blob(DATA_BLOB, key.blob_id(random_block), random_block)) == len(random_block) + 1 + 28
+    for mixed in (os.urandom(60_000) + bytes(71_072), bytes(71_072) + os.urandom(60_000),
+                  os.urandom(40_000) + b"log line\n" * 5_000 + os.urandom(40_000)):
+        sealed = key.seal_blob(DATA_BLOB, key.blob_id(mixed), mixed)
+        assert len(sealed) < len(mixed) * 0.7
+        assert key.unseal_blob(DATA_BLOB, key.blob_id(mixed), sealed) == mixed
+
+
 def test_blob_ids_are_keyed() -> None:
     a, b = MasterKey.generate(), MasterKey.generate()
     assert a.blob_id(b"same content") != b.blob_id(b"same content")
