@@ -38,7 +38,7 @@ from .index import IndexCache
 from .pack import DATA_BLOB, TREE_BLOB, pack_key
 from .snapshot import Snapshot
 from .stores import ObjectStore, on_local_disk
-from .stores.backlog import BacklogStore, staged_index_names
+from .stores.backlog import BacklogStore, staged_keys
 from .tree import Node, decode_tree, encode_tree
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class Repository:
         self.key = key
         self.cache_dir = os.path.join(cache_dir or default_cache_dir(), config.id)
         self.index = IndexCache(os.path.join(self.cache_dir, "index.sqlite"))
-        self.index.sync(store, key, staged=staged_index_names(os.path.join(self.cache_dir, BACKLOGS_DIR)))
+        self.sync_index()
         # A remote store answers slower than the savers fill packs: let a few more finished packs
         # queue (each ~pack_size of memory) so that savers keep going while uploads travel.
         uploads = {} if on_local_disk(store) else {"upload_workers": 2, "uploads_in_flight": 4}
@@ -139,7 +139,17 @@ class Repository:
 
     @property
     def backlog(self) -> BacklogStore | None:
+        """This process's backlog, when it was opened with one."""
         return self.store if isinstance(self.store, BacklogStore) else None
+
+    def staged_keys(self, prefix: str) -> set[str]:
+        """Objects that a live mount of this machine holds in its backlog, not in the store yet."""
+        return staged_keys(os.path.join(self.cache_dir, BACKLOGS_DIR), prefix)
+
+    def sync_index(self) -> None:
+        """Bring the index cache up to date with the store (and with the backlogs' index objects)."""
+        self.index.sync(self.store, self.key,
+                        staged=[k.removeprefix("index/") for k in self.staged_keys("index/")])
 
     def add_key(self, passphrase: bytes) -> str:
         wrapped = self.key.wrap(passphrase)

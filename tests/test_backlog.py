@@ -123,6 +123,8 @@ def test_a_backlog_survives_a_restart_and_other_processes_keep_its_index(
     store.down = False
     with Repository.open(LocalStore(repo_path), PASSPHRASE.encode()) as other:
         assert [s.id for s in other.snapshots()] == [first.id]
+        report = verify(other)  # the staged packs are on their way, not missing
+        assert report.ok and report.packs_in_backlog > 0, report
     store.down = True
     restored = tmp_path / "restored"
     restore(repo, taken, os.fsencode(restored), paths=[f"r1-{i}.bin".encode() for i in range(6)])

@@ -15,8 +15,8 @@ waits (the live tree keeps working) and the status says why.
 
 On disk: one file per object, `<sequence>-<quoted key>`, written as a `LocalStore` writes (temp
 file, fsync, rename). A backlog found at start (after a crash or `umount --lazy`) is taken up where
-it was left. Other processes opening the repository read the index names staged here
-(`staged_index_names`), so they do not take a staged index object for one removed from the store.
+it was left. Other processes opening the repository read the keys staged here (`staged_keys`), so
+they do not take a staged index object or pack for one missing from the store.
 """
 
 from __future__ import annotations
@@ -68,19 +68,19 @@ def _remove_partial_files(directory: str) -> None:
             os.unlink(entry.path)
 
 
-def staged_index_names(backlogs_root: str) -> set[str]:
-    """Names of the index objects waiting in any backlog under `backlogs_root`."""
-    names = set()
+def staged_keys(backlogs_root: str, prefix: str) -> set[str]:
+    """Keys starting with `prefix` that wait in any backlog under `backlogs_root`."""
+    keys = set()
     try:
         backlogs = [entry.path for entry in os.scandir(backlogs_root) if entry.is_dir(follow_symlinks=False)]
     except FileNotFoundError:
-        return names
+        return keys
     for directory in backlogs:
         for file_name, size in LocalStore(directory).list():
             staged = _parse(file_name, size)
-            if staged is not None and staged.key.startswith("index/"):
-                names.add(staged.key.removeprefix("index/"))
-    return names
+            if staged is not None and staged.key.startswith(prefix):
+                keys.add(staged.key)
+    return keys
 
 
 @dataclass

@@ -45,6 +45,8 @@ def verify(app: AppContext, read_data: bool, repair: bool) -> None:
                             if read_data else "")
                          + (f"; {report.unreferenced_packs} unreferenced packs (left by interrupted backups)"
                             if report.unreferenced_packs else "")
+                         + (f"; {report.packs_in_backlog} packs still in a live mount's backlog (uploaded later)"
+                            if report.packs_in_backlog else "")
                          + ("; no errors" if report.ok else f"; {len(report.errors)} errors"))
     if not report.ok:
         raise IntegrityError(f"the repository has {len(report.errors)} errors"
