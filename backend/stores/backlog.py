@@ -169,10 +169,13 @@ class BacklogStore:
             self._bytes += staged.size
         try:
             self._files.put(staged.file_name, data)
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 self._staging -= 1
                 self._bytes -= staged.size
+            if isinstance(exc, StoreError):
+                raise StoreError(f"the store cannot take {key} now ({self.last_error}), and neither can the "
+                                 f"backlog on local disk: {exc}") from exc
             raise
         with self._lock:
             self._staging -= 1
