@@ -19,6 +19,7 @@ Groups (`--only GROUP`, repeatable; default all):
            (awscli, if installed).
   pressure A writer's 4 KiB write latency while a snapshot of 1,000 dirty files is taken, against
            the same without a snapshot; remount time after kill -9 with 10,000 dirty files.
+  scale    No-change snapshots (`mkdir .snapshots/NAME`) of a live mount holding 28k and 280k files.
   live     The live mount against the native folder: sequential write and read of a large file,
            4 KiB random writes with fsync, create/stat/unlink of small files, a `git status`-like
            stat walk, untar of a source tree; then the change tracker: the same 0.1% mutation made
@@ -543,6 +544,35 @@ def bench_pressure(work: Path, size: int, results: Results) -> None:
         subprocess.run([*FSMOUNT, "umount", str(source)], env=fs.env, capture_output=True)
 
 
+def bench_scale(work: Path, size: int, results: Results) -> None:
+    """No-change snapshots of a live mount holding 28k files and 280k: the changelog decides what
+    a snapshot reads, so the size of the tree must not matter."""
+    fs = Fsmount(work)
+    fs.env["FSMOUNT_REPOSITORY"] = str(work / "repo")
+    run(fs.init(), fs.env)
+    idle_s = {}
+    for files in (28_000, 280_000):
+        source = work / f"folder-{files // 1000}k"
+        for i in range(files):
+            directory = source / f"d{i // 1000:03d}"
+            if i % 1000 == 0:
+                directory.mkdir(parents=True)
+            (directory / f"f{i % 1000:03d}").write_bytes(b"x" * 100)
+        run([*FSMOUNT, "mount", str(source)], fs.env)
+        try:
+            seconds = _timed(lambda: os.mkdir(source / ".snapshots" / "first"))
+            results.add(Row("scale", "fsmount", f"first snapshot, {files // 1000}k files (scan)", seconds))
+            times = sorted(_timed(lambda n=n: os.mkdir(source / ".snapshots" / f"idle-{n}")) for n in range(5))
+            idle_s[files] = times[len(times) // 2]
+            results.add(Row("scale", "fsmount", f"no-change snapshot, {files // 1000}k files", idle_s[files],
+                            note=f"median of 5; min {times[0]:.3f} s, max {times[-1]:.3f} s"))
+        finally:
+            subprocess.run([*FSMOUNT, "umount", str(source)], env=fs.env, capture_output=True)
+    results.check("no-change snapshot at 28k files <= 0.2 s", idle_s[28_000] <= 0.2, f"{idle_s[28_000]:.3f} s")
+    results.check("no-change snapshot at 280k files no slower (<= 0.2 s)", idle_s[280_000] <= 0.2,
+                  f"{idle_s[280_000]:.3f} s ({idle_s[280_000] / idle_s[28_000]:.2f}x the 28k figure)")
+
+
 # -- the browse group ---------------------------------------------------------------------------
 
 def _daemon_peak_rss_mib(pid: int) -> float:
@@ -621,7 +651,7 @@ def main() -> None:
                          "(scripts/test.sh or scripts/demo.sh creates it)")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gib", type=float, default=1.0, help="dataset size (default 1)")
-    parser.add_argument("--only", action="append", choices=["engine", "browse", "s3", "live", "pressure"], help="run only these groups")
+    parser.add_argument("--only", action="append", choices=["engine", "browse", "s3", "live", "pressure", "scale"], help="run only these groups")
     parser.add_argument("--workdir", type=Path, help="where to work (default: a new dir under /tmp)")
     parser.add_argument("--json", type=Path, help="write all figures here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -632,7 +662,7 @@ def main() -> None:
     results = Results()
     try:
         for group, fn in (("engine", bench_engine), ("browse", bench_browse), ("s3", bench_s3), ("live", bench_live),
-                          ("pressure", bench_pressure)):
+                          ("pressure", bench_pressure), ("scale", bench_scale)):
             if not args.only or group in args.only:
                 print(f"== {group}", flush=True)
                 fn(work / group, size, results)
