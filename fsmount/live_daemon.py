@@ -28,7 +28,7 @@ from backend.errors import FsmountError, StoreError, UsageError
 from backend.repository import Repository
 from backend.stores.backlog import BacklogStore
 
-from . import control
+from . import control, control_server
 from .changelog import Changelog
 from .live_tree import LiveTree
 from .mountpoint import check_mountpoint, is_stale, mounted_at, raise_readahead
@@ -143,7 +143,7 @@ class LiveMount:
         self._final_done = trio.Event()
         stop_control = trio.Event()
         async with trio.open_nursery() as outer:
-            await outer.start(partial(control.serve, self._socket_path, self._handle, stop=stop_control))
+            await outer.start(partial(control_server.serve, self._socket_path, self._handle, stop=stop_control))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._flush_changelog)
                 nursery.start_soon(self._watch_signals)

@@ -32,7 +32,7 @@ def mount_snapshots(app: AppContext, mountpoint: str, foreground: bool, cache_si
     is fetched from the repository; fetched blocks stay in a bounded local cache. Snapshots taken
     after mounting appear within seconds.
     """
-    from .. import control  # imports trio: only the commands that need it pay for it
+    from .. import control
     try:
         cache_bytes = parse_size(cache_size)
     except ValueError:

@@ -56,7 +56,7 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
     backlog on local disk (up to --backlog-limit; past it, snapshots wait and `fsmount status`
     says why) and are uploaded, in order, once the store is back.
     """
-    from .. import control  # imports trio: only the commands that need it pay for it
+    from .. import control
     _check_source(source)
     every_s = parse_duration(every) if every else None
     try:
@@ -119,14 +119,9 @@ def snapshot(app: AppContext, mountpoint: str, name: str | None) -> None:
     a new epoch, not during the upload. The same as `mkdir MOUNTPOINT/.snapshots/NAME`, except
     that this first has the kernel write back what it still caches of files open for writing.
     """
-    import pyfuse3  # here, not at the top: most commands never need it
-
     # From this process, not the daemon: a daemon blocked in syncfs on its own mount deadlocked
     # against an fsync through the mount while `mkdir .snapshots/NAME` waited for the snapshot.
-    try:
-        pyfuse3.syncfs(mountpoint)
-    except OSError:
-        pass  # not a live mount, or a dead one: the request below says which
+    _syncfs(mountpoint)  # not a live mount, or a dead one: the request below says which
     reply = _ask(mountpoint, {"op": "snapshot", "name": name}, timeout=None)
     if app.json:
         emit_json(reply)
@@ -134,6 +129,22 @@ def snapshot(app: AppContext, mountpoint: str, name: str | None) -> None:
         stdout.print(f"snapshot {reply['short_id']} taken ({reply['label']})" +
                      ("; the store cannot take it now: it waits on local disk and is uploaded when the store is back"
                       if reply.get("in_backlog") else ""))
+
+
+def _syncfs(path: str) -> None:
+    """Have the kernel write back what it caches for the file system at `path` (errors ignored).
+
+    Through libc, not pyfuse3: importing pyfuse3 costs more than the no-change snapshot itself."""
+    import ctypes
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).syncfs(fd)
+    finally:
+        os.close(fd)
 
 
 @click.command()
@@ -179,7 +190,7 @@ def status(app: AppContext, mountpoint: str) -> None:
 
 
 def _ask(mountpoint: str, request: dict, *, timeout: float | None = 30.0) -> dict:
-    from .. import control  # imports trio: only the commands that need it pay for it
+    from .. import control
     reply = control.request(mountpoint, request, timeout=timeout)
     if not reply.get("ok"):
         error = FsmountError(reply.get("error", "the mount refused the request"))
@@ -190,7 +201,7 @@ def _ask(mountpoint: str, request: dict, *, timeout: float | None = 30.0) -> dic
 
 def unmount_live(mountpoint: str, app: AppContext, *, lazy: bool = False) -> bool:
     """Unmount a live mount through its control socket; False if MOUNTPOINT is not one."""
-    from .. import control  # imports trio: only the commands that need it pay for it
+    from .. import control
     try:
         control.request(mountpoint, {"op": "status"}, timeout=10)
     except UsageError:
