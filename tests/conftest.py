@@ -17,6 +17,42 @@ PASSPHRASE = "correct horse battery staple"
 TEST_BLOCK_SIZE = 64 * 1024
 IN_CI = bool(os.environ.get("CI"))
 
+# The suite starts `python -m fsmount` about a thousand times. Where PYTHONDONTWRITEBYTECODE is set,
+# each start would compile fsmount and backend from source again (a tenth of the suite's CPU time):
+# their bytecode goes to a cache in the venv instead, and the source tree stays free of __pycache__.
+if (os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX")
+        and sys.prefix != sys.base_prefix):
+    del os.environ["PYTHONDONTWRITEBYTECODE"]
+    os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(sys.prefix, "pycache")
+
+# scripts/test.sh runs the tests in parallel (pytest-xdist, `-n auto`); they spend much of their time
+# waiting on FUSE daemons, subprocesses and the S3 server, so one worker more than there are cores.
+# The longest tests go first, each to a worker of its own, so that none of them starts last and runs
+# on alone while the other workers have finished (the rest keep their order).
+LONGEST_FIRST = (
+    "test_live_posix.py::",  # minutes: a live mount against a plain directory, hundreds of steps
+    "test_point_in_time.py::test_every_restart_after_kill_9",
+    "test_store_pressure.py::test_a_minute_without_the_store",
+    "test_store_pressure.py::test_snapshots_land_and_verify",
+    "test_point_in_time.py::test_snapshots_of_a_busy_folder",
+    "test_robustness.py::test_killed_backup",
+    "test_replicas.py::test_migration_to_s3",
+)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown under `-p no:xdist`
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    return len(os.sched_getaffinity(0)) + 1
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        nodeid = item.nodeid.rpartition("/")[2]
+        return next((i for i, prefix in enumerate(LONGEST_FIRST) if nodeid.startswith(prefix)), len(LONGEST_FIRST))
+    items.sort(key=rank)  # stable: the others keep pytest's order
+
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -42,21 +42,29 @@ def _fuse_mounts() -> dict[str, str]:
     return found
 
 
+def _fuse_connection(mountpoint: Path) -> int | None:
+    """The FUSE connection number of a mount (its device's minor), read from the mount table: a
+    mount whose daemon is gone cannot be stat()ed (ENOTCONN)."""
+    wanted = str(mountpoint.resolve())
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" ")
+            if fields[4].replace("\\040", " ") == wanted and line.partition(" - ")[2].startswith("fuse"):
+                return int(fields[2].partition(":")[2])
+    return None
+
+
 def force_unmount(mountpoint: Path) -> None:
-    """Abort a FUSE mount that no daemon serves any more, then detach it."""
+    """Abort a FUSE mount that no daemon serves any more, then detach it.
+
+    Only this mount's connection: other tests (parallel workers) and other programs keep theirs."""
     connections = Path("/sys/fs/fuse/connections")
     if not any(connections.iterdir()) if connections.exists() else True:
         subprocess.run(["mount", "-t", "fusectl", "none", str(connections)], check=False, capture_output=True)
-    try:
-        device = os.stat(mountpoint).st_dev
-        abort = connections / str(os.minor(device)) / "abort"
-        if abort.exists():
-            abort.write_text("1")
-    except OSError:
-        for entry in connections.iterdir():  # cannot stat it: abort every connection of ours
-            if (entry / "abort").exists():
-                with contextlib.suppress(OSError):
-                    (entry / "abort").write_text("1")
+    connection = _fuse_connection(mountpoint)
+    if connection is not None:
+        with contextlib.suppress(OSError):
+            (connections / str(connection) / "abort").write_text("1")
     subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
 
 
