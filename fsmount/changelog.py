@@ -186,8 +186,13 @@ class Changelog:
             return
         self._mark(path, CONTENT)
         first, last = offset // self.block_size, (offset + length - 1) // self.block_size
-        blocks = self._blocks.setdefault(path, set())
-        blocks.update(range(first, last + 1))
+        blocks = self._blocks.get(path)
+        if blocks is None:
+            blocks = self._blocks[path] = set()
+        if first == last:
+            blocks.add(first)
+        else:
+            blocks.update(range(first, last + 1))
 
     @_unless_lost
     def mark_truncated(self, path: bytes) -> None:

@@ -85,7 +85,9 @@ class InodeTable:
 
     def _name(self, inode: Inode, entry: tuple[int, bytes]) -> None:
         previous = self._by_name.get(entry)
-        if previous is not None and previous is not inode:
+        if previous is inode:
+            return  # known by that name already: every lookup and listing comes through here
+        if previous is not None:
             previous.names.discard(entry)
         self._by_name[entry] = inode
         inode.names.add(entry)
@@ -134,10 +136,11 @@ class InodeTable:
         """(directory fd, name) through which inode `number` is reached; the root is (its fd, ".")."""
         if number == ROOT:
             return self.root_fd, b"."
-        inode = self[number]
-        for parent, name in sorted(inode.names):
-            return self.dir_fd(parent), name
-        raise pyfuse3.FUSEError(116)  # ESTALE: it has no name left (unlinked)
+        names = self[number].names
+        if not names:
+            raise pyfuse3.FUSEError(116)  # ESTALE: it has no name left (unlinked)
+        parent, name = min(names) if len(names) > 1 else next(iter(names))
+        return self.dir_fd(parent), name
 
     def dir_fd(self, number: int) -> int:
         if number == ROOT:
@@ -153,6 +156,10 @@ class InodeTable:
             _, evicted = self._dir_fds.popitem(last=False)
             os.close(evicted)
         return fd
+
+    def cached_dir_fd(self, number: int) -> int | None:
+        """The directory's fd if it is open already (an O_PATH fd: enough for fstat)."""
+        return self.root_fd if number == ROOT else self._dir_fds.get(number)
 
     def _close_dir_fd(self, number: int) -> None:
         fd = self._dir_fds.pop(number, None)
