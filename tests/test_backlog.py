@@ -164,3 +164,20 @@ def test_a_full_backlog_refuses_more_and_takes_it_after_draining(store: FaultySt
     restore(repo, third, os.fsencode(restored))
     assert differences(folder, restored, owners=False) == []
     repo.close()
+
+
+def test_a_held_backlog_keeps_everything_for_the_next_mount(store: FaultyStore, repo_path: Path,
+                                                            tmp_path: Path) -> None:
+    """`umount --lazy`: the final snapshot goes to local disk though the store is up, and stays."""
+    folder = tmp_path / "folder"
+    fill(folder, 0, files=2)
+    repo = open_with_backlog(store)
+    repo.backlog.hold()
+    kept = backup(repo, os.fsencode(folder)).snapshot
+    assert repo.backlog.drain() == 0 and repo.backlog.status().snapshots == 1
+    assert not (repo_path / "snapshots" / kept.id).exists()
+    repo.close()
+    repo = open_with_backlog(store)  # the next mount
+    repo.backlog.drain()
+    repo.close()
+    assert (repo_path / "snapshots" / kept.id).exists()

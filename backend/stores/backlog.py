@@ -122,7 +122,8 @@ class BacklogStore:
         return self.inner.location
 
     def hold(self) -> None:
-        """Keep every later write on local disk (`umount --lazy`: the next mount uploads it)."""
+        """Keep every later write on local disk, and stop draining (`umount --lazy`: the next mount
+        uploads it all)."""
         with self._lock:
             self._hold = True
 
@@ -235,8 +236,11 @@ class BacklogStore:
                     drained += staged.size
 
     def _next_batch(self) -> list[_Staged]:
-        """The oldest staged object, with the data objects right behind it when it is one."""
+        """The oldest staged object, with the data objects right behind it when it is one; nothing
+        once the backlog is held."""
         with self._lock:
+            if self._hold:
+                return []
             queue = sorted(self._staged.values(), key=lambda s: s.sequence)
         batch: list[_Staged] = []
         for staged in queue:
