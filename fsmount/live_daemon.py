@@ -200,8 +200,10 @@ class LiveMount:
                 log.warning("backlog not uploaded (%s); trying again in %.0f s", exc, pause_s)
                 await trio.sleep(pause_s)
                 continue
-            if failures or drained:
+            if drained:
                 log.info("backlog uploaded (%d bytes)", drained)
+            else:
+                await trio.sleep(BACKLOG_CHECK_S)  # held for the next mount (`umount --lazy`)
             failures = 0
 
     async def _flush_changelog(self) -> None:
