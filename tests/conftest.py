@@ -40,11 +40,28 @@ LONGEST_FIRST = (
 )
 
 
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, within a container's CPU quota if any."""
+    cores = len(os.sched_getaffinity(0))
+    for path in ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"):
+        try:
+            with open(path) as f:
+                quota, _, period = f.read().partition(" ")
+            if path.endswith("quota_us"):
+                with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+                    period = f.read()
+            if quota.strip() not in ("max", "-1"):
+                cores = min(cores, max(1, -(-int(quota) // int(period))))
+        except (OSError, ValueError):
+            pass
+    return cores
+
+
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown under `-p no:xdist`
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
-    return len(os.sched_getaffinity(0)) + 1
+    return usable_cores() + 1
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,18 +1,21 @@
 """Fixtures for store-facing tests: real SeaweedFS servers, a fresh bucket per test, and `store`.
 
 `store` is parametrized over every kind of store a repository can live in, so one test body checks
-them all. S3 servers start once per session (the second only for tests that ask for two providers);
-a server that cannot start fails the test under CI and skips it elsewhere, with the reason.
+them all. S3 servers start once per session, or once per worker under pytest-xdist (the second only
+for tests that ask for two providers); a server that cannot start fails the test under CI and skips
+it elsewhere, with the reason.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import secrets
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,8 @@ TEST_RETRY_BUDGET_S = 10.0  # a broken server fails a test in seconds, not the d
 
 
 def _load_s3_server() -> Any:
-    """scripts/s3_server.py as a module (scripts/ is not a package, nor always on sys.path)."""
+    """scripts/s3_server.py as a module (scripts/ is not a package, nor always on sys.path), its
+    servers taking their ports where `_free_ports` says."""
     if "s3_server" not in sys.modules:
         path = Path(__file__).resolve().parents[1] / "scripts" / "s3_server.py"
         spec = importlib.util.spec_from_file_location("s3_server", path)
@@ -47,7 +51,42 @@ def _load_s3_server() -> Any:
         module = importlib.util.module_from_spec(spec)
         sys.modules["s3_server"] = module
         spec.loader.exec_module(module)
+        module.free_ports = partial(_free_ports, module)
     return sys.modules["s3_server"]
+
+
+def _port_range(grpc_offset: int) -> range:
+    """Where this test process's servers take their ports (N, and N + grpc_offset for gRPC).
+
+    Below the kernel's ephemeral range: a paused server (`own_s3_server`) keeps its ports for a minute
+    or more, and no outgoing connection can take one of them meanwhile. And a share of that range for
+    each pytest-xdist worker, so that workers starting servers at once never pick the same ports."""
+    low, high = 20000, 30000
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 0
+    if ephemeral_low - grpc_offset - low >= 1000:
+        high = min(high, ephemeral_low - grpc_offset)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % workers
+    share = (high - low) // workers
+    return range(low + worker * share, low + (worker + 1) * share)
+
+
+def _free_ports(s3_server: Any, count: int) -> list[int]:
+    """`count` distinct ports N from `_port_range` with N and its gRPC port both free right now."""
+    offset = s3_server._GRPC_OFFSET
+    candidates = list(_port_range(offset))
+    random.shuffle(candidates)
+    ports: list[int] = []
+    for port in candidates:
+        if s3_server._is_free(port) and s3_server._is_free(port + offset):
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    raise s3_server.S3ServerError(f"fewer than {count} free ports in {min(candidates)}..{max(candidates)}")
 
 
 def _serve() -> Iterator[Any]:
