@@ -25,10 +25,10 @@ if (os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCA
     del os.environ["PYTHONDONTWRITEBYTECODE"]
     os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(sys.prefix, "pycache")
 
-# scripts/test.sh runs the tests in parallel (pytest-xdist, `-n auto`); they spend much of their time
-# waiting on FUSE daemons, subprocesses and the S3 server, so one worker more than there are cores.
-# The longest tests go first, each to a worker of its own, so that none of them starts last and runs
-# on alone while the other workers have finished (the rest keep their order).
+# scripts/test.sh runs the tests in parallel (pytest-xdist, `-n auto --dist worksteal`); they spend
+# much of their time waiting on FUSE daemons, subprocesses and the S3 server, so one worker more than
+# there are cores. The longest tests start first, each on a worker of its own, so that none of them
+# starts late and runs on alone after the other workers have finished.
 LONGEST_FIRST = (
     "test_live_posix.py::",  # minutes: a live mount against a plain directory, hundreds of steps
     "test_point_in_time.py::test_every_restart_after_kill_9",
@@ -65,10 +65,27 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest tests first, dealt out to the workers in turn.
+
+    `--dist worksteal` hands each of W workers a contiguous share of the collection, and a worker
+    with nothing left takes tests from the end of the longest queue; so the k-th longest test goes
+    to the head of share k mod W. In one process (W = 1) that is simply the longest first. Every
+    other test keeps pytest's order."""
     def rank(item: pytest.Item) -> int:
         nodeid = item.nodeid.rpartition("/")[2]
         return next((i for i, prefix in enumerate(LONGEST_FIRST) if nodeid.startswith(prefix)), len(LONGEST_FIRST))
-    items.sort(key=rank)  # stable: the others keep pytest's order
+    longest = sorted((item for item in items if rank(item) < len(LONGEST_FIRST)), key=rank)
+    others = [item for item in items if rank(item) == len(LONGEST_FIRST)]
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    shares: list[list[pytest.Item]] = [longest[w::workers] for w in range(workers)]
+    left = len(items)
+    for w, share in enumerate(shares):  # the shares as worksteal cuts them: left // workers remaining
+        size = left // (workers - w)
+        left -= size
+        take = max(0, size - len(share))
+        share += others[:take]
+        del others[:take]
+    items[:] = [item for share in shares for item in share] + others
 
 
 @pytest.fixture(autouse=True)
