@@ -31,7 +31,7 @@ from backend.stores.backlog import BacklogStore
 from . import control, control_server
 from .changelog import Changelog
 from .live_tree import LiveTree
-from .mountpoint import check_mountpoint, is_stale, mounted_at, raise_readahead
+from .mountpoint import check_mountpoint, freeze_startup_heap, is_stale, mounted_at, raise_readahead
 from .snapshot_mount import make_snapshot_tree
 from .uploader import RETRY_FIRST_S, Uploader
 
@@ -110,6 +110,7 @@ class LiveMount:
             # is this thread. Everything path-based is resolved now.
             self._socket_path = control.socket_path(self.mountpoint)
             pyfuse3.init(self.operations, os.fsdecode(self.mountpoint), options)
+            freeze_startup_heap()
             ready()
             trio.run(self._serve)
         finally:

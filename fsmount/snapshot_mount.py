@@ -23,7 +23,7 @@ from backend.errors import UsageError
 from backend.repository import Repository
 from backend.stores import on_local_disk
 
-from .mountpoint import check_mountpoint, raise_readahead
+from .mountpoint import check_mountpoint, freeze_startup_heap, raise_readahead
 from .snapshot_reader import LOCAL_FETCH_THREADS, SnapshotReader
 from .snapshot_tree import SnapshotTree
 
@@ -125,6 +125,7 @@ class SnapshotMount:
             options.add("allow_other")
         pyfuse3.init(SnapshotFS(tree), os.fsdecode(self.mountpoint), options)
         try:
+            freeze_startup_heap()
             ready()
             trio.run(self._serve)
         finally:
