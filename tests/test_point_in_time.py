@@ -194,6 +194,11 @@ def test_a_view_that_cannot_keep_up_abandons_its_snapshot(repo, folder: Path, tm
 
 RECORD = 4096  # one page: the kernel writes it back whole
 FILES = 4
+STATE_PAGES = 256  # state.bin, rewritten in place whole at every step: 1 MiB writeback requests
+
+
+def state_page(seq: int) -> bytes:
+    return f"{seq:010d}\n".encode().ljust(RECORD, b"-")
 
 
 def record(seq: int) -> bytes:
@@ -204,10 +209,12 @@ def record(seq: int) -> bytes:
 class Writer(threading.Thread):
     """Appends numbered records round-robin to FILES logs and rotates them into `archive/`.
 
-    Each log starts with a header page naming how many records follow. Every step is made durable
-    (fsync) before the next begins, so the states that existed are exactly the prefixes of the
-    step sequence: a snapshot must show records 1..n, each once, and headers that are either
-    up to date or one step behind their file."""
+    Each log starts with a header page naming how many records follow, and after each record
+    `state.bin` is overwritten in place with the record's number on every page. Every write is
+    made durable (fsync) before the next begins, so the states that existed are exactly the
+    prefixes of the step sequence: a snapshot must show records 1..n, each once, headers that are
+    either up to date or one step behind their file, and state pages of step n or n-1 (a
+    snapshot may fall within the state's write)."""
 
     def __init__(self, root: Path):
         super().__init__(daemon=True)
@@ -219,24 +226,30 @@ class Writer(threading.Thread):
             (self.root / "archive").mkdir()
             counts = [0] * FILES
             generation = 0
-            while not self.stop.is_set():
-                self.seq += 1
-                i = self.seq % FILES
-                log = self.root / f"log-{i}"
-                with open(log, "r+b" if log.exists() else "w+b") as f:
-                    f.seek((counts[i] + 1) * RECORD)
-                    f.write(record(self.seq))
-                    f.flush()
-                    os.fsync(f.fileno())
-                    counts[i] += 1
-                    f.seek(0)
-                    f.write(json.dumps({"count": counts[i]}).encode().ljust(RECORD))
-                    f.flush()
-                    os.fsync(f.fileno())
-                if counts[i] == 25:
-                    generation += 1
-                    os.rename(log, self.root / "archive" / f"log-{i}.{generation}")
-                    counts[i] = 0
+            state = os.open(self.root / "state.bin", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                while not self.stop.is_set():
+                    self.seq += 1
+                    i = self.seq % FILES
+                    log = self.root / f"log-{i}"
+                    with open(log, "r+b" if log.exists() else "w+b") as f:
+                        f.seek((counts[i] + 1) * RECORD)
+                        f.write(record(self.seq))
+                        f.flush()
+                        os.fsync(f.fileno())
+                        counts[i] += 1
+                        f.seek(0)
+                        f.write(json.dumps({"count": counts[i]}).encode().ljust(RECORD))
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.pwrite(state, state_page(self.seq) * STATE_PAGES, 0)
+                    os.fsync(state)
+                    if counts[i] == 25:
+                        generation += 1
+                        os.rename(log, self.root / "archive" / f"log-{i}.{generation}")
+                        counts[i] = 0
+            finally:
+                os.close(state)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
 
@@ -255,6 +268,9 @@ def check_prefix(tree: Path) -> int:
             seen.append(seq)
     seen.sort()
     assert seen == list(range(1, len(seen) + 1)), f"not a prefix: {len(seen)} records, highest {seen[-1:]}"
+    state = (tree / "state.bin").read_bytes() if (tree / "state.bin").exists() else b""
+    steps = {int(state[o:o + 10]) for o in range(0, len(state), RECORD)}
+    assert steps <= {len(seen), len(seen) - 1}, f"state.bin holds steps {sorted(steps)} with {len(seen)} records"
     return len(seen)
 
 
