@@ -72,10 +72,11 @@ class BarProgress(Progress):
         self._bar.start()
         self._task = self._bar.add_task(self.description, total=total_bytes, current="")
 
-    def advance(self, nbytes: int = 0, items: int = 0, current: str | None = None) -> None:
+    def advance(self, nbytes: int = 0, items: int = 0, current: str | bytes | None = None) -> None:
         if self._bar is not None and self._task is not None:
             if current is not None:
-                self._bar.update(self._task, advance=nbytes, current=current[-40:])
+                shown = display_name(current[-40:]) if isinstance(current, bytes) else current[-40:]
+                self._bar.update(self._task, advance=nbytes, current=shown)
             else:
                 self._bar.update(self._task, advance=nbytes)
 

@@ -81,7 +81,7 @@ class _AppendWhileReading(Progress):
     def __init__(self, path: Path):
         self.path, self.done = path, False
 
-    def advance(self, nbytes: int = 0, items: int = 0, current: str | None = None) -> None:
+    def advance(self, nbytes: int = 0, items: int = 0, current: str | bytes | None = None) -> None:
         if nbytes and not self.done:
             self.done = True
             with open(self.path, "ab") as f:
@@ -157,7 +157,7 @@ class _StoreDownAfter(Progress):
     def __init__(self, store, after_bytes: int):
         self.store, self.left = store, after_bytes
 
-    def advance(self, nbytes: int = 0, items: int = 0, current: str | None = None) -> None:
+    def advance(self, nbytes: int = 0, items: int = 0, current: str | bytes | None = None) -> None:
         self.left -= nbytes
         if self.left <= 0:
             self.store.down = True
