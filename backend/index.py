@@ -195,6 +195,16 @@ class IndexCache:
     def contains(self, blob_id: bytes) -> bool:
         return self._reader().execute("SELECT 1 FROM blobs WHERE blob_id=?", (blob_id,)).fetchone() is not None
 
+    def known(self, blob_ids: list[bytes]) -> set[bytes]:
+        """Those of `blob_ids` the index knows, one query per `LOOKUP_BATCH` ids."""
+        found: set[bytes] = set()
+        db = self._reader()
+        for start in range(0, len(blob_ids), LOOKUP_BATCH):
+            chunk = blob_ids[start : start + LOOKUP_BATCH]
+            rows = db.execute(f"SELECT blob_id FROM blobs WHERE blob_id IN ({','.join('?' * len(chunk))})", chunk)
+            found.update(blob_id for (blob_id,) in rows)
+        return found
+
     def pack_ids(self) -> Iterator[str]:
         with self._lock:
             rows = self._db.execute("SELECT pack_id FROM packs ORDER BY pack_id").fetchall()

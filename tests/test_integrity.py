@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -69,6 +70,26 @@ def test_missing_pack_is_found_without_reading_data(cli, tmp_path: Path, repo_pa
     assert f"pack {pack.name} is missing" in out
     # the one pack held everything, trees included: the damage report says the snapshot is unreadable
     assert f"snapshot {snapshot['short_id']}" in out
+
+
+def test_block_that_no_index_knows_is_named(cli, tmp_path: Path, repo_path: Path) -> None:
+    _, snapshot = backed_up_source(cli, tmp_path)
+    unknown = bytes(range(32))
+    with Repository.open(LocalStore(repo_path), PASSPHRASE.encode()) as repo:  # a snapshot naming it
+        parent = repo.load_snapshot(snapshot["id"])
+        root = repo.load_tree(parent.tree)
+        docs = next(n for n in root if n.name == b"docs")
+        files = [dataclasses.replace(n, blocks=unknown + n.blocks[32:]) if n.name == b"victim.bin" else n
+                 for n in repo.load_tree(docs.subtree)]
+        docs = dataclasses.replace(docs, subtree=repo.save_tree(files))
+        tree = repo.save_tree([docs if n.name == b"docs" else n for n in root])
+        damaged_id = repo.save_snapshot(dataclasses.replace(parent, tree=tree, time_ns=parent.time_ns + 1, id=""))
+
+    out = cli("verify", check=14).stdout.decode()
+
+    assert f"blob {unknown.hex()} is missing (not in any index)" in out
+    assert f"damaged: snapshot {damaged_id[:8]}: docs/victim.bin" in out
+    assert "healthy.bin" not in out and f"snapshot {snapshot['short_id']}" not in out
 
 
 def test_corrupt_index_object_is_reported_not_fatal(cli, tmp_path: Path, repo_path: Path) -> None:
