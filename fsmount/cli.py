@@ -20,6 +20,7 @@ import click
 from backend.errors import FsmountError
 
 from . import background
+from .commands import LazyGroup
 from .context import AppContext
 from .output import stderr
 
@@ -33,7 +34,7 @@ class _StderrHandler(logging.Handler):
         stderr.print(f"[bold]{level}:[/bold] {record.getMessage()}", markup=True, highlight=False, soft_wrap=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-r", "--repo", "repos", multiple=True, metavar="LOCATION", envvar=None,
               help="Repository location: a directory, local:DIR, s3:BUCKET/PREFIX, "
                    "s3:https://HOST/BUCKET/PREFIX, or profile:NAME (a location with its own credentials "
@@ -78,9 +79,6 @@ def main(ctx: click.Context, repos: tuple[str, ...], profiles: tuple[str, ...], 
 
 def run() -> None:
     """Console-script entry point: run the CLI and turn our errors into messages and exit codes."""
-    from .commands import register
-
-    register(main)
     try:
         code = main.main(standalone_mode=False)
     except FsmountError as exc:

@@ -14,14 +14,16 @@ import hashlib
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from backend.errors import UsageError
-from backend.replicas import DegradedLog
-from backend.repository import Repository, default_cache_dir
-from backend.stores import ObjectStore, open_store
 
 from .background import inherited_passphrase
-from .profiles import load_profile
+
+if TYPE_CHECKING:  # imported where used: commands that only talk to a mount's socket need none
+    from backend.replicas import DegradedLog
+    from backend.repository import Repository
+    from backend.stores import ObjectStore
 
 
 def open_location(location: str) -> ObjectStore:
@@ -29,6 +31,10 @@ def open_location(location: str) -> ObjectStore:
 
     FSMOUNT_STORE_RETRY_S sets how long one S3 request keeps retrying before the operation that
     needed it fails (default 60 s); a live mount then tries the snapshot again later."""
+    from backend.stores import open_store
+
+    from .profiles import load_profile
+
     options: dict = {}
     if os.environ.get("FSMOUNT_STORE_RETRY_S"):
         try:
@@ -74,6 +80,9 @@ class AppContext:
 
     def degraded_log(self) -> DegradedLog:
         """Where degraded writes to these replicas are recorded until `replicas sync` heals them."""
+        from backend.replicas import DegradedLog
+        from backend.repository import default_cache_dir
+
         name = hashlib.sha256("\n".join(sorted(self.locations())).encode()).hexdigest()[:16]
         directory = os.path.join(self.cache_dir or default_cache_dir(), "degraded")
         os.makedirs(directory, exist_ok=True)
@@ -115,6 +124,8 @@ class AppContext:
 
     def open_repository(self, **options: object) -> Repository:
         """The repository; `options` go to `Repository.open` (a live mount's backlog)."""
+        from backend.repository import Repository
+
         store = self.open_store()
         try:
             return Repository.open(store, self.passphrase(), cache_dir=self.cache_dir, **options)  # type: ignore[arg-type]

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress as RichBar, TaskID, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 
 from backend.progress import Progress
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichBar, TaskID
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 # Piped output is not cut to 80 columns: tables keep whole paths for whoever reads the file.
@@ -27,6 +28,17 @@ def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 json_option = click.option("--json", "json_output", is_flag=True, expose_value=False, callback=_set_json,
                            help="Print machine-readable JSON on stdout.")
 """`--json` accepted after the subcommand too (`fsmount snapshots --json`), as scripts expect."""
+
+
+_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size like 128K, 1M, 4MiB or 65536."""
+    number = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if number and number[-1] in _UNITS:
+        return int(number[:-1]) * _UNITS[number[-1]]
+    return int(number)
 
 
 def human_bytes(n: float) -> str:
@@ -65,6 +77,9 @@ class BarProgress(Progress):
     def start(self, total_bytes: int | None = None, total_items: int | None = None) -> None:
         if not self.enabled:
             return
+        from rich.progress import (BarColumn, DownloadColumn, Progress as RichBar, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn, TransferSpeedColumn)
+
         self._bar = RichBar(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
                             TransferSpeedColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                             TextColumn("{task.fields[current]}", style="dim"),

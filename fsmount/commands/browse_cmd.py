@@ -8,8 +8,7 @@ import click
 
 from .. import background
 from ..context import AppContext
-from ..output import stdout
-from .repository_cmds import parse_size
+from ..output import parse_size, stdout
 
 
 @click.command("mount-snapshots")

@@ -15,8 +15,7 @@ from backend.errors import FsmountError, StoreError, UsageError
 
 from .. import background
 from ..context import AppContext
-from ..output import emit_json, human_bytes, json_option, stderr, stdout
-from .repository_cmds import parse_size
+from ..output import emit_json, human_bytes, json_option, parse_size, stderr, stdout
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -14,18 +14,7 @@ from backend.snapshot import Snapshot
 from backend.tree import DIR, Node
 
 from ..context import AppContext
-from ..output import json_option, display_name, emit_json, human_bytes, stdout
-
-
-_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a size like 128K, 1M, 4MiB or 65536."""
-    number = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if number and number[-1] in _UNITS:
-        return int(number[:-1]) * _UNITS[number[-1]]
-    return int(number)
+from ..output import display_name, emit_json, human_bytes, json_option, parse_size, stdout
 
 
 @click.command()
