@@ -7,13 +7,13 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import click
-
 from rich.console import Console
 
 from backend.progress import Progress
 
 if TYPE_CHECKING:
-    from rich.progress import Progress as RichBar, TaskID
+    from rich.progress import Progress as RichBar
+    from rich.progress import TaskID
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 # Piped output is not cut to 80 columns: tables keep whole paths for whoever reads the file.
@@ -77,8 +77,15 @@ class BarProgress(Progress):
     def start(self, total_bytes: int | None = None, total_items: int | None = None) -> None:
         if not self.enabled:
             return
-        from rich.progress import (BarColumn, DownloadColumn, Progress as RichBar, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as RichBar
 
         self._bar = RichBar(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
                             TransferSpeedColumn(), TimeElapsedColumn(), TimeRemainingColumn(),

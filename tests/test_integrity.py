@@ -7,10 +7,11 @@ import json
 import os
 from pathlib import Path
 
+from conftest import PASSPHRASE
+
 from backend.pack import pack_key
 from backend.repository import Repository
 from backend.stores import LocalStore
-from conftest import PASSPHRASE
 
 
 def backed_up_source(cli, tmp_path: Path) -> tuple[Path, dict]:
