@@ -20,7 +20,7 @@ from backend.errors import StoreError
 from backend.repository import Repository
 from backend.restore import restore
 from backend.stores import LocalStore
-from backend.stores.backlog import BacklogFull
+from backend.stores.backlog import BacklogFull, DamagedBacklog
 from backend.stores.faulty import FaultyStore
 from backend.verify import verify
 
@@ -105,6 +105,37 @@ def test_snapshots_taken_while_the_store_is_down_land_in_order_once_it_is_back(
         restored = tmp_path / "from-store"
         restore(fresh, fresh.load_snapshot(taken[-1].id), os.fsencode(restored))
         assert differences(folder, restored, owners=False) == []
+
+
+def test_a_damaged_staged_object_stops_the_upload_before_anything_that_needs_it(
+        store: FaultyStore, repo_path: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "folder"
+    fill(folder, 0)
+    repo = open_with_backlog(store)
+    first = backup(repo, os.fsencode(folder)).snapshot
+    stored_before = len(store.inner.arrived)
+    store.down = True
+    fill(folder, 1)
+    backup(repo, os.fsencode(folder), parent=first)
+    backlog_dir = Path(repo.cache_dir) / "backlog" / "mount-1"
+    pack = next(p for p in sorted(backlog_dir.iterdir()) if "data%2F" in p.name)  # the oldest staged pack
+    with open(pack, "r+b") as f:  # the local disk flips a byte
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0x55]))
+
+    store.down = False
+    with pytest.raises(DamagedBacklog, match="damaged in the backlog on local disk"):
+        repo.backlog.drain()
+    assert "damaged" in (repo.backlog.status().last_error or "")
+    late = store.inner.arrived[stored_before:]  # at most packs, which reference nothing
+    assert not [key for key in late if not key.startswith("data/")]
+    assert pack.exists()  # kept, as evidence, not uploaded and not deleted
+    repo.close()
+    with Repository.open(LocalStore(repo_path), PASSPHRASE.encode(), cache_dir=str(tmp_path / "elsewhere")) as fresh:
+        assert [s.id for s in fresh.snapshots()] == [first.id]
+        assert verify(fresh).ok
 
 
 def test_a_backlog_survives_a_restart_and_other_processes_keep_its_index(

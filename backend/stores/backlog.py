@@ -9,6 +9,10 @@ own instant. The order keeps the repository's rule that a snapshot object is wri
 everything it references: objects under `data/` go up several at a time, every other object
 (index, snapshot) only once everything staged before it is stored.
 
+Every staged object is checked against its name (a content hash) before it goes to the store: one
+damaged on local disk stops the upload there, with an error that names it, so the store never
+takes a corrupt object, nor anything staged after it that may need it.
+
 Reads see both: a staged object is read from local disk. The backlog is bounded: a write that would
 take it past `limit_bytes` raises `BacklogFull`, a `StoreError`, so the snapshot that needed it
 waits (the live tree keeps working) and the status says why.
@@ -29,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
+from ..crypto import content_hash
 from ..errors import ObjectNotFound, StoreError
 from .base import ObjectStore
 from .local import LocalStore
@@ -41,6 +46,10 @@ _ORDERED_FREELY = "data/"  # packs reference nothing: they may reach the store i
 
 class BacklogFull(StoreError):
     """The backlog holds all it may; the store has to take some of it first."""
+
+
+class DamagedBacklog(StoreError):
+    """A staged object no longer matches its name: the local disk damaged it."""
 
 
 @dataclass(frozen=True)
@@ -252,8 +261,15 @@ class BacklogStore:
         return batch
 
     def _push(self, staged: _Staged) -> _Staged:
+        data = self._files.get(staged.file_name)
+        if content_hash(data) != staged.key.rpartition("/")[2]:
+            self.last_error = (f"{staged.key} is damaged in the backlog on local disk "
+                               f"({os.path.join(self._files.root, staged.file_name)}); nothing staged after it "
+                               f"is uploaded, so the store never holds a snapshot that needs it")
+            log.error("%s", self.last_error)
+            raise DamagedBacklog(self.last_error)
         try:
-            self.inner.put(staged.key, self._files.get(staged.file_name))
+            self.inner.put(staged.key, data)
         except StoreError as exc:
             self.last_error = str(exc)
             raise
