@@ -58,6 +58,8 @@ class UploaderStatus:
     last_snapshot_time: float | None = None
     last_duration_s: float | None = None
     last_bytes_added: int = 0
+    bytes_added: int = 0  # by the snapshots of this mount, and the seconds they took: the upload rate
+    seconds_taking: float = 0.0
     last_full_scan: bool = False
     last_error: str | None = None
     running: bool = False
@@ -129,6 +131,8 @@ class Uploader:
             self.status.last_snapshot_time = time.time()
             self.status.last_duration_s = time.monotonic() - started
             self.status.last_bytes_added = result.stats.bytes_added
+            self.status.bytes_added += result.stats.bytes_added
+            self.status.seconds_taking += self.status.last_duration_s
             self.status.last_full_scan = full_scan
             self.status.last_error = None
             for warning in result.warnings:
@@ -174,4 +178,6 @@ class Uploader:
         doc = dict(vars(self.status))
         doc.update(self.changelog.statistics())
         doc["source"] = os.fsdecode(self.source)
+        taking = self.status.seconds_taking
+        doc["upload_rate_bytes_per_s"] = self.status.bytes_added / taking if taking else None
         return doc

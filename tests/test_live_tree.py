@@ -191,8 +191,10 @@ def test_status_reports_pending_work(cli, source: Path) -> None:
         time.sleep(1.5)  # the changelog is flushed every second; status flushes too
         status = json.loads(cli("status", mnt, "--json").stdout)
         assert status["pending_files"] == 1 and status["last_snapshot"] == snapshots(cli)[-1]["id"]
+        assert status["snapshots_taken"] == 1 and status["bytes_added"] > 0 and status["upload_rate_bytes_per_s"] > 0
         human = cli("status", mnt).stdout.decode()
         assert "pending      1 files" in human
+        assert "by 1 snapshot of this mount" in human and "/s while they ran" in human
 
 
 def test_second_mount_of_the_same_source_is_refused(cli, source: Path, tmp_path: Path) -> None:

@@ -162,10 +162,14 @@ def status(app: AppContext, mountpoint: str) -> None:
                 f"added {human_bytes(reply['last_bytes_added'])}")
     else:
         last = f"{reply['last_snapshot'][:8]} (before this mount)" if reply.get("last_snapshot") else "none yet"
+    uploaded = reply.get("upload_rate_bytes_per_s") and (
+        f"uploaded     {human_bytes(reply['bytes_added'])} by {_count(reply['snapshots_taken'], 'snapshot')} "
+        f"of this mount, {human_bytes(reply['upload_rate_bytes_per_s'])}/s while they ran")
     lines = [
         f"mount        {reply['mountpoint']} (pid {reply['pid']}) of {reply['source']}",
         f"pending      {reply['pending_files']} files, {human_bytes(reply['pending_bytes'])} in dirty blocks",
         f"last         {last}",
+        *([uploaded] if uploaded else []),
         f"schedule     every {reply['every_s']:.0f} s" if reply.get("every_s") else "schedule     on demand",
     ]
     if reply.get("pending_since"):
@@ -186,6 +190,10 @@ def status(app: AppContext, mountpoint: str) -> None:
         lines.append(f"error        {reply['last_error']}")
     for line in lines:
         stdout.print(line, markup=False)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _ask(mountpoint: str, request: dict, *, timeout: float | None = 30.0) -> dict:
