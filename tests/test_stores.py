@@ -104,7 +104,7 @@ def test_delete_removes_and_is_idempotent(store: ObjectStore) -> None:
 
 
 def test_large_object_round_trips(store: ObjectStore) -> None:
-    data = os.urandom(20 * MiB + 12345)  # several multipart parts on S3, the last one short
+    data = os.urandom(40 * MiB + 12345)  # past the multipart threshold: five parts on S3, the last one short
     store.put("data/ff/big", data)
     assert store.get("data/ff/big") == data
     assert store.get("data/ff/big", 8 * MiB - 3, 10) == data[8 * MiB - 3:8 * MiB + 7], "across a part boundary"
@@ -199,6 +199,7 @@ def test_put_if_absent_creates_only_once(s3_store: S3Store) -> None:
 @pytest.mark.s3
 def test_s3_retries_throttling_5xx_and_dropped_connections(s3_store: S3Store) -> None:
     s3_store.policy = FAST_RETRIES
+    s3_store.multipart_threshold = 8 * MiB  # the 10 MiB object below goes in parts: their requests retry too
     failures = {"count": 0}
 
     def first_two_attempts_fail(request: botocore.awsrequest.AWSPreparedRequest, **_: object) -> object:

@@ -8,8 +8,9 @@ path-style addressing.
 Every request runs under a semaphore of `max_connections` (the size of the HTTP connection pool too),
 and is retried by `retry.call_with_retry` within `retry_budget_s`; `translate_error` is the one place
 that decides what an S3 failure means and whether it is transient. Objects from `multipart_threshold`
-bytes up are uploaded in parts of `part_size`, several at once (within the same bound). The bucket's existence is checked once, before the
-first request, so a typo fails clearly (SeaweedFS would otherwise create the bucket on PUT).
+bytes up (larger than a pack) are uploaded in parts of `part_size`, several at once (within the same
+bound). The bucket's existence is checked once, before the first request, so a typo fails clearly
+(SeaweedFS would otherwise create the bucket on PUT).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MiB = 1024 * 1024
+# A pack (~16 MiB) goes in one PUT: in parts it took 4 requests instead of 1, and on SeaweedFS a
+# migration of 1 GiB took 14.6-17.4 s instead of 12.1-13.5 s, a backup 20.2-22.3 s instead of
+# 18.5-19.6 s (less CPU on both sides). Packs already travel several at once.
+MULTIPART_THRESHOLD = 32 * MiB
 
 _NOT_FOUND = {"NoSuchKey", "NotFound", "404"}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
@@ -51,7 +56,7 @@ class S3Store:
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  credentials: tuple[str, str] | None = None, region: str | None = None,
                  max_connections: int = 16, retry_budget_s: float = 60.0, connect_timeout_s: float = 5.0,
-                 read_timeout_s: float = 20.0, multipart_threshold: int = 8 * MiB, part_size: int = 8 * MiB):
+                 read_timeout_s: float = 20.0, multipart_threshold: int = MULTIPART_THRESHOLD, part_size: int = 8 * MiB):
         if not bucket:
             raise StoreError("an S3 location needs a bucket: s3:bucket/prefix")
         self.bucket = bucket
