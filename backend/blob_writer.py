@@ -3,9 +3,9 @@
 `BlobWriter.save()` is called from many worker threads at once. Each call hashes its plaintext, and
 only if the blob is new anywhere (index cache, or reserved earlier in this session) compresses and
 seals it in the calling thread; the one lock is held just to reserve the id and to append the sealed
-bytes. A full pack (~16 MiB) is finished and handed to a small upload pool; at most
-`uploads_in_flight` finished packs wait or travel at once, so memory stays bounded and slow stores
-push back on the savers.
+bytes. Trees and file content fill packs of their own. A full pack (~16 MiB) is finished and handed
+to a small upload pool; at most `uploads_in_flight` finished packs wait or travel at once, so memory
+stays bounded and slow stores push back on the savers.
 
 Durability order, which makes a crash at any point leave a valid repository:
   1. packs are put (each complete or absent, by the store's contract);
@@ -49,7 +49,10 @@ class BlobWriter:
         self._index = index
         self._pack_size = pack_size
         self._lock = threading.Lock()
-        self._packer = PackWriter(key)
+        # Trees and file content go to packs of their own, as restic's do: the trees of a backup
+        # then lie together, so whoever walks them (verify, restore, the snapshot mount) reads a
+        # few ranges of one pack instead of one range in every pack.
+        self._packers: dict[int, PackWriter] = {}
         self._reserved: set[bytes] = set()  # ids saved this session and not yet in the index cache
         self._uploaded: list[tuple[str, list[BlobEntry]]] = []  # packs awaiting an index object
         self._uploaded_blobs = 0
@@ -81,12 +84,15 @@ class BlobWriter:
         sealed = self._key.seal_blob(blob_type, blob_id, plaintext)
         full = None
         with self._lock:
-            self._packer.add(blob_type, blob_id, sealed, len(plaintext))
+            packer = self._packers.get(blob_type)
+            if packer is None:
+                packer = self._packers[blob_type] = PackWriter(self._key)
+            packer.add(blob_type, blob_id, sealed, len(plaintext))
             self.statistics.blobs_added += 1
             self.statistics.bytes_added += len(sealed)
             self.statistics.raw_bytes_added += len(plaintext)
-            if self._packer.size >= self._pack_size:
-                full, self._packer = self._packer, PackWriter(self._key)
+            if packer.size >= self._pack_size:
+                full = self._packers.pop(blob_type)
         if full is not None:
             self._upload(full)
         return blob_id, True
@@ -150,12 +156,11 @@ class BlobWriter:
             raise StoreError(f"uploading a pack failed: {exc}") from exc
 
     def flush(self) -> None:
-        """Upload the partial pack, wait for every upload, and write the index for them."""
+        """Upload the partial packs, wait for every upload, and write the index for them."""
         with self._lock:
-            packer = self._packer if self._packer.count else None
-            if packer is not None:
-                self._packer = PackWriter(self._key)
-        if packer is not None:
+            partial = [packer for packer in self._packers.values() if packer.count]
+            self._packers.clear()
+        for packer in partial:
             self._upload(packer)
         while True:
             with self._lock:

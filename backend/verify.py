@@ -17,13 +17,14 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from .blob_reader import BlobReader
 from .crypto import content_hash
 from .errors import FsmountError
-from .pack import pack_key, read_header
+from .pack import TREE_BLOB, pack_key, read_header
 from .progress import Progress
 from .repository import Repository
 from .snapshot import Snapshot
-from .tree import DIR, FILE, HOLE, Node
+from .tree import DIR, FILE, HOLE, Node, decode_tree
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +100,14 @@ class Verifier:
         return snapshots
 
     def _check_trees(self, snapshots: list[Snapshot]) -> None:
-        """Every tree reachable from a snapshot, level by level, loaded `TREE_WORKERS` at once (from
-        S3 each tree is a round trip) and their blocks looked up a batch at a time: `verify` of a
-        1 GiB repository on SeaweedFS took 4.1 s, now 2.8 s."""
+        """Every tree reachable from a snapshot, level by level, a batch at a time: the batch in
+        pack order, cut into `TREE_WORKERS` runs fetched at once, adjacent trees of one pack in one
+        ranged read (`BlobReader`); their blocks then looked up in the index a batch at a time.
+        `verify` of a 1 GiB repository on SeaweedFS: 4.1 s when each tree was a round trip of its
+        own, one at a time; 0.4 s now that trees also fill packs of their own (blob_writer.py)."""
         seen: set[bytes] = set()
         frontier = [snapshot.tree for snapshot in snapshots]
+        reader = BlobReader(self.repo)
         with ThreadPoolExecutor(TREE_WORKERS, thread_name_prefix="verify-trees") as pool:
             while frontier:
                 level = [tree_id for tree_id in dict.fromkeys(frontier) if tree_id not in seen]
@@ -112,19 +116,33 @@ class Verifier:
                 for start in range(0, len(level), TREE_BATCH):  # bounded: a level may be very wide
                     # The whole batch first, then its blocks: SQLite gives up the GIL at every row,
                     # and with the loading threads busy in botocore each row waited to get it back.
-                    loaded = [nodes for nodes in pool.map(self._load_tree, level[start:start + TREE_BATCH])
-                              if nodes is not None]
+                    loaded = self._load_trees(level[start:start + TREE_BATCH], reader, pool)
                     self.report.trees += len(loaded)
                     frontier.extend(node.subtree for nodes in loaded for node in nodes if node.type == DIR)
                     self._check_blocks([node for nodes in loaded for node in nodes if node.type == FILE])
 
-    def _load_tree(self, tree_id: bytes) -> list[Node] | None:
-        try:
-            return self.repo.load_tree(tree_id)
-        except FsmountError as exc:
-            self.report.errors.append(f"tree {tree_id.hex()}: {exc}")
-            self.bad_trees.add(tree_id)
-            return None
+    def _load_trees(self, tree_ids: list[bytes], reader: BlobReader, pool: ThreadPoolExecutor) -> list[list[Node]]:
+        """The nodes of each tree that loads; the others are recorded as errors."""
+        locations = self.repo.index.lookup_many(tree_ids)
+        in_pack_order = sorted(tree_ids, key=lambda t: (locations[t].pack_id, locations[t].entry.offset)
+                               if t in locations else ("~", 0))
+        share = max(1, -(-len(in_pack_order) // TREE_WORKERS))
+        fetched: dict[bytes, bytes | FsmountError] = {}
+        for part in pool.map(lambda ids: reader.fetch(TREE_BLOB, ids),
+                             [in_pack_order[i:i + share] for i in range(0, len(in_pack_order), share)]):
+            fetched.update(part)
+        loaded = []
+        for tree_id in tree_ids:
+            what = f"tree {tree_id.hex()}"
+            try:
+                result = fetched[tree_id]
+                if isinstance(result, FsmountError):
+                    raise result
+                loaded.append(decode_tree(result, what))
+            except FsmountError as exc:
+                self.report.errors.append(f"{what}: {exc}")
+                self.bad_trees.add(tree_id)
+        return loaded
 
     def _check_blocks(self, files: list[Node]) -> None:
         """Every block of these files is in the index (one query per batch, not per block)."""
