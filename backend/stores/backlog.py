@@ -33,8 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
-from ..crypto import content_hash
 from ..errors import ObjectNotFound, StoreError
+from ..replicas import object_intact
 from .base import ObjectStore
 from .local import LocalStore
 
@@ -262,7 +262,7 @@ class BacklogStore:
 
     def _push(self, staged: _Staged) -> _Staged:
         data = self._files.get(staged.file_name)
-        if content_hash(data) != staged.key.rpartition("/")[2]:
+        if not object_intact(staged.key, data):
             self.last_error = (f"{staged.key} is damaged in the backlog on local disk "
                                f"({os.path.join(self._files.root, staged.file_name)}); nothing staged after it "
                                f"is uploaded, so the store never holds a snapshot that needs it")
