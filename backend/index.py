@@ -178,32 +178,24 @@ class IndexCache:
     def lookup_many(self, blob_ids: list[bytes]) -> dict[bytes, BlobLocation]:
         """The locations of those of `blob_ids` the index knows, one query per `LOOKUP_BATCH` ids
         (readers fetch blocks in batches; a statement per block was a sixth of restore workers' time)."""
-        found: dict[bytes, BlobLocation] = {}
-        db = self._reader()
-        for start in range(0, len(blob_ids), LOOKUP_BATCH):
-            chunk = blob_ids[start : start + LOOKUP_BATCH]
-            rows = db.execute(
-                "SELECT b.blob_id, p.pack_id, b.blob_type, b.offset, b.length, b.raw_length"
-                " FROM blobs b JOIN packs p ON p.num = b.pack"
-                f" WHERE b.blob_id IN ({','.join('?' * len(chunk))})",
-                chunk,
-            ).fetchall()
-            for blob_id, pack_id, blob_type, offset, length, raw_length in rows:
-                found[blob_id] = BlobLocation(pack_id, BlobEntry(blob_type, blob_id, offset, length, raw_length))
-        return found
+        rows = self._select_in("SELECT b.blob_id, p.pack_id, b.blob_type, b.offset, b.length, b.raw_length"
+                               " FROM blobs b JOIN packs p ON p.num = b.pack WHERE b.blob_id", blob_ids)
+        return {blob_id: BlobLocation(pack_id, BlobEntry(blob_type, blob_id, offset, length, raw_length))
+                for blob_id, pack_id, blob_type, offset, length, raw_length in rows}
 
     def contains(self, blob_id: bytes) -> bool:
         return self._reader().execute("SELECT 1 FROM blobs WHERE blob_id=?", (blob_id,)).fetchone() is not None
 
     def known(self, blob_ids: list[bytes]) -> set[bytes]:
         """Those of `blob_ids` the index knows, one query per `LOOKUP_BATCH` ids."""
-        found: set[bytes] = set()
+        return {blob_id for (blob_id,) in self._select_in("SELECT blob_id FROM blobs WHERE blob_id", blob_ids)}
+
+    def _select_in(self, query: str, blob_ids: list[bytes]) -> Iterator[tuple]:
+        """The rows of `query` + ` IN (...)` over `blob_ids`, one statement per `LOOKUP_BATCH` ids."""
         db = self._reader()
         for start in range(0, len(blob_ids), LOOKUP_BATCH):
             chunk = blob_ids[start : start + LOOKUP_BATCH]
-            rows = db.execute(f"SELECT blob_id FROM blobs WHERE blob_id IN ({','.join('?' * len(chunk))})", chunk)
-            found.update(blob_id for (blob_id,) in rows)
-        return found
+            yield from db.execute(f"{query} IN ({','.join('?' * len(chunk))})", chunk).fetchall()
 
     def pack_ids(self) -> Iterator[str]:
         with self._lock:
