@@ -19,6 +19,7 @@ from backend.backup import backup
 from backend.errors import StoreError
 from backend.repository import Repository
 from backend.restore import restore
+from backend.snapshot import Snapshot
 from backend.stores import LocalStore
 from backend.stores.backlog import BacklogFull, DamagedBacklog
 from backend.stores.faulty import FaultyStore
@@ -107,16 +108,21 @@ def test_snapshots_taken_while_the_store_is_down_land_in_order_once_it_is_back(
         assert differences(folder, restored, owners=False) == []
 
 
-def test_a_damaged_staged_object_stops_the_upload_before_anything_that_needs_it(
-        store: FaultyStore, repo_path: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "folder"
+def stored_then_staged(store: FaultyStore, folder: Path) -> tuple[Repository, Snapshot, Snapshot]:
+    """A repository with a backlog, a snapshot in the store, and one taken after it while the store
+    was down (it waits in the backlog; the store stays down)."""
     fill(folder, 0)
     repo = open_with_backlog(store)
     first = backup(repo, os.fsencode(folder)).snapshot
-    stored_before = len(store.inner.arrived)
     store.down = True
     fill(folder, 1)
-    backup(repo, os.fsencode(folder), parent=first)
+    return repo, first, backup(repo, os.fsencode(folder), parent=first).snapshot
+
+
+def test_a_damaged_staged_object_stops_the_upload_before_anything_that_needs_it(
+        store: FaultyStore, repo_path: Path, tmp_path: Path) -> None:
+    repo, first, _ = stored_then_staged(store, tmp_path / "folder")
+    stored_before = len(store.inner.arrived)  # nothing arrived while the store was down
     backlog_dir = Path(repo.cache_dir) / "backlog" / "mount-1"
     pack = next(p for p in sorted(backlog_dir.iterdir()) if "data%2F" in p.name)  # the oldest staged pack
     with open(pack, "r+b") as f:  # the local disk flips a byte
@@ -141,12 +147,7 @@ def test_a_damaged_staged_object_stops_the_upload_before_anything_that_needs_it(
 def test_a_backlog_survives_a_restart_and_other_processes_keep_its_index(
         store: FaultyStore, repo_path: Path, tmp_path: Path) -> None:
     folder = tmp_path / "folder"
-    fill(folder, 0)
-    repo = open_with_backlog(store)
-    first = backup(repo, os.fsencode(folder)).snapshot
-    store.down = True
-    fill(folder, 1)
-    taken = backup(repo, os.fsencode(folder), parent=first).snapshot
+    repo, first, taken = stored_then_staged(store, folder)
 
     # Another process opens the repository without the backlog (say `fsmount snapshots`): the
     # index objects it cannot find in the store are staged, not removed, so the index cache the
