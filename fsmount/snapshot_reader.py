@@ -89,7 +89,7 @@ class SnapshotReader:
             else:
                 mine.append(blob_id)
         if mine:
-            found.update(await self._fetch(mine))
+            found.update(await self._fetch(self._claim(mine)))
         for blob_id, pending in waits:
             await pending.done.wait()
             if pending.error is not None:
@@ -98,12 +98,18 @@ class SnapshotReader:
             found[blob_id] = pending.value
         return found
 
-    async def _fetch(self, blob_ids: list[bytes]) -> dict[bytes, bytes]:
+    def _claim(self, blob_ids: list[bytes]) -> dict[bytes, _Pending]:
+        """Mark blocks as being fetched, so later readers wait for this fetch instead of starting
+        one. Done before anything awaits: a fetch started in between would fetch them twice, and
+        one of the two would remove the other's mark while its readers still wait on it."""
         pending = {blob_id: _Pending() for blob_id in blob_ids}
         self._pending.update(pending)
+        return pending
+
+    async def _fetch(self, pending: dict[bytes, _Pending]) -> dict[bytes, bytes]:
         results: dict = {}
         try:
-            results = await trio.to_thread.run_sync(self.blobs.fetch, DATA_BLOB, blob_ids, limiter=self._limiter)
+            results = await trio.to_thread.run_sync(self.blobs.fetch, DATA_BLOB, list(pending), limiter=self._limiter)
         finally:
             first_error: Exception | None = None
             for blob_id, waiter in pending.items():
@@ -137,11 +143,11 @@ class SnapshotReader:
         ahead = [blob_id for blob_id in dict.fromkeys(blob_ids)
                  if blob_id != HOLE and blob_id not in self._memory and blob_id not in self._pending]
         for start in range(0, len(ahead), BATCH):
-            trio.lowlevel.spawn_system_task(self._fetch_quietly, ahead[start : start + BATCH])
+            trio.lowlevel.spawn_system_task(self._fetch_quietly, self._claim(ahead[start : start + BATCH]))
 
-    async def _fetch_quietly(self, blob_ids: list[bytes]) -> None:
+    async def _fetch_quietly(self, pending: dict[bytes, _Pending]) -> None:
         try:
-            await self._fetch(blob_ids)
+            await self._fetch(pending)
         except FsmountError as exc:  # the read that needs the block fetches it again and reports
             log.debug("read-ahead failed: %s", exc)
         except trio.Cancelled:
