@@ -28,7 +28,7 @@ from backend.errors import FsmountError, StoreError, UsageError
 from backend.repository import Repository
 from backend.stores.backlog import BacklogStore
 
-from . import control, control_server
+from . import control, control_server, fuse_loop
 from .changelog import Changelog
 from .live_tree import LiveTree
 from .mountpoint import check_mountpoint, freeze_startup_heap, is_stale, mounted_at, raise_readahead
@@ -154,7 +154,7 @@ class LiveMount:
                 if self.every_s:
                     nursery.start_soon(self.uploader.run_schedule, self.every_s)
                 try:
-                    await pyfuse3.main()
+                    await fuse_loop.serve()
                 finally:
                     pyfuse3.close(unmount=True)
                     self.uploader.stop_retrying()  # a pending snapshot must not hold up the final one

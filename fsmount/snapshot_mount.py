@@ -23,6 +23,7 @@ from backend.errors import UsageError
 from backend.repository import Repository
 from backend.stores import on_local_disk
 
+from . import fuse_loop
 from .mountpoint import check_mountpoint, freeze_startup_heap, raise_readahead
 from .snapshot_reader import LOCAL_FETCH_THREADS, SnapshotReader
 from .snapshot_tree import SnapshotTree
@@ -135,7 +136,7 @@ class SnapshotMount:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(raise_readahead, self.mountpoint)
-            await pyfuse3.main()
+            await fuse_loop.serve()
             nursery.cancel_scope.cancel()
 
     async def _watch_signals(self) -> None:

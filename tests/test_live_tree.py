@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -195,6 +196,38 @@ def test_status_reports_pending_work(cli, source: Path) -> None:
         human = cli("status", mnt).stdout.decode()
         assert "pending      1 files" in human
         assert "by 1 snapshot of this mount" in human and "/s while they ran" in human
+
+
+BUSY_READER = """
+import os, sys, time
+path, stop = sys.argv[1], time.monotonic() + float(sys.argv[2])
+while time.monotonic() < stop:
+    try:  # a request the kernel never answers from its caches, and the mount answers at once
+        os.getxattr(path, "user.absent")
+    except OSError:
+        pass
+"""
+
+
+def test_mount_answers_its_commands_while_readers_keep_it_busy(cli, source: Path) -> None:
+    # Four readers keep a request queued at every moment: the loop that serves them must still let
+    # the control socket, and the snapshot it asks for, have their turn.
+    with live_mount(cli, source) as mnt:
+        readers = [subprocess.Popen([sys.executable, "-c", BUSY_READER, str(mnt / "notes.md"), "60"]) for _ in range(4)]
+        try:
+            time.sleep(1)
+            started = time.monotonic()
+            status = json.loads(cli("status", mnt, "--json").stdout)
+            (mnt / "notes.md").write_text("busy\n")
+            cli("snapshot", mnt, "--name", "while-busy")
+            answered_s = time.monotonic() - started  # idle: under a second
+            assert all(reader.poll() is None for reader in readers), "a reader failed while the mount was busy"
+        finally:
+            for reader in readers:
+                reader.kill()
+                reader.wait()
+        assert "last_snapshot" in status and answered_s < 20
+        assert (mnt / ".snapshots" / "while-busy" / "notes.md").read_text() == "busy\n"
 
 
 def test_second_mount_of_the_same_source_is_refused(cli, source: Path, tmp_path: Path) -> None:

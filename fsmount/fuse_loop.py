@@ -1,0 +1,59 @@
+"""The FUSE request loop: pyfuse3's own, with the wait before each request made cheaper.
+
+pyfuse3 serves requests from a few trio tasks that take turns reading `/dev/fuse`; before each
+read, the task whose turn it is takes a trio lock, then waits in trio's epoll for the fd to become
+readable. That wait costs a pass of trio's scheduler and an epoll registration per request, and
+most of the time it waits for nothing: by the time a task is back for the next request, the kernel
+has usually queued it (the caller runs on the other core). Polling the fd first, and going to
+trio only when nothing is there, measured 70 -> 47 us of daemon CPU per request and 4.3k -> 6.7k
+`stat`s per second on a mount that does no work of its own (2 cores). The mount's other tasks
+(thread results, timers, the control socket) still have their turn at every request: taking the
+lock is a checkpoint.
+
+pyfuse3 reaches trio only through its module attribute `pyfuse3.trio`, the hook its own asyncio
+mode replaces; `serve()` hands it trio with this one function changed.
+"""
+
+from __future__ import annotations
+
+import select
+from typing import Any
+
+import pyfuse3
+import trio
+
+
+class _QueuedFirst:
+    """`trio.lowlevel.wait_readable` that returns at once when the fd is readable already."""
+
+    def __init__(self) -> None:
+        self._polls: dict[int, Any] = {}
+
+    async def wait_readable(self, fd: int) -> None:
+        poll = self._polls.get(fd)
+        if poll is None:
+            poll = self._polls[fd] = select.poll()
+            poll.register(fd, select.POLLIN)
+        if not poll.poll(0):
+            await trio.lowlevel.wait_readable(fd)
+
+
+class _Overlay:
+    """A module as seen through a few replaced attributes."""
+
+    def __init__(self, base: Any, **replaced: Any) -> None:
+        self._base = base
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._base, name)
+
+
+async def serve() -> None:
+    """Run `pyfuse3.main()` (after `pyfuse3.init`) until the file system is unmounted."""
+    waiter = _QueuedFirst()
+    pyfuse3.trio = _Overlay(trio, lowlevel=_Overlay(trio.lowlevel, wait_readable=waiter.wait_readable))
+    try:
+        await pyfuse3.main()
+    finally:
+        pyfuse3.trio = trio
