@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import IN_CI
 
 from backend.stores import LocalStore, ObjectStore
 from backend.stores.replicated import ReplicatedStore
@@ -96,7 +97,7 @@ def _serve() -> Iterator[Any]:
         server.start()
     except s3_server.S3ServerError as exc:
         server.stop()
-        if os.environ.get("CI"):
+        if IN_CI:
             pytest.fail(f"the SeaweedFS test server did not start (never skipped in CI): {exc}")
         pytest.skip(f"the SeaweedFS test server did not start: {exc}")
     try:
