@@ -28,6 +28,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import xxhash
 
@@ -78,8 +79,8 @@ class _Entry:
     """A node whose content may still be in the works."""
 
     node: Node
-    blocks: list[Future] | None = None  # files: one future per block -> (blob id, xxh3)
-    subtree: Future | None = None  # directories: future of the subtree's id
+    blocks: list[Pending] | None = None  # files: one per block -> (blob id, xxh3)
+    subtree: Pending | None = None  # directories: the subtree's (id, files below, bytes below)
 
 
 @dataclass
@@ -95,10 +96,21 @@ class _DirJob:
     position: int = 0
 
 
-def _completed(value: object) -> Future:
-    future: Future = Future()
-    future.set_result(value)
-    return future
+class _Known:
+    """A result known already, read like a finished Future. A change-driven backup makes one per
+    block it reuses from the parent, and a real Future, with its lock and condition, took a fifth
+    of the time of a snapshot of the 0.1% mutation of 1 GiB (profiled)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+Pending = Future | _Known
 
 
 class Backup:
@@ -133,7 +145,7 @@ class Backup:
         self._workers = ThreadPoolExecutor(workers or max(2, os.cpu_count() or 2), thread_name_prefix="backup")
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="backup-trees")
         self._in_flight = threading.Semaphore(MAX_BLOCKS_IN_FLIGHT)
-        self._hardlinks: dict[tuple[int, int], list[Future]] = {}
+        self._hardlinks: dict[tuple[int, int], list[Pending]] = {}
         self._failure: BaseException | None = None
         self._excluded = self._excluded_dirs()
 
@@ -188,12 +200,12 @@ class Backup:
         self.repo.save_snapshot(snapshot)
         return BackupResult(snapshot, stats, self.warnings)
 
-    def _walk(self, root_fd: int) -> Future:
+    def _walk(self, root_fd: int) -> Pending:
         if self.changes is not None and not self.changes.subtree_dirty(b""):
             assert self.parent is not None
             os.close(root_fd)
             # nothing changed anywhere: not even a listing
-            return _completed((self.parent.tree, self.parent.stats.get("files", 0), self.parent.stats.get("size", 0)))
+            return _Known((self.parent.tree, self.parent.stats.get("files", 0), self.parent.stats.get("size", 0)))
         parent_root = self._parent_nodes(self.parent.tree) if self.parent else {}
         root_key = key_of(os.fstat(root_fd))
         stack = [_DirJob(root_fd, root_key, b"", self._list(root_fd, root_key, b""), parent_root, None,
@@ -261,7 +273,7 @@ class Backup:
             else:
                 if node.type == SYMLINK:
                     node.target = self.view.readlink(job.fd, name, key_of(st))
-                node.xattrs = self.view.xattrs(job.fd, name, key_of(st))
+                node.xattrs = self._xattrs(job, node, previous)
                 self.stats.others += 1
                 job.entries.append(_Entry(node))
         except SourceChanged as exc:
@@ -287,6 +299,14 @@ class Backup:
         except (IntegrityError, ObjectNotFound, UsageError):  # damaged, or not there after all
             return None
 
+    def _xattrs(self, job: _DirJob, node: Node, previous: Node | None) -> dict[bytes, bytes]:
+        """The entry's xattrs; the parent snapshot's if its ctime says they cannot have changed
+        (setting or removing one changes it), which saves a listxattr per unchanged entry."""
+        if (previous is not None and previous.type == node.type and previous.ino == node.ino
+                and previous.ctime_ns == node.ctime_ns):
+            return previous.xattrs
+        return self.view.xattrs(job.fd, node.name, (node.dev, node.ino))
+
     def _visit_dir(self, job: _DirJob, node: Node, path: bytes, st: os.stat_result,
                    previous: Node | None) -> _DirJob | None:
         if key_of(st) in self._excluded:
@@ -295,13 +315,13 @@ class Backup:
                 and not self.changes.subtree_dirty(path)):
             node.subtree = previous.subtree  # nothing below changed: reuse it without listing
             node.files_below, node.bytes_below = previous.files_below, previous.bytes_below
-            node.xattrs = self.view.xattrs(job.fd, node.name, key_of(st))
+            node.xattrs = self._xattrs(job, node, previous)
             job.entries.append(_Entry(node))
             self.stats.dirs += 1
             return None
         fd = self.view.open_dir(job.fd, node.name, key_of(st))
         try:
-            node.xattrs = self.view.xattrs(job.fd, node.name, key_of(st))
+            node.xattrs = self._xattrs(job, node, previous)
             names = self._list(fd, key_of(st), path)
         except BaseException:
             os.close(fd)
@@ -327,8 +347,7 @@ class Backup:
             self.stats.files_unchanged += 1
         elif previous is not None and (content == CLEAN or (content is None and _unchanged(previous, node))):
             node.blocks, node.xxh = previous.blocks, previous.xxh
-            # An unchanged ctime means unchanged xattrs; a change set's CLEAN says nothing of them.
-            node.xattrs = previous.xattrs if content is None else self.view.xattrs(job.fd, node.name, link_key)
+            node.xattrs = self._xattrs(job, node, previous)
             blocks = None
             self.stats.files_unchanged += 1
         else:
@@ -345,7 +364,7 @@ class Backup:
         self.progress.advance(items=1, current=path)
 
     def _read_file(self, dir_fd: int, node: Node, st: os.stat_result, previous: Node | None = None,
-                   written: list[int] | None = None) -> list[Future]:
+                   written: list[int] | None = None) -> list[Pending]:
         """Read a file's blocks; with `previous` and `written`, only the blocks that may differ."""
         file = self.view.open_file(dir_fd, node.name, st)
         try:
@@ -358,11 +377,11 @@ class Backup:
         node.size, node.mtime_ns, node.ctime_ns = file.size, file.stat.st_mtime_ns, file.stat.st_ctime_ns
         return blocks
 
-    def _read_blocks(self, file: SourceFile, previous: Node | None, written: set[int]) -> list[Future]:
+    def _read_blocks(self, file: SourceFile, previous: Node | None, written: set[int]) -> list[Pending]:
         block_size, size = self._block_size, file.size
         # Blocks that were whole in the previous version, are whole now, and were not written.
         reusable = 0 if previous is None else min(previous.size, size) // block_size
-        blocks: list[Future] = []
+        blocks: list[Pending] = []
         next_data: int | None = 0
         offset = 0
         while offset < size:
@@ -370,14 +389,14 @@ class Backup:
             i = offset // block_size
             if i < reusable and i not in written:
                 assert previous is not None
-                blocks.append(_completed((previous.block_id(i), previous.block_xxh(i))))
+                blocks.append(_Known((previous.block_id(i), previous.block_xxh(i))))
                 offset += length
                 continue
             if next_data is not None and next_data < offset:
                 next_data = file.next_data(offset)
             if next_data is None or next_data >= offset + length:  # a hole: nothing to read
                 xxh = self._zero_xxh if length == block_size else xxhash.xxh3_128_digest(bytes(length))
-                blocks.append(_completed((HOLE, xxh)))
+                blocks.append(_Known((HOLE, xxh)))
             else:
                 data = file.read(offset, length)
                 self.stats.bytes_read += length

@@ -35,6 +35,31 @@ def test_unchanged_files_are_not_read_again(repo, tmp_path: Path) -> None:
     assert second.snapshot.parent == first.snapshot.id
 
 
+def test_xattr_changes_alone_reach_the_next_snapshot(repo, tmp_path: Path) -> None:
+    # Unchanged entries take their xattrs from the parent snapshot (their ctime says nothing
+    # changed); setting or removing one changes the ctime, so it is read again.
+    source = make_source(tmp_path / "src")
+    os.setxattr(source / "docs" / "note-1.txt", b"user.kept", b"as it was")
+    os.setxattr(source / "docs" / "note-2.txt", b"user.gone", b"soon")
+    backup(repo, source)
+    os.setxattr(source / "docs" / "note-0.txt", b"user.added", b"later")
+    os.removexattr(source / "docs" / "note-2.txt", b"user.gone")
+    os.setxattr(source / "docs", b"user.dir", b"tagged")
+    os.symlink("big.bin", source / "link")
+    backup(repo, source)
+    os.setxattr(source / "link", b"trusted.link", b"on the link", follow_symlinks=False)
+    second = backup(repo, source)
+
+    assert second.stats.bytes_read == 0
+    target = tmp_path / "restored"
+    restore(repo, second.snapshot, target)
+    assert differences(source, target) == []
+    assert os.getxattr(target / "docs" / "note-1.txt", b"user.kept") == b"as it was"
+    assert os.listxattr(target / "docs" / "note-2.txt") == []
+    # (restore leaves a symlink's xattrs alone; the snapshot keeps them)
+    assert repo.find_node(second.snapshot, b"link").xattrs == {b"trusted.link": b"on the link"}
+
+
 def test_small_edit_to_a_big_file_adds_about_one_block(repo, tmp_path: Path) -> None:
     source = make_source(tmp_path / "src")
     backup(repo, source)
