@@ -367,6 +367,10 @@ class FrozenEpoch:
         self.epoch = epoch
         self.full_scan = full_scan
         self._db: sqlite3.Connection | None = None
+        # A closed epoch's records never change, and a backup asks about an entry twice in a row
+        # (is it new, then what changed): the last answer is kept. Most epochs rename nothing.
+        self._last_flags: tuple[bytes, int] | None = None
+        self._has_origins: bool | None = None
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -380,8 +384,12 @@ class FrozenEpoch:
             self._db = None
 
     def _flags(self, path: bytes) -> int:
+        if self._last_flags is not None and self._last_flags[0] == path:
+            return self._last_flags[1]
         row = self.db.execute("SELECT flags FROM changes WHERE epoch=? AND path=?", (self.epoch, path)).fetchone()
-        return 0 if row is None else row[0]
+        flags = 0 if row is None else row[0]
+        self._last_flags = (path, flags)
+        return flags
 
     def written_paths(self) -> list[bytes]:
         """Paths whose bytes changed in this epoch: the files its snapshot will read."""
@@ -414,6 +422,11 @@ class FrozenEpoch:
         return CLEAN
 
     def origin(self, path: bytes) -> bytes | None:
+        if self._has_origins is None:
+            self._has_origins = self.db.execute("SELECT 1 FROM origins WHERE epoch=? LIMIT 1",
+                                                (self.epoch,)).fetchone() is not None
+        if not self._has_origins:
+            return None
         row = self.db.execute("SELECT origin FROM origins WHERE epoch=? AND path=?", (self.epoch, path)).fetchone()
         return None if row is None else row[0]
 
