@@ -22,7 +22,7 @@ from backend.errors import FsmountError
 from . import background
 from .commands import LazyGroup
 from .context import AppContext
-from .output import stderr
+from .output import say, say_styled
 
 EXIT_WARNINGS = 3
 EXIT_INTERRUPTED = 130
@@ -31,7 +31,7 @@ EXIT_INTERRUPTED = 130
 class _StderrHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         level = {"WARNING": "warning", "ERROR": "error", "CRITICAL": "error"}.get(record.levelname, "info")
-        stderr.print(f"[bold]{level}:[/bold] {record.getMessage()}", markup=True, highlight=False, soft_wrap=True)
+        say_styled(f"{level}:", record.getMessage(), bold=True)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -83,13 +83,13 @@ def run() -> None:
         code = main.main(standalone_mode=False)
     except FsmountError as exc:
         background.report_failure(str(exc), exc.exit_code)
-        stderr.print(f"[bold red]fsmount:[/bold red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        say_styled("fsmount:", str(exc), bold=True, fg="red")
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
-        stderr.print("fsmount: interrupted")
+        say("fsmount: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
-        stderr.print("fsmount: interrupted")
+        say("fsmount: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
         exc.show()

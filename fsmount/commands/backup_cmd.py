@@ -9,7 +9,7 @@ import click
 from backend.backup import Backup
 
 from ..context import AppContext
-from ..output import json_option, BarProgress, emit_json, human_bytes, stdout
+from ..output import BarProgress, emit_json, human_bytes, json_option, say
 from .repository_cmds import snapshot_doc
 
 
@@ -45,8 +45,7 @@ def backup(app: AppContext, source: str, tags: tuple[str, ...], name: str | None
     if app.json:
         emit_json(snapshot_doc(result.snapshot) | {"warnings": result.warnings})
     elif not app.quiet:
-        stdout.print(
-            f"snapshot {result.snapshot.short_id} saved: {s.files_new} new, {s.files_changed} changed, "
+        say(f"snapshot {result.snapshot.short_id} saved: {s.files_new} new, {s.files_changed} changed, "
             f"{s.files_unchanged} unchanged files, {s.dirs} dirs; read {human_bytes(s.bytes_read)}, "
             f"added {human_bytes(s.bytes_added)} in {s.duration_ms / 1000:.1f} s"
             + (f"; {s.warnings} warning{'s' if s.warnings != 1 else ''}" if s.warnings else ""))

@@ -8,7 +8,7 @@ import click
 
 from .. import background
 from ..context import AppContext
-from ..output import parse_size, stdout
+from ..output import parse_size, say
 
 
 @click.command("mount-snapshots")
@@ -44,7 +44,7 @@ def mount_snapshots(app: AppContext, mountpoint: str, foreground: bool, cache_si
             argv = ["--cache-dir", app.cache_dir, *argv]
         pid = background.start(argv, log_path, app.passphrase())
         if not app.quiet:
-            stdout.print(f"snapshots mounted at {mountpoint} (daemon pid {pid}, log {log_path})")
+            say(f"snapshots mounted at {mountpoint} (daemon pid {pid}, log {log_path})")
         return
     from ..snapshot_mount import SnapshotMount
 
@@ -54,7 +54,7 @@ def mount_snapshots(app: AppContext, mountpoint: str, foreground: bool, cache_si
         def ready() -> None:
             background.report_ready()
             if not app.quiet:
-                stdout.print(f"snapshots mounted at {mountpoint}; Ctrl-C or `fsmount umount {mountpoint}` unmounts")
+                say(f"snapshots mounted at {mountpoint}; Ctrl-C or `fsmount umount {mountpoint}` unmounts")
 
         mount.run(ready)
 

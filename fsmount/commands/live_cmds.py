@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import stat
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import click
@@ -15,7 +16,7 @@ from backend.errors import FsmountError, StoreError, UsageError
 
 from .. import background
 from ..context import AppContext
-from ..output import emit_json, human_bytes, json_option, parse_size, stderr, stdout
+from ..output import console, emit_json, human_bytes, json_option, parse_size, say
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -75,7 +76,7 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
         argv += ["--backlog-limit", backlog_limit]
         pid = background.start(argv, log_path, app.passphrase())
         if not app.quiet:
-            stdout.print(f"mounted {source} at {target} (daemon pid {pid}, log {log_path})")
+            say(f"mounted {source} at {target} (daemon pid {pid}, log {log_path})")
         return
     from ..live_daemon import LiveMount, source_id
 
@@ -85,7 +86,7 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
         def ready() -> None:
             background.report_ready()
             if not app.quiet:
-                stdout.print(f"mounted {source} at {target}; Ctrl-C or `fsmount umount {target}` unmounts")
+                say(f"mounted {source} at {target}; Ctrl-C or `fsmount umount {target}` unmounts")
 
         live.run(ready)
     if live.final_error:
@@ -125,9 +126,9 @@ def snapshot(app: AppContext, mountpoint: str, name: str | None) -> None:
     if app.json:
         emit_json(reply)
     elif not app.quiet:
-        stdout.print(f"snapshot {reply['short_id']} taken ({reply['label']})" +
-                     ("; the store cannot take it now: it waits on local disk and is uploaded when the store is back"
-                      if reply.get("in_backlog") else ""))
+        say(f"snapshot {reply['short_id']} taken ({reply['label']})" +
+            ("; the store cannot take it now: it waits on local disk and is uploaded when the store is back"
+             if reply.get("in_backlog") else ""))
 
 
 def _syncfs(path: str) -> None:
@@ -189,7 +190,7 @@ def status(app: AppContext, mountpoint: str) -> None:
     if reply.get("last_error"):
         lines.append(f"error        {reply['last_error']}")
     for line in lines:
-        stdout.print(line, markup=False)
+        say(line)
 
 
 def _count(n: int, noun: str) -> str:
@@ -215,7 +216,7 @@ def unmount_live(mountpoint: str, app: AppContext, *, lazy: bool = False) -> boo
         return False
     with ThreadPoolExecutor(1) as waiter:
         unmounted = waiter.submit(_ask, mountpoint, {"op": "unmount", "lazy": lazy}, timeout=None)
-        if stderr.is_terminal and not app.quiet:
+        if sys.stderr.isatty() and not app.quiet:
             _show_final_upload(mountpoint, unmounted, lazy)
         reply = unmounted.result()
     if reply.get("final_error"):
@@ -231,7 +232,7 @@ def unmount_live(mountpoint: str, app: AppContext, *, lazy: bool = False) -> boo
         if backlog["objects"]:
             said += (f"; {human_bytes(backlog['bytes'])} of snapshots wait on local disk for the next mount "
                      f"to upload")
-        stdout.print(f"unmounted {mountpoint}; {said}")
+        say(f"unmounted {mountpoint}; {said}")
     return True
 
 
@@ -240,7 +241,7 @@ def _show_final_upload(mountpoint: str, unmounted: Future, lazy: bool) -> None:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-                  TimeElapsedColumn(), console=stderr, transient=True) as bar:
+                  TimeElapsedColumn(), console=console(err=True), transient=True) as bar:
         task = bar.add_task(f"unmounting {mountpoint}" + ("" if lazy else ": final snapshot"), total=None)
         most = 0
         while not unmounted.done():
@@ -281,7 +282,7 @@ def umount(app: AppContext, mountpoint: str, lazy: bool) -> None:
     if proc.returncode != 0:
         raise UsageError(proc.stderr.strip().removeprefix("fusermount3: ") or f"cannot unmount {mountpoint}")
     if not app.quiet:
-        stdout.print(f"unmounted {mountpoint}")
+        say(f"unmounted {mountpoint}")
 
 
 COMMANDS = [mount, snapshot, status, umount]

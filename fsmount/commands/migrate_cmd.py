@@ -7,7 +7,7 @@ import click
 from backend.migrate import migrate as run_migrate
 
 from ..context import AppContext, open_location
-from ..output import BarProgress, emit_json, human_bytes, json_option, stdout
+from ..output import BarProgress, emit_json, human_bytes, json_option, say
 
 
 @click.command()
@@ -51,10 +51,9 @@ def migrate(app: AppContext, destinations: tuple[str, ...], delete_source: bool,
     if app.json:
         emit_json(vars(report))
     elif not app.quiet:
-        stdout.print(f"migrated {report.objects} objects to {', '.join(destinations)}: copied {report.copied} "
-                     f"({human_bytes(report.bytes_copied)}), {report.skipped} already there; the copy verifies"
-                     + (f"; deleted {report.deleted} objects at the source" if delete_source else ""),
-                     markup=False, soft_wrap=True)
+        say(f"migrated {report.objects} objects to {', '.join(destinations)}: copied {report.copied} "
+            f"({human_bytes(report.bytes_copied)}), {report.skipped} already there; the copy verifies"
+            + (f"; deleted {report.deleted} objects at the source" if delete_source else ""))
 
 
 COMMANDS = [migrate]

@@ -9,7 +9,7 @@ from backend.replicas import ReplicaState, check_replicas
 from backend.stores.replicated import ReplicatedStore
 
 from ..context import AppContext
-from ..output import BarProgress, emit_json, human_bytes, json_option, stdout
+from ..output import BarProgress, emit_json, human_bytes, json_option, say
 
 
 def _replicated(app: AppContext) -> ReplicatedStore:
@@ -26,7 +26,7 @@ def _print_states(app: AppContext, states: list[ReplicaState], *, recorded: int 
         return
     for state in states:
         if not state.reachable:
-            stdout.print(f"{state.location}: UNREACHABLE ({state.error})", markup=False, soft_wrap=True)
+            say(f"{state.location}: UNREACHABLE ({state.error})")
             continue
         line = (f"{state.location}: {state.objects} objects, {human_bytes(state.bytes)}, "
                 f"{len(state.missing)} missing")
@@ -34,11 +34,11 @@ def _print_states(app: AppContext, states: list[ReplicaState], *, recorded: int 
             line += f", {len(state.damaged)} damaged"
         if state.healed or state.unhealed:
             line += f"; healed {state.healed}" + (f", could not heal {len(state.unhealed)}" if state.unhealed else "")
-        stdout.print(line, markup=False, soft_wrap=True)
+        say(line)
         for key in state.unhealed:
-            stdout.print(f"  not healed (no replica has a good copy): {key}", markup=False, soft_wrap=True)
+            say(f"  not healed (no replica has a good copy): {key}")
     if recorded:
-        stdout.print(f"{recorded} objects were recorded as missed by degraded writes", markup=False)
+        say(f"{recorded} objects were recorded as missed by degraded writes")
 
 
 @click.group(invoke_without_command=True)

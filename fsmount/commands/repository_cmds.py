@@ -14,7 +14,7 @@ from backend.snapshot import Snapshot
 from backend.tree import DIR, Node
 
 from ..context import AppContext
-from ..output import display_name, emit_json, human_bytes, json_option, parse_size, stdout
+from ..output import console, display_name, emit_json, human_bytes, json_option, parse_size, say
 
 
 @click.command()
@@ -41,8 +41,8 @@ def init(app: AppContext, block_size: str) -> None:
         if app.json:
             emit_json({"id": repo.config.id, "location": store.location, "block_size": repo.block_size})
         elif not app.quiet:
-            stdout.print(f"created repository {repo.config.id[:8]} at {store.location} "
-                         f"(block size {human_bytes(repo.block_size)})")
+            say(f"created repository {repo.config.id[:8]} at {store.location} "
+                f"(block size {human_bytes(repo.block_size)})")
 
 
 def snapshot_doc(snap: Snapshot) -> dict:
@@ -80,8 +80,8 @@ def snapshots(app: AppContext, host: str | None, tags: tuple[str, ...]) -> None:
             s.short_id, s.time.strftime("%Y-%m-%d %H:%M:%S"), s.host, display_name(s.source),
             ",".join(s.tags) + (f" [{s.name}]" if s.name else ""), str(s.stats.get("files", "")),
             human_bytes(s.stats.get("size", 0)), human_bytes(s.stats.get("bytes_added", 0)))))
-    stdout.print(table)
-    stdout.print(f"{len(found)} snapshot{'s' if len(found) != 1 else ''}")
+    console().print(table)
+    say(f"{len(found)} snapshot{'s' if len(found) != 1 else ''}")
 
 
 def _listing(repo: Repository, node: Node, path: bytes) -> Iterator[tuple[bytes, Node]]:
@@ -133,10 +133,9 @@ def ls(app: AppContext, snapshot_ref: str, path: str, long_format: bool) -> None
                 shown += " -> " + display_name(n.target)
             if long_format:
                 when = dt.datetime.fromtimestamp(n.mtime_ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
-                stdout.print(f"{statmod.filemode(n.st_mode)} {n.uid:>5} {n.gid:>5} {n.size:>12} {when} {shown}",
-                             markup=False, highlight=False, soft_wrap=True)
+                say(f"{statmod.filemode(n.st_mode)} {n.uid:>5} {n.gid:>5} {n.size:>12} {when} {shown}")
             else:
-                stdout.print(shown, markup=False, highlight=False, soft_wrap=True)
+                say(shown)
 
 
 COMMANDS = [init, snapshots, ls]

@@ -10,7 +10,7 @@ from backend.errors import UsageError
 from backend.restore import Restore
 
 from ..context import AppContext
-from ..output import json_option, BarProgress, emit_json, human_bytes, stdout
+from ..output import BarProgress, emit_json, human_bytes, json_option, say
 
 
 @click.command()
@@ -49,11 +49,11 @@ def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: 
         emit_json({"snapshot": snap.id, "target": os.path.abspath(destination), "stats": vars(s),
                    "errors": result.errors})
     elif not app.quiet:
-        stdout.print(f"restored snapshot {snap.short_id} to {destination}: {s.files} files, {s.dirs} dirs; "
-                     f"wrote {human_bytes(s.bytes_written)}, {s.blocks_unchanged} blocks already matched"
-                     + (f", deleted {s.deleted}" if s.deleted else "")
-                     + f" in {s.duration_ms / 1000:.1f} s"
-                     + (f"; {len(result.errors)} failed" if result.errors else ""))
+        say(f"restored snapshot {snap.short_id} to {destination}: {s.files} files, {s.dirs} dirs; "
+            f"wrote {human_bytes(s.bytes_written)}, {s.blocks_unchanged} blocks already matched"
+            + (f", deleted {s.deleted}" if s.deleted else "")
+            + f" in {s.duration_ms / 1000:.1f} s"
+            + (f"; {len(result.errors)} failed" if result.errors else ""))
     return 3 if result.errors else 0
 
 

@@ -8,7 +8,7 @@ from backend.errors import IntegrityError, StoreError, UsageError
 from backend.verify import verify as run_verify
 
 from ..context import AppContext
-from ..output import json_option, BarProgress, emit_json, human_bytes, stdout
+from ..output import BarProgress, emit_json, human_bytes, json_option, say
 
 
 @click.command()
@@ -36,18 +36,18 @@ def verify(app: AppContext, read_data: bool, repair: bool) -> None:
         emit_json(vars(report) | {"ok": report.ok})
     else:
         for line in report.errors:
-            stdout.print(f"error: {line}", markup=False, soft_wrap=True)
+            say(f"error: {line}")
         for line in report.damaged:
-            stdout.print(f"damaged: {line}", markup=False, soft_wrap=True)
+            say(f"damaged: {line}")
         if not app.quiet or not report.ok:
-            stdout.print(f"checked {report.snapshots} snapshots, {report.trees} trees, {report.packs} packs"
-                         + (f", read {human_bytes(report.bytes_read)} in {report.packs_read} packs"
-                            if read_data else "")
-                         + (f"; {report.unreferenced_packs} unreferenced packs (left by interrupted backups)"
-                            if report.unreferenced_packs else "")
-                         + (f"; {report.packs_in_backlog} packs still in a live mount's backlog (uploaded later)"
-                            if report.packs_in_backlog else "")
-                         + ("; no errors" if report.ok else f"; {len(report.errors)} errors"))
+            say(f"checked {report.snapshots} snapshots, {report.trees} trees, {report.packs} packs"
+                + (f", read {human_bytes(report.bytes_read)} in {report.packs_read} packs"
+                   if read_data else "")
+                + (f"; {report.unreferenced_packs} unreferenced packs (left by interrupted backups)"
+                   if report.unreferenced_packs else "")
+                + (f"; {report.packs_in_backlog} packs still in a live mount's backlog (uploaded later)"
+                   if report.packs_in_backlog else "")
+                + ("; no errors" if report.ok else f"; {len(report.errors)} errors"))
     if not report.ok:
         raise IntegrityError(f"the repository has {len(report.errors)} errors"
                              + (f" affecting {len(report.damaged)} files" if report.damaged else ""))
@@ -73,8 +73,8 @@ def _repair(app: AppContext, read_data: bool) -> None:
         if not state.reachable:
             raise StoreError(f"replica {state.location} cannot be reached: {state.error}")
         if not app.json and (state.healed or state.unhealed):
-            stdout.print(f"{state.location}: healed {state.healed} objects"
-                         + (f", could not heal {len(state.unhealed)}: {', '.join(state.unhealed[:5])}"
-                            if state.unhealed else ""), markup=False, soft_wrap=True)
+            say(f"{state.location}: healed {state.healed} objects"
+                + (f", could not heal {len(state.unhealed)}: {', '.join(state.unhealed[:5])}"
+                   if state.unhealed else ""))
     if not any(state.unhealed for state in states):
         app.degraded_log().clear()
