@@ -184,6 +184,7 @@ class Backup:
         finally:
             self._workers.shutdown(wait=True, cancel_futures=True)
             self._finisher.shutdown(wait=True, cancel_futures=True)
+            self.repo.writer.settle()  # a failed run's uploads end with it, not in the next run
             self.progress.finish()
         stats = self.stats
         stats.bytes_added = self.repo.writer.statistics.bytes_added - written_before[0]

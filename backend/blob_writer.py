@@ -162,15 +162,26 @@ class BlobWriter:
             self._packers.clear()
         for packer in partial:
             self._upload(packer)
+        self._wait_for_uploads()
+        self._raise_failure()
+        self._write_index()
+
+    def settle(self) -> None:
+        """Wait for the uploads in flight and forget how they failed. A run that failed has
+        reported its own error; without this, a pack of it failing a moment later would fail the
+        next run too. Blobs whose upload failed are stored again when saved again."""
+        self._wait_for_uploads()
+        with self._lock:
+            self._failure = None
+
+    def _wait_for_uploads(self) -> None:
         while True:
             with self._lock:
                 pending = list(self._uploads)
             if not pending:
-                break
+                return
             for future in pending:
                 future.exception()  # wait; failures are recorded by _upload_done
-        self._raise_failure()
-        self._write_index()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
