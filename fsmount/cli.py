@@ -32,6 +32,8 @@ class _StderrHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         level = {"WARNING": "warning", "ERROR": "error", "CRITICAL": "error"}.get(record.levelname, "info")
         say_styled(f"{level}:", record.getMessage(), bold=True)
+        if record.exc_info:  # only `log.exception`, for what should not happen: the log needs the trace
+            say(logging.Formatter().formatException(record.exc_info), err=True)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
