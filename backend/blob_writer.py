@@ -104,19 +104,19 @@ class BlobWriter:
             future = self._pool.submit(self._finish_and_put, packer)
         except BaseException:
             self._upload_slots.release()
+            self._unreserve(packer.blob_ids())
             raise
         with self._lock:
             self._uploads.add(future)
         future.add_done_callback(self._upload_done)
 
     def _finish_and_put(self, packer: PackWriter) -> None:
-        pack_id, data, entries = packer.finish()
+        blob_ids = packer.blob_ids()
         try:
+            pack_id, data, entries = packer.finish()
             self._store.put(pack_key(pack_id), data)
         except BaseException:
-            # These blobs are not stored: a later save of the same content must store them again.
-            with self._lock:
-                self._reserved.difference_update(e.blob_id for e in entries)
+            self._unreserve(blob_ids)
             raise
         with self._lock:
             self._uploaded.append((pack_id, entries))
@@ -125,6 +125,12 @@ class BlobWriter:
             write_index = self._uploaded_blobs >= INDEX_BATCH_BLOBS
         if write_index:
             self._write_index()
+
+    def _unreserve(self, blob_ids: list[bytes]) -> None:
+        """These blobs were not stored (their pack failed or was never sent): a later save of the
+        same content must store them again, not take them for saved."""
+        with self._lock:
+            self._reserved.difference_update(blob_ids)
 
     def _upload_done(self, future: Future) -> None:
         self._upload_slots.release()
@@ -140,7 +146,13 @@ class BlobWriter:
         if not packs:
             return
         name, data = encode_index(self._key, packs)
-        self._store.put(f"index/{name}", data)
+        try:
+            self._store.put(f"index/{name}", data)
+        except BaseException:
+            with self._lock:  # stored but not indexed: the next index object names them
+                self._uploaded[:0] = packs
+                self._uploaded_blobs += sum(len(entries) for _, entries in packs)
+            raise
         self._index.add(name, packs)
         with self._lock:
             for _, entries in packs:

@@ -71,6 +71,9 @@ class PackWriter:
     def count(self) -> int:
         return len(self._entries)
 
+    def blob_ids(self) -> list[bytes]:
+        return [entry.blob_id for entry in self._entries]
+
     def add(self, blob_type: int, blob_id: bytes, sealed: bytes, raw_length: int) -> None:
         entry = BlobEntry(blob_type, blob_id, len(self._buffer), len(sealed), raw_length)
         self._entries.append(entry)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from backend.backup import Backup, backup
+from backend.errors import StoreError
 from backend.progress import Progress
 from backend.restore import restore
 from conftest import TEST_BLOCK_SIZE
@@ -188,9 +190,78 @@ class _StoreDownAfter(Progress):
             self.store.down = True
 
 
+class _PacksFailSlowly:
+    """A local store whose pack uploads fail, each after `delay_s`, until `healed`: the backup
+    gives up on the first while the next is still on its way."""
+
+    def __init__(self, inner, delay_s: float):
+        self.inner, self.delay_s, self.healed = inner, delay_s, False
+
+    def put(self, key: str, data: bytes) -> None:
+        if key.startswith("data/") and not self.healed:
+            time.sleep(self.delay_s)
+            raise StoreError(f"put {key}: the store is down (injected)")
+        self.inner.put(key, data)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def test_a_failed_backup_settles_its_uploads_before_the_next_one(repo_path: Path, tmp_path: Path) -> None:
+    """A pack still in flight when a backup fails must fail that backup, not the next one, and the
+    blobs of packs that never reached the store must be stored by the next one."""
+    from backend.repository import Repository
+    from backend.stores import LocalStore
+    from conftest import PASSPHRASE
+
+    Repository.init(LocalStore(repo_path), PASSPHRASE.encode(), block_size=TEST_BLOCK_SIZE).close()
+    store = _PacksFailSlowly(LocalStore(repo_path), delay_s=1.0)
+    source = make_source(tmp_path / "src", files=5, big_size=40 * 1024 * 1024)  # several packs
+    with Repository.open(store, PASSPHRASE.encode()) as repo:
+        with pytest.raises(StoreError):
+            backup(repo, source)
+        time.sleep(1.5)  # whatever was still uploading has failed by now
+        store.healed = True
+        result = backup(repo, source)
+        restore(repo, result.snapshot, tmp_path / "restored")
+    assert differences(source, tmp_path / "restored") == []
+
+
+class _IndexFailsOnce:
+    """A local store that refuses the first index object it is given."""
+
+    def __init__(self, inner):
+        self.inner, self.refused = inner, False
+
+    def put(self, key: str, data: bytes) -> None:
+        if key.startswith("index/") and not self.refused:
+            self.refused = True
+            raise StoreError(f"put {key}: the store is down (injected)")
+        self.inner.put(key, data)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def test_packs_whose_index_failed_are_indexed_by_the_next_backup(repo_path: Path, tmp_path: Path) -> None:
+    from backend.repository import Repository
+    from backend.stores import LocalStore
+    from conftest import PASSPHRASE
+
+    Repository.init(LocalStore(repo_path), PASSPHRASE.encode(), block_size=TEST_BLOCK_SIZE).close()
+    store = _IndexFailsOnce(LocalStore(repo_path))
+    source = make_source(tmp_path / "src", files=5, big_size=4 * 1024 * 1024)
+    with Repository.open(store, PASSPHRASE.encode()) as repo:
+        with pytest.raises(StoreError):
+            backup(repo, source)
+        result = backup(repo, source)
+    with Repository.open(LocalStore(repo_path), PASSPHRASE.encode()) as fresh:  # what another host sees
+        restore(fresh, fresh.load_snapshot(result.snapshot.id), tmp_path / "restored")
+    assert differences(source, tmp_path / "restored") == []
+
+
 def test_a_failed_backup_leaves_the_repository_usable(repo_path: Path, tmp_path: Path) -> None:
     """The store goes down during one backup: that one fails, the next one (same process) is whole."""
-    from backend.errors import StoreError
     from backend.repository import Repository
     from backend.stores import LocalStore
     from backend.stores.faulty import FaultyStore
