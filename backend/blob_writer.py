@@ -77,11 +77,15 @@ class BlobWriter:
             if blob_id in self._reserved:
                 return blob_id, False
             self._reserved.add(blob_id)
-        if self._index.contains(blob_id):
-            with self._lock:
-                self._reserved.discard(blob_id)
+        try:
+            known = self._index.contains(blob_id)
+            sealed = None if known else self._key.seal_blob(blob_type, blob_id, plaintext)
+        except BaseException:
+            self._unreserve([blob_id])
+            raise
+        if sealed is None:
+            self._unreserve([blob_id])
             return blob_id, False
-        sealed = self._key.seal_blob(blob_type, blob_id, plaintext)
         full = None
         with self._lock:
             packer = self._packers.get(blob_type)
