@@ -78,14 +78,13 @@ class BlobWriter:
                 return blob_id, False
             self._reserved.add(blob_id)
         try:
-            known = self._index.contains(blob_id)
-            sealed = None if known else self._key.seal_blob(blob_type, blob_id, plaintext)
+            if self._index.contains(blob_id):
+                self._unreserve([blob_id])
+                return blob_id, False
+            sealed = self._key.seal_blob(blob_type, blob_id, plaintext)
         except BaseException:
             self._unreserve([blob_id])
             raise
-        if sealed is None:
-            self._unreserve([blob_id])
-            return blob_id, False
         full = None
         with self._lock:
             packer = self._packers.get(blob_type)

@@ -82,7 +82,8 @@ def freeze_startup_heap() -> None:
     A full collection holds the GIL, so the event loop, and every writer waiting on a FUSE reply,
     waits for it: with the ~40k objects a mount starts with, one took 40-60 ms during a snapshot
     (a writer's max stall 53-65 ms); frozen, 15-30 ms in the same runs, and 23-45 ms over nine runs
-    of `scripts/bench.py --only pressure` (46-58 ms before). Frozen objects are still freed when their last reference goes; only cycles
-    among them are never collected, which is why this runs once, at start."""
+    of `scripts/bench.py --only pressure` (46-58 ms before). Frozen objects are still freed when
+    their last reference goes; only cycles among them are never collected, which is why this runs
+    once, at start."""
     gc.collect()
     gc.freeze()
