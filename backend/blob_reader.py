@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from .errors import FsmountError, IntegrityError, ObjectNotFound
+from .index import BlobLocation
 from .pack import pack_key
 from .repository import Repository
 
@@ -105,8 +106,10 @@ class BlobReader:
         self.repo = repo
         self.cache = cache
 
-    def fetch(self, blob_type: int, blob_ids: Iterable[bytes]) -> dict[bytes, bytes | FsmountError]:
-        """Each wanted blob's plaintext, or the error that stops it (corrupt, missing, store down)."""
+    def fetch(self, blob_type: int, blob_ids: Iterable[bytes],
+              locations: dict[bytes, BlobLocation] | None = None) -> dict[bytes, bytes | FsmountError]:
+        """Each wanted blob's plaintext, or the error that stops it (corrupt, missing, store down).
+        `locations`: the index's answer for these ids, when the caller has looked them up already."""
         results: dict[bytes, bytes | FsmountError] = {}
         wanted: dict[str, list] = {}  # pack id -> [(offset, length, blob id), ...]
         unique = list(dict.fromkeys(blob_ids))
@@ -119,7 +122,8 @@ class BlobReader:
                     except IntegrityError:
                         log.warning("block cache: %s is damaged; fetching it again", blob_id.hex())
             unique = [blob_id for blob_id in unique if blob_id not in results]
-        locations = self.repo.index.lookup_many(unique)
+        if locations is None:
+            locations = self.repo.index.lookup_many(unique)
         for blob_id in unique:
             location = locations.get(blob_id)
             if location is None:

@@ -128,7 +128,7 @@ class Verifier:
                                if t in locations else ("~", 0))
         share = max(1, -(-len(in_pack_order) // TREE_WORKERS))
         fetched: dict[bytes, bytes | FsmountError] = {}
-        for part in pool.map(lambda ids: reader.fetch(TREE_BLOB, ids),
+        for part in pool.map(lambda ids: reader.fetch(TREE_BLOB, ids, locations),
                              [in_pack_order[i:i + share] for i in range(0, len(in_pack_order), share)]):
             fetched.update(part)
         loaded = []
