@@ -114,3 +114,19 @@ def test_help_teaches_every_command(cli) -> None:
         assert command in top
         text = cli(command, "--help").stdout.decode()
         assert "Usage: " in text and len(text.splitlines()) > 5
+
+
+def test_every_command_is_where_the_lazy_group_looks_for_it() -> None:
+    # The CLI imports a command's module only when it runs, from a name -> module map: a command
+    # added to a module's COMMANDS but not to the map would be missing from `fsmount` altogether.
+    import importlib
+    import pkgutil
+
+    import fsmount.commands
+    from fsmount.commands import COMMAND_MODULES
+
+    defined = {}
+    for module_info in pkgutil.iter_modules(fsmount.commands.__path__):
+        module = importlib.import_module(f"fsmount.commands.{module_info.name}")
+        defined |= {command.name: module_info.name for command in getattr(module, "COMMANDS", [])}
+    assert defined == COMMAND_MODULES
