@@ -6,6 +6,13 @@ resumes where it stopped), every object read from the source is checked against 
 it is written, and `config` goes last, so a destination only looks like a repository once all of
 it is there. Then the destination is listed again and opened and verified as a repository; only
 after that may the source be deleted.
+
+Between two buckets of one S3 server and account, the server copies each object itself
+(CopyObject), as `aws s3 sync` and rclone do: the bytes never cross the network twice. Each copy
+is checked by its ETag, the MD5 the server reports for the copy, against the source's; where that
+cannot tell (an object uploaded in parts has no plain MD5), the copy is read back and checked
+against its name. Content the source already held damaged is then copied as it is, so
+`check_data` reads every object through this machine instead, as between two providers.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ _ORDER = ("keys/", "data/", "index/", "snapshots/")
 MiB = 1024 * 1024
 # Object data held in memory at once by all copying threads together (a pack is ~16 MiB).
 MEMORY_BUDGET = 48 * MiB
+SERVER_COPY_LIMIT = 5 * 1024 * MiB  # the largest object one CopyObject may copy
 
 
 @dataclass
@@ -37,15 +45,17 @@ class MigrateReport:
     copied: int = 0
     skipped: int = 0
     bytes_copied: int = 0
+    copied_by_server: int = 0
     deleted: int = 0
     errors: list[str] = field(default_factory=list)
 
 
 def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *, delete_source: bool = False,
             workers: int = 16, progress: Progress | None = None, cache_dir: str | None = None,
-            memory_budget: int = MEMORY_BUDGET) -> MigrateReport:
+            memory_budget: int = MEMORY_BUDGET, check_data: bool = False) -> MigrateReport:
     """Copy `source` to `destination` (see the module docstring); `workers` objects travel at once,
-    holding at most `memory_budget` bytes of object data between them (one larger object alone)."""
+    holding at most `memory_budget` bytes of object data between them (one larger object alone).
+    With `check_data`, no object is copied by the server: each is read here and checked."""
     progress = progress or Progress()
     report = MigrateReport()
     return_large_buffers_to_the_os()
@@ -60,7 +70,15 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
     master_key = opener.submit(open_master_key, source, passphrase)
     opener.shutdown(wait=False)
 
-    objects = dict(source.list(""))
+    by_server = not check_data and getattr(destination, "can_copy_from", lambda _: False)(source)
+    etags: dict[str, str] = {}
+    if by_server:
+        listing = list(source.list_with_etags(""))
+        objects = {key: size for key, size, _ in listing}
+        etags = {key: etag for key, _, etag in listing}
+        del listing
+    else:
+        objects = dict(source.list(""))
     present = dict(destination.list(""))
     report.objects = len(objects)
     todo = sorted((k for k in objects if k != "config" and present.get(k) != objects[k]),
@@ -71,26 +89,44 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
     budget = _ByteBudget(memory_budget)
     pending = iter(todo)
 
-    def copy(key: str) -> None:
+    def copy_through_here(key: str) -> int:
         held = budget.acquire(objects[key])
         try:
             data = source.get(key)
             if not object_intact(key, data):
                 raise IntegrityError(f"{key} is damaged in the source")
             destination.put(key, data)
-            size = len(data)
-            del data
+            return len(data)
+        finally:
+            budget.release(held)
+
+    def copy_by_server(key: str) -> int:
+        etag = destination.copy_from(source, key)  # type: ignore[attr-defined]
+        if etag != etags[key] or "-" in etag:  # no plain MD5 (uploaded in parts): check the bytes
+            held = budget.acquire(objects[key])
+            try:
+                if not object_intact(key, destination.get(key)):
+                    raise IntegrityError(f"the server's copy of {key} does not match its name")
+            finally:
+                budget.release(held)
+        return objects[key]
+
+    def copy(key: str) -> None:
+        server = by_server and objects[key] <= SERVER_COPY_LIMIT
+        try:
+            size = copy_by_server(key) if server else copy_through_here(key)
         except (StoreError, IntegrityError) as exc:
             with lock:
                 report.errors.append(f"{key}: {exc}")
+                failures.append(exc)
             return
-        finally:
-            budget.release(held)
         with lock:
             report.copied += 1
+            report.copied_by_server += server
             report.bytes_copied += size
         progress.advance(nbytes=size, items=1, current=f"{report.copied}/{len(todo)} objects")
 
+    failures: list[StoreError | IntegrityError] = []
     crashed: list[BaseException] = []
 
     def worker() -> None:
@@ -114,6 +150,9 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
     if crashed:
         raise crashed[0]
     key = master_key.result()  # a wrong passphrase stops here, before anything else is written
+    damaged = [message for message, exc in zip(report.errors, failures) if isinstance(exc, IntegrityError)]
+    if damaged:
+        raise IntegrityError(f"{len(damaged)} objects could not be copied intact: {damaged[0]}")
     if report.errors:
         raise StoreError(f"{len(report.errors)} objects could not be copied (run migrate again to resume): "
                          f"{report.errors[0]}")

@@ -154,6 +154,48 @@ def test_migration_to_s3_resumes_verifies_and_moves(cli, tmp_path: Path, repo_pa
     assert len(json.loads(cli("-r", destination, "snapshots", "--json").stdout)) == 2
 
 
+@pytest.mark.s3
+def test_migration_within_one_server_is_copied_by_it_and_checked(cli, tmp_path: Path, s3_bucket) -> None:
+    key_id, secret = s3_bucket.server.credentials
+    cli.env.update(AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret)
+    origin = s3_bucket.location("origin")
+    source = make_source(tmp_path)
+    (source / "large.bin").write_bytes(os.urandom(6 * 1024 * 1024))
+    cli("-r", origin, "init")
+    cli("-r", origin, "backup", source)
+    # the largest pack uploaded again in parts: its ETag is no MD5, so its copy is read back and checked
+    store = s3_bucket.open_store("origin", multipart_threshold=5 * 1024 * 1024, part_size=5 * 1024 * 1024)
+    largest, _ = max(store.list("data/"), key=lambda entry: entry[1])
+    intact = store.get(largest)
+    store.put(largest, intact)
+    assert next(etag for key, _, etag in store.list_with_etags("data/") if key == largest).endswith("-2")
+
+    moved = s3_bucket.location("moved")
+    report = json.loads(cli("-r", origin, "migrate", "--to", moved, "--json").stdout)
+    assert report["copied_by_server"] == report["copied"] == report["objects"] - 1  # all but config
+    cli("-r", moved, "verify", "--read-data")
+    cli("-r", moved, "restore", "latest", "--target", tmp_path / "restored")
+    assert differences(source, tmp_path / "restored") == []
+
+    def damage(key: str) -> bytes:
+        data = bytearray(store.get(key))
+        data[100] ^= 0x55
+        store.put(key, bytes(data))
+        return bytes(data)
+
+    # the read-back finds a damaged object uploaded in parts...
+    damage(largest)
+    err = cli("-r", origin, "migrate", "--to", s3_bucket.location("again"), check=14).stderr
+    assert f"copy of {largest} does not match its name".encode() in err
+    store.put(largest, intact)
+    # ...while the server copies one with a plain MD5 as it is: --check-data reads it here
+    other = next(key for key, _ in store.list("data/") if key != largest)
+    damage(other)
+    err = cli("-r", origin, "migrate", "--to", s3_bucket.location("checked"), "--check-data", check=14).stderr
+    assert f"{other} is damaged in the source".encode() in err
+    assert not s3_bucket.open_store("checked").exists("config")
+
+
 def test_migration_refuses_a_destination_with_another_repository(cli, tmp_path: Path) -> None:
     cli("init")
     other = tmp_path / "other"

@@ -71,7 +71,9 @@ class S3Store:
         self._bucket_lock = threading.Lock()
         self._parts_pool = ThreadPoolExecutor(max_connections, thread_name_prefix="s3-parts")
         return_large_buffers_to_the_os()  # whole objects travel as bytes (stores/base.py)
-        self.client = _make_client(self._explicit_endpoint, credentials, region, max_connections,
+        self._session = (boto3.session.Session() if credentials is None else
+                         boto3.session.Session(aws_access_key_id=credentials[0], aws_secret_access_key=credentials[1]))
+        self.client = _make_client(self._session, self._explicit_endpoint, region, max_connections,
                                    connect_timeout_s, read_timeout_s)
         self.endpoint: str = self.client.meta.endpoint_url
 
@@ -136,16 +138,8 @@ class S3Store:
         return True
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        full_prefix = self._key_prefix + prefix
-        token: dict[str, str] = {}
-        while True:
-            page = self._call(f"listing {prefix or '/'} in", lambda c, token=token: c.list_objects_v2(
-                Bucket=self.bucket, Prefix=full_prefix, MaxKeys=1000, **token))
-            for entry in page.get("Contents", ()):
-                yield entry["Key"][len(self._key_prefix):], entry["Size"]
-            if not page.get("IsTruncated"):
-                return
-            token = {"ContinuationToken": page["NextContinuationToken"]}
+        for key, size, _ in self.list_with_etags(prefix):
+            yield key, size
 
     def delete(self, key: str) -> None:
         full = self._key(key)
@@ -188,6 +182,35 @@ class S3Store:
             except ObjectNotFound:
                 return False
         return created
+
+    def list_with_etags(self, prefix: str = "") -> Iterator[tuple[str, int, str]]:
+        """`list`, with each object's ETag: the MD5 of its bytes, unless it was uploaded in parts."""
+        full_prefix = self._key_prefix + prefix
+        token: dict[str, str] = {}
+        while True:
+            page = self._call(f"listing {prefix or '/'} in", lambda c, token=token: c.list_objects_v2(
+                Bucket=self.bucket, Prefix=full_prefix, MaxKeys=1000, **token))
+            for entry in page.get("Contents", ()):
+                yield entry["Key"][len(self._key_prefix):], entry["Size"], entry.get("ETag", "").strip('"')
+            if not page.get("IsTruncated"):
+                return
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def can_copy_from(self, other: object) -> bool:
+        """Whether this store's server can copy `other`'s objects itself (`copy_from`): the same
+        endpoint, reached with the same access key."""
+        if not isinstance(other, S3Store) or other.endpoint != self.endpoint:
+            return False
+        mine, theirs = self._session.get_credentials(), other._session.get_credentials()
+        return mine is not None and theirs is not None and mine.access_key == theirs.access_key
+
+    def copy_from(self, source: S3Store, key: str) -> str:
+        """Copy `key` from `source` (see `can_copy_from`) without the bytes passing through this
+        machine (CopyObject; objects up to 5 GiB); returns the copy's ETag."""
+        full, origin = self._key(key), {"Bucket": source.bucket, "Key": source._key(key)}
+        response = self._call(f"copying {key} from {source.location} to", lambda c: c.copy_object(
+            Bucket=self.bucket, Key=full, CopySource=origin), key=key)
+        return str(response["CopyObjectResult"]["ETag"]).strip('"')
 
     def create_bucket_if_missing(self) -> bool:
         """Create the bucket unless it exists (used by `fsmount init`); True if it was created."""
@@ -333,13 +356,9 @@ def _is_aws(endpoint: str) -> bool:
     return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
 
 
-def _make_client(endpoint_url: str | None, credentials: tuple[str, str] | None, region: str | None,
+def _make_client(session: boto3.session.Session, endpoint_url: str | None, region: str | None,
                  max_connections: int, connect_timeout_s: float, read_timeout_s: float) -> Any:
     """A boto3 client with our pool size and timeouts, its own retries off, path-style unless on AWS."""
-    if credentials is not None:
-        session = boto3.session.Session(aws_access_key_id=credentials[0], aws_secret_access_key=credentials[1])
-    else:
-        session = boto3.session.Session()
     endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = region or session.region_name or "us-east-1"
 

@@ -15,10 +15,14 @@ from ..output import BarProgress, emit_json, human_bytes, json_option, say
               help="Where the repository goes (repeat for replicas there).")
 @click.option("--delete-source", is_flag=True,
               help="After the copy has verified, delete the repository at the source.")
+@click.option("--check-data", is_flag=True,
+              help="Read every object through this machine and check it against its name, even where "
+                   "the S3 server could copy it itself.")
 @click.option("--workers", default=16, show_default=True, help="Objects copied at once.")
 @json_option
 @click.pass_obj
-def migrate(app: AppContext, destinations: tuple[str, ...], delete_source: bool, workers: int) -> None:
+def migrate(app: AppContext, destinations: tuple[str, ...], delete_source: bool, check_data: bool,
+            workers: int) -> None:
     """Copy the repository to another store, check every object, and verify the copy.
 
     \b
@@ -29,6 +33,10 @@ def migrate(app: AppContext, destinations: tuple[str, ...], delete_source: bool,
     stopped when run again. The destination becomes a repository only once every object is there
     and intact; the source is deleted (with --delete-source) only after the copy has verified.
     Nothing else may write to the repository meanwhile (this is a cold migration).
+
+    Between two buckets of one S3 server and access key, the server copies each object itself, and
+    each copy is checked by the MD5 the server reports for it. That trusts the server to have kept
+    the source intact; --check-data, or `fsmount verify --read-data` beforehand, does not.
     """
     source = app.open_store()
     if len(destinations) == 1:
@@ -43,7 +51,7 @@ def migrate(app: AppContext, destinations: tuple[str, ...], delete_source: bool,
         if create_bucket is not None:
             create_bucket()
         report = run_migrate(source, destination, app.passphrase(), delete_source=delete_source,
-                             workers=workers, cache_dir=app.cache_dir,
+                             workers=workers, cache_dir=app.cache_dir, check_data=check_data,
                              progress=BarProgress("migrate", enabled=not app.quiet and not app.json))
     finally:
         source.close()
@@ -52,7 +60,9 @@ def migrate(app: AppContext, destinations: tuple[str, ...], delete_source: bool,
         emit_json(vars(report))
     elif not app.quiet:
         say(f"migrated {report.objects} objects to {', '.join(destinations)}: copied {report.copied} "
-            f"({human_bytes(report.bytes_copied)}), {report.skipped} already there; the copy verifies"
+            f"({human_bytes(report.bytes_copied)}"
+            + (f", {report.copied_by_server} by the server" if report.copied_by_server else "")
+            + f"), {report.skipped} already there; the copy verifies"
             + (f"; deleted {report.deleted} objects at the source" if delete_source else ""))
 
 
