@@ -14,8 +14,10 @@ The table is used only on the event loop thread.
 
 from __future__ import annotations
 
+import math
 import os
 import stat
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -29,18 +31,38 @@ MAX_DIR_FDS = 2048
 class Inode:
     number: int
     key: tuple[int, int]
-    is_dir: bool
+    file_type: int  # the S_IFMT bits of its mode
     names: set[tuple[int, bytes]] = field(default_factory=set)
     nlink: int = 1
     lookups: int = 0
+    # When (time.monotonic) the kernel was last given its entry, and its attributes; see
+    # `attributes_dropped` and LiveTree.readdir.
+    entry_shown_at: float = -math.inf
+    attrs_shown_at: float = -math.inf
     open_fds: set[int] = field(default_factory=set)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.file_type == stat.S_IFDIR
+
+    def shown(self, now: float, *, entry: bool = True) -> None:
+        """The kernel was just given its attributes (and, with `entry`, its entry: a lookup reply)."""
+        self.attrs_shown_at = now
+        if entry:
+            self.entry_shown_at = now
+
+    def attributes_dropped(self) -> None:
+        """Something happened after which the kernel asks for its attributes again (it was opened,
+        closed, written, renamed, unlinked, or its xattrs changed): conservatively, since which
+        events make the kernel drop them is the kernel's business."""
+        self.attrs_shown_at = -math.inf
 
 
 class InodeTable:
     def __init__(self, root_fd: int):
         self.root_fd = root_fd
         st = os.fstat(root_fd)
-        root = Inode(ROOT, (st.st_dev, st.st_ino), True, lookups=1)
+        root = Inode(ROOT, (st.st_dev, st.st_ino), stat.S_IFDIR, lookups=1)
         self._by_number: dict[int, Inode] = {ROOT: root}
         self._by_key: dict[tuple[int, int], Inode] = {root.key: root}
         self._by_name: dict[tuple[int, bytes], Inode] = {}
@@ -62,11 +84,12 @@ class InodeTable:
     # -- knowing entries --------------------------------------------------------------------------
 
     def remember(self, parent: int, name: bytes, st: os.stat_result, *, lookup: bool = True) -> Inode:
-        """The inode for entry `name` of `parent` (created if new); counts a kernel lookup."""
+        """The inode for entry `name` of `parent` (created if new); with `lookup`, counts the kernel's
+        lookup reference and that it was shown the entry now."""
         key = (st.st_dev, st.st_ino)
         inode = self._by_key.get(key)
         if inode is None:
-            inode = Inode(self._next, key, stat.S_ISDIR(st.st_mode))
+            inode = Inode(self._next, key, stat.S_IFMT(st.st_mode))
             self._next += 1
             self._by_number[inode.number] = inode
             self._by_key[key] = inode
@@ -74,7 +97,12 @@ class InodeTable:
         inode.nlink = st.st_nlink
         if lookup:
             inode.lookups += 1
+            inode.shown(time.monotonic())
         return inode
+
+    def known(self, parent: int, name: bytes) -> Inode | None:
+        """The inode `name` of `parent` is known to name, if any."""
+        return self._by_name.get((parent, name))
 
     def forget(self, number: int, count: int) -> None:
         inode = self._by_number.get(number)
@@ -113,12 +141,16 @@ class InodeTable:
         inode = self._by_name.get((parent, name))
         if inode is not None:
             self._unname(inode, (parent, name))
+            inode.attributes_dropped()  # its link count and ctime
             if inode.is_dir:
                 self._close_dir_fd(inode.number)
         return inode
 
     def renamed(self, old: tuple[int, bytes], new: tuple[int, bytes], *, exchange: bool) -> None:
         moving, other = self._by_name.get(old), self._by_name.get(new)
+        for inode in (moving, other):
+            if inode is not None:
+                inode.attributes_dropped()  # their ctime, and the link count of one replaced
         if other is not None:
             self._unname(other, new)
         if moving is not None:

@@ -24,8 +24,10 @@ import ctypes
 import errno
 import functools
 import logging
+import math
 import os
 import stat
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +36,7 @@ import trio
 
 from backend.source import key_of
 
+from .bare_entries import BareEntries
 from .changelog import Changelog
 from .frozen_view import FrozenView
 from .live_inodes import ROOT, InodeTable
@@ -92,6 +95,7 @@ class LiveTree(pyfuse3.Operations):
         self.limiter = trio.CapacityLimiter(8)
         self.read_nowait = True  # whether the source answers preadv(RWF_NOWAIT)
         self._read_buffer = bytearray(0)  # see read()
+        self._bare = BareEntries() if BareEntries.available else None  # see readdir()
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -230,7 +234,9 @@ class LiveTree(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if self.snapshots is not None and self.snapshots.owns(inode):
             return await self.snapshots.getattr(inode, ctx)
-        return self._attr(inode, self._stat(inode))
+        attr = self._attr(inode, self._stat(inode))
+        self.inodes[inode].shown(time.monotonic(), entry=False)
+        return attr
 
     @_fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
@@ -266,7 +272,9 @@ class LiveTree(pyfuse3.Operations):
             self._set_metadata(inode, attr, fields, handle)
             for path in self._paths(inode):
                 self.changelog.mark_metadata(path)
-        return self._attr(inode, self._stat(inode))
+        reply = self._attr(inode, self._stat(inode))
+        record.shown(time.monotonic(), entry=False)
+        return reply
 
     def _set_metadata(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       handle: _Handle | None) -> None:
@@ -331,12 +339,23 @@ class LiveTree(pyfuse3.Operations):
             return await self.snapshots.readdir(fh, start_id, token)
         assert handle is not None and handle.entries is not None
         # _entry() spelled out: this loop runs once per name of every listing (a stat walk).
-        entries, parent, dir_fd = handle.entries, handle.inode, None
+        # A file whose entry and attributes the kernel was given lately, and still holds, goes bare,
+        # unstatted (bare_entries.py), and the kernel takes no lookup reference for it. Directories
+        # always come with attributes: the kernel drops those of a directory at every change in it.
+        entries, parent, dir_fd, bare = handle.entries, handle.inode, None, self._bare
+        now = time.monotonic()
+        shown_since = now - TIMEOUT_S / 2 if bare is not None else math.inf
         for index in range(start_id, len(entries)):
             name = entries[index]
             try:
                 if index < 2:  # "." and "..": the kernel takes no lookup reference for these
                     if not pyfuse3.readdir_reply(token, name, self._attr(parent, self._stat(parent)), index + 1):
+                        break
+                    continue
+                known = self.inodes.known(parent, name)
+                if (known is not None and known.entry_shown_at > shown_since and known.attrs_shown_at > shown_since
+                        and known.file_type != stat.S_IFDIR):
+                    if not pyfuse3.readdir_reply(token, name, bare.entry(known.number, known.file_type), index + 1):
                         break
                     continue
                 if dir_fd is None:
@@ -348,6 +367,7 @@ class LiveTree(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, self._attr(inode.number, st), index + 1):
                 break
             inode.lookups += 1
+            inode.shown(now)
 
     async def releasedir(self, fh: int) -> None:
         if self._handles.pop(fh, None) is None and self.snapshots is not None:
@@ -478,6 +498,7 @@ class LiveTree(pyfuse3.Operations):
                 finally:
                     os.close(old)
         fd = os.open(name, self._open_flags(flags) & ~os.O_CREAT, dir_fd=dir_fd)
+        self.inodes[inode].attributes_dropped()
         if flags & os.O_TRUNC:
             for path in self._paths(inode):
                 self.changelog.mark_truncated(path)
@@ -536,6 +557,7 @@ class LiveTree(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
         paths = self._paths(handle.inode)
+        self.inodes[handle.inode].attributes_dropped()
         if self.frozen is not None:
             self.frozen.before_write(self.inodes[handle.inode].key, handle.fd, off, len(buf))
         if len(buf) > THREAD_THRESHOLD:
@@ -570,6 +592,7 @@ class LiveTree(pyfuse3.Operations):
         inode = self.inodes.get(handle.inode)
         if inode is not None:
             inode.open_fds.discard(handle.fd)
+            inode.attributes_dropped()
             self.inodes.forget(handle.inode, 0)
 
     # -- extended attributes ----------------------------------------------------------------------
@@ -604,6 +627,7 @@ class LiveTree(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._refuse_snapshots(inode)
         self._keep_metadata(inode)
+        self.inodes[inode].attributes_dropped()
         os.setxattr(self._xattr_target(inode), name, value, follow_symlinks=False)
         for path in self._paths(inode):
             self.changelog.mark_metadata(path)
@@ -612,6 +636,7 @@ class LiveTree(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._refuse_snapshots(inode)
         self._keep_metadata(inode)
+        self.inodes[inode].attributes_dropped()
         try:
             os.removexattr(self._xattr_target(inode), name, follow_symlinks=False)
         except OSError as exc:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from live_mount import live_mount
-from treecompare import differences
+from treecompare import assert_listing_agrees_with_stat, differences
 
 NAMES = ["a", "b", "c", "d\nnl", "\udcff-raw"]  # the last one is the non-UTF-8 byte 0xff
 PATHS = st.sampled_from([*NAMES, *(f"dir/{n}" for n in NAMES)])
@@ -113,6 +113,16 @@ class LiveTreeVersusPlainDirectory(RuleBasedStateMachine):
     def same_tree(self) -> None:
         if hasattr(self, "live"):
             assert differences(self.plain, self.live, times=False, sparse=False) == []
+
+    @invariant()
+    def listings_agree_with_stat(self) -> None:
+        # Listed twice: the second lists the names the first showed the kernel without their
+        # attributes (fsmount/bare_entries.py), and its inode numbers and types must still be right.
+        if hasattr(self, "live"):
+            for _ in range(2):
+                for folder in (self.live, self.live / "dir"):
+                    if folder.is_dir():
+                        assert_listing_agrees_with_stat(folder)
 
     @precondition(lambda self: hasattr(self, "live"))
     @rule()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from live_mount import is_mounted, live_mount
-from treecompare import differences
+from treecompare import assert_listing_agrees_with_stat, differences
 
 
 @pytest.fixture
@@ -77,6 +77,31 @@ def test_work_through_the_mount_lands_in_the_snapshot(cli, source: Path, tmp_pat
         cli("snapshot", mnt, "--name", "second")
         assert same_tree(mnt, restore_latest(cli, tmp_path, "second")) == []
     assert snapshots(cli)[-2]["name"] == "second"
+
+
+def test_listings_agree_with_stat_as_the_files_change(cli, source: Path) -> None:
+    with live_mount(cli, source) as mnt:
+        folder = mnt / "many"
+        folder.mkdir()
+        for i in range(300):
+            (folder / f"f{i}").write_bytes(b"x")
+        os.link(folder / "f0", folder / "hard")
+        os.symlink("f1", folder / "link")
+        os.mkfifo(folder / "fifo")
+        (folder / "sub").mkdir()
+        for _ in range(2):  # the second time, the kernel holds every name: most are listed bare
+            assert_listing_agrees_with_stat(folder)
+
+        (folder / "f2").write_bytes(b"y" * 5000)
+        os.rename(folder / "f3", folder / "moved")
+        os.unlink(folder / "f4")
+        os.chmod(folder / "f5", 0o600)
+        os.truncate(folder / "hard", 10)
+        assert_listing_agrees_with_stat(folder)
+        names = set(os.listdir(folder))
+        assert "moved" in names and not {"f3", "f4"} & names and len(names) == 300 + 4 - 1
+        assert os.stat(folder / "f2").st_size == 5000 and stat.S_IMODE(os.stat(folder / "f5").st_mode) == 0o600
+        assert os.stat(folder / "f0").st_size == 10 and os.stat(folder / "f0").st_ino == os.stat(folder / "hard").st_ino
 
 
 def test_small_write_into_a_huge_file_adds_about_one_block(cli, source: Path) -> None:

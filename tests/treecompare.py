@@ -123,3 +123,14 @@ def manifest(root: bytes) -> dict[str, dict]:
                     entry["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
             found[os.path.relpath(path, root).hex()] = entry
     return found
+
+
+def assert_listing_agrees_with_stat(folder: os.PathLike) -> None:
+    """Each entry a listing gives has the inode number and type that lstat gives."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            st = os.lstat(entry.path)
+            listed = (entry.inode(), entry.is_dir(follow_symlinks=False), entry.is_symlink(),
+                      entry.is_file(follow_symlinks=False))
+            kind = (stat.S_ISDIR(st.st_mode), stat.S_ISLNK(st.st_mode), stat.S_ISREG(st.st_mode))
+            assert listed == (st.st_ino, *kind), entry.path
