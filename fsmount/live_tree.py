@@ -45,11 +45,28 @@ log = logging.getLogger(__name__)
 
 SNAPSHOTS_DIR = b".snapshots"
 TIMEOUT_S = 300.0  # entry/attribute cache: nothing but this mount changes the source
-THREAD_THRESHOLD = 1024 * 1024  # writes larger than this go to a worker thread
+THREAD_THRESHOLD = 256 * 1024  # writes of this size and more go to a worker thread
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def write_and_start_writeback(fd: int, data: bytes, offset: int) -> int:
+    """pwrite, then have the kernel start writing those pages to the disk (sync_file_range).
+
+    With the writeback cache a large file reaches the daemon only as the kernel writes it back, and
+    the source's pages would then all go to the disk at the file's fsync, after the last of them
+    arrived: one after the other. Started as they come, the disk writes overlap the transfer. For
+    256 MiB written and fsync'd in 1 MiB writes (`scripts/bench.py --only live`), the fsync went
+    from 0.35-0.48 s to 0.06-0.29 s, and the whole from 0.88-0.92 s to 0.59-0.85 s (native 0.50 s).
+    """
+    written = os.pwrite(fd, data, offset)
+    _sync_file_range(fd, offset, written, SYNC_FILE_RANGE_WRITE)  # advice only: its errors are fsync's to report
+    return written
 
 
 def renameat2(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int) -> None:
@@ -73,10 +90,11 @@ def _fuse_errors(method: Callable) -> Callable:
 
 
 class _Handle:
-    __slots__ = ("fd", "inode", "entries")
+    __slots__ = ("fd", "inode", "entries", "write_end")
 
     def __init__(self, fd: int, inode: int, entries: list | None = None):
         self.fd, self.inode, self.entries = fd, inode, entries
+        self.write_end = 0  # where the last write ended: the next one starting there streams on
 
 
 class LiveTree(pyfuse3.Operations):
@@ -560,8 +578,12 @@ class LiveTree(pyfuse3.Operations):
         self.inodes[handle.inode].attributes_dropped()
         if self.frozen is not None:
             self.frozen.before_write(self.inodes[handle.inode].key, handle.fd, off, len(buf))
-        if len(buf) > THREAD_THRESHOLD:
-            written = await self._in_thread(os.pwrite, handle.fd, buf, off)
+        streaming, handle.write_end = off == handle.write_end, off + len(buf)
+        if len(buf) >= THREAD_THRESHOLD:
+            # A file written in order goes to the disk as it comes, not all at its fsync (see
+            # write_and_start_writeback); a block rewritten at random keeps to the page cache.
+            written = await self._in_thread(write_and_start_writeback if streaming else os.pwrite,
+                                            handle.fd, buf, off)
         else:
             written = os.pwrite(handle.fd, buf, off)
         for path in paths:
