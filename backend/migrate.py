@@ -12,7 +12,8 @@ Between two buckets of one S3 server and account, the server copies each object 
 is checked by its ETag, the MD5 the server reports for the copy, against the source's; where that
 cannot tell (an object uploaded in parts has no plain MD5), the copy is read back and checked
 against its name. Content the source already held damaged is then copied as it is, so
-`check_data` reads every object through this machine instead, as between two providers.
+`check_data` reads every object through this machine instead, as between two providers. So does
+a server that will not copy (no CopyObject, or a key denied it): after its first refusal.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .errors import IntegrityError, RepositoryExists, RepositoryNotFound, StoreError
+from .errors import (IntegrityError, ObjectNotFound, RepositoryExists, RepositoryNotFound, StoreError,
+                     TransientStoreError)
 from .progress import Progress
 from .replicas import object_intact
 from .repository import Config, Repository, open_master_key
@@ -111,10 +113,25 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
                 budget.release(held)
         return objects[key]
 
+    refused = threading.Event()  # the server would not copy: everything goes through here
+
+    def copy_one(key: str) -> tuple[int, bool]:
+        """Copy `key`; its size, and whether the server copied it."""
+        if by_server and not refused.is_set() and objects[key] <= SERVER_COPY_LIMIT:
+            try:
+                return copy_by_server(key), True
+            except (TransientStoreError, ObjectNotFound):
+                raise
+            except StoreError as exc:  # AccessDenied, NotImplemented...: this server does not copy
+                if not refused.is_set():
+                    refused.set()
+                    log.warning("%s does not copy objects itself (%s): they go through this machine",
+                                destination.location, exc)
+        return copy_through_here(key), False
+
     def copy(key: str) -> None:
-        server = by_server and objects[key] <= SERVER_COPY_LIMIT
         try:
-            size = copy_by_server(key) if server else copy_through_here(key)
+            size, server = copy_one(key)
         except (StoreError, IntegrityError) as exc:
             with lock:
                 report.errors.append(f"{key}: {exc}")

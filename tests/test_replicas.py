@@ -196,6 +196,30 @@ def test_migration_within_one_server_is_copied_by_it_and_checked(cli, tmp_path: 
     assert not s3_bucket.open_store("checked").exists("config")
 
 
+@pytest.mark.s3
+def test_migration_goes_through_this_machine_where_the_server_will_not_copy(tmp_path: Path, s3_bucket) -> None:
+    from backend.migrate import migrate
+    from backend.stores.s3 import S3Store
+
+    class RefusesToCopy(S3Store):
+        """A server without CopyObject (or a key it denies), as some S3-compatible stores are."""
+
+        def copy_from(self, source: S3Store, key: str) -> str:
+            raise StoreError(f"copying {key}: NotImplemented (A header you provided implies functionality "
+                             "that is not implemented)")
+
+    origin = s3_bucket.open_store("origin")
+    with Repository.init(origin, PASSPHRASE.encode()) as repo:
+        backup(repo, make_source(tmp_path))
+    destination = RefusesToCopy(s3_bucket.name, "moved", endpoint_url=s3_bucket.server.endpoint,
+                                credentials=s3_bucket.server.credentials)
+    assert destination.can_copy_from(origin)
+    report = migrate(origin, destination, PASSPHRASE.encode())
+    assert report.copied_by_server == 0 and report.copied == report.objects - 1 and not report.errors
+    with Repository.open(s3_bucket.open_store("moved"), PASSPHRASE.encode()) as repo:
+        assert verify(repo, read_data=True).ok
+
+
 def test_migration_refuses_a_destination_with_another_repository(cli, tmp_path: Path) -> None:
     cli("init")
     other = tmp_path / "other"
