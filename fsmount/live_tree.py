@@ -466,7 +466,9 @@ class LiveTree(pyfuse3.Operations):
         os.link(name, new_name, src_dir_fd=dir_fd, dst_dir_fd=self.inodes.dir_fd(new_parent_inode),
                 follow_symlinks=False)
         self.changelog.mark_created(self.inodes.path_of(new_parent_inode, new_name))
-        return self._entry(new_parent_inode, new_name)
+        entry = self._entry(new_parent_inode, new_name)
+        self.inodes[inode].attributes_dropped()  # the kernel drops them once linked: the link count
+        return entry
 
     @_fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
