@@ -202,7 +202,8 @@ class FrozenView:
 
     def _spill(self, key: Key, fd: int, size_at_t: int, blocks: range) -> None:
         spilled = self._spilled.setdefault(key, {})
-        for block in blocks:
+        # Only blocks the file had at its instant: a range may reach far past them (fallocate).
+        for block in range(blocks.start, min(blocks.stop, -(-size_at_t // self.block_size))):
             offset = block * self.block_size
             if offset >= size_at_t or block in spilled or not self._may_read(key):
                 continue

@@ -28,7 +28,7 @@ from backend.errors import FsmountError, StoreError, UsageError
 from backend.repository import Repository
 from backend.stores.backlog import BacklogStore
 
-from . import control, control_server, fuse_loop
+from . import control, control_server, fuse_fallocate, fuse_loop
 from .changelog import Changelog
 from .live_tree import LiveTree
 from .mountpoint import check_mountpoint, freeze_startup_heap, is_stale, mounted_at, raise_readahead
@@ -110,6 +110,7 @@ class LiveMount:
             # is this thread. Everything path-based is resolved now.
             self._socket_path = control.socket_path(self.mountpoint)
             pyfuse3.init(self.operations, os.fsdecode(self.mountpoint), options)
+            fuse_fallocate.install(self.operations.fallocate)
             freeze_startup_heap()
             ready()
             trio.run(self._serve)

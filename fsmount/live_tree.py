@@ -46,13 +46,23 @@ log = logging.getLogger(__name__)
 SNAPSHOTS_DIR = b".snapshots"
 TIMEOUT_S = 300.0  # entry/attribute cache: nothing but this mount changes the source
 THREAD_THRESHOLD = 256 * 1024  # writes of this size and more go to a worker thread
+FALLOCATE_BLOCKS_MARKED = 64  # a larger fallocate marks its file whole (see fallocate)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 _sync_file_range = _libc.sync_file_range
 _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 SYNC_FILE_RANGE_WRITE = 2
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def write_and_start_writeback(fd: int, data: bytes, offset: int) -> int:
@@ -591,6 +601,29 @@ class LiveTree(pyfuse3.Operations):
         for path in paths:
             self.changelog.mark_written(path, off, written)
         return written
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on an open file. Not a pyfuse3 handler: fuse_fallocate.py calls it, on the
+        event loop's thread, outside any trio task, so it may not await. The kernel passes on
+        only KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE (no range moves)."""
+        handle = self._handles[fh]
+        record = self.inodes[handle.inode]
+        paths = self._paths(handle.inode)
+        if self.frozen is not None:
+            self.frozen.before_write(record.key, handle.fd, offset, length)
+        fallocate(handle.fd, mode, offset, length)
+        record.attributes_dropped()
+        if mode & FALLOC_FL_KEEP_SIZE and not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            for path in paths:
+                self.changelog.mark_metadata(path)  # space reserved within the size: only st_blocks
+            return
+        # A range of more blocks than a write brings marks the whole file: no set of block numbers
+        # in memory as large as the range.
+        for path in paths:
+            if length > FALLOCATE_BLOCKS_MARKED * self.changelog.block_size:
+                self.changelog.mark_truncated(path)
+            else:
+                self.changelog.mark_written(path, offset, length)
 
     @_fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

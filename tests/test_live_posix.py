@@ -20,8 +20,11 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from live_mount import live_mount
 from treecompare import assert_listing_agrees_with_stat, differences
 
+from fsmount.live_tree import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
+
 NAMES = ["a", "b", "c", "d\nnl", "\udcff-raw"]  # the last one is the non-UTF-8 byte 0xff
 PATHS = st.sampled_from([*NAMES, *(f"dir/{n}" for n in NAMES)])
+FALLOCATE_MODES = [0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE]
 
 
 def _result(fn, *args) -> object:
@@ -76,6 +79,17 @@ class LiveTreeVersusPlainDirectory(RuleBasedStateMachine):
     @rule(path=PATHS, size=st.integers(0, 300_000))
     def truncate(self, path: str, size: int) -> None:
         self.both(lambda p: os.truncate(p, size), path)
+
+    @rule(path=PATHS, mode=st.sampled_from(FALLOCATE_MODES), offset=st.integers(0, 200_000),
+          length=st.integers(1, 100_000))
+    def fallocate(self, path: str, mode: int, offset: int, length: int) -> None:
+        def allocate(p: Path) -> None:
+            fd = os.open(p, os.O_RDWR)
+            try:
+                fallocate(fd, mode, offset, length)
+            finally:
+                os.close(fd)
+        self.both(allocate, path)
 
     @rule(old=PATHS, new=PATHS)
     def rename(self, old: str, new: str) -> None:

@@ -104,6 +104,35 @@ def test_listings_agree_with_stat_as_the_files_change(cli, source: Path) -> None
         assert os.stat(folder / "f0").st_size == 10 and os.stat(folder / "f0").st_ino == os.stat(folder / "hard").st_ino
 
 
+def test_fallocate_reserves_punches_and_zeroes_as_in_a_plain_folder(cli, source: Path, tmp_path: Path) -> None:
+    from fsmount.live_tree import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
+
+    MiB = 1 << 20
+    content = os.urandom(MiB)
+
+    def exercise(folder: Path) -> tuple[bytes, int, bool]:
+        path = folder / "space.bin"
+        path.write_bytes(content)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fallocate(fd, 0, MiB, MiB)  # grows the file to 2 MiB of which the second reads zeros
+            fallocate(fd, FALLOC_FL_KEEP_SIZE, 2 * MiB, MiB)  # space past the end, the size as it was
+            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 128 * 1024, 256 * 1024)
+            fallocate(fd, FALLOC_FL_ZERO_RANGE, 600 * 1024, 64 * 1024)
+        finally:
+            os.close(fd)
+        st = os.stat(path)
+        return path.read_bytes(), st.st_size, st.st_blocks * 512 > st.st_size  # reserved past the end
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with live_mount(cli, source) as mnt:
+        assert exercise(mnt) == exercise(plain)
+        cli("snapshot", mnt)
+    restored = restore_latest(cli, tmp_path, "restored")
+    assert (restored / "space.bin").read_bytes() == (plain / "space.bin").read_bytes()
+
+
 def test_small_write_into_a_huge_file_adds_about_one_block(cli, source: Path) -> None:
     big = source / "disk.img"
     with open(big, "wb") as f:

@@ -36,6 +36,7 @@ from backend.restore import restore
 from backend.source import key_of
 from fsmount.changelog import Changelog
 from fsmount.frozen_view import FrozenView, SnapshotOverrun
+from fsmount.live_tree import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
 BS = TEST_BLOCK_SIZE
 
@@ -84,6 +85,14 @@ class ChangingFolder:
         finally:
             os.close(fd)
 
+    def punch_hole(self, rel: str, offset: int, length: int) -> None:
+        fd = os.open(self.root / rel, os.O_RDWR)
+        try:
+            self.view.before_write(key_of(os.fstat(fd)), fd, offset, length)  # as LiveTree.fallocate does
+            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        finally:
+            os.close(fd)
+
     def rename(self, old: str, new: str) -> None:
         for rel in (old, new):
             self._keep_entries(os.path.dirname(rel))
@@ -128,6 +137,7 @@ def folder(tmp_path: Path) -> Path:
 def change_everything(folder: ChangingFolder) -> None:
     folder.write("big.img", 3 * BS + 10, b"overwritten after the instant")
     folder.write("big.img", 12 * BS, b"appended after the instant")
+    folder.punch_hole("big.img", 6 * BS, 2 * BS)
     folder.truncate("notes.txt", 2)
     folder.write("sparse.img", 5 * BS, b"data where there was a hole")
     folder.rename("project/src", "project/lib")
