@@ -33,6 +33,7 @@ from .changelog import Changelog
 from .live_tree import LiveTree
 from .mountpoint import check_mountpoint, freeze_startup_heap, is_stale, mounted_at, raise_readahead
 from .snapshot_mount import make_snapshot_tree
+from .stop_signals import StopSignals
 from .uploader import RETRY_FIRST_S, Uploader
 
 log = logging.getLogger(__name__)
@@ -109,11 +110,12 @@ class LiveMount:
             # Nothing may touch the mountpoint's path once mounted: the event loop that would answer
             # is this thread. Everything path-based is resolved now.
             self._socket_path = control.socket_path(self.mountpoint)
+            stops = StopSignals()
+            stops.hold()
             pyfuse3.init(self.operations, os.fsdecode(self.mountpoint), options)
             fuse_fallocate.install(self.operations.fallocate)
             freeze_startup_heap()
-            ready()
-            trio.run(self._serve)
+            trio.run(self._serve, ready, stops)
         finally:
             changelog.close(clean=True)
             lock.release()
@@ -141,21 +143,26 @@ class LiveMount:
             raise
         return source_fd
 
-    async def _serve(self) -> None:
+    async def _serve(self, ready: Callable[[], None], stops: StopSignals) -> None:
         self._final_done = trio.Event()
         stop_control = trio.Event()
         async with trio.open_nursery() as outer:
             await outer.start(partial(control_server.serve, self._socket_path, self._handle, stop=stop_control))
             async with trio.open_nursery() as nursery:
+                await nursery.start(stops.watch, self._on_stop_signal)
                 nursery.start_soon(self._flush_changelog)
-                nursery.start_soon(self._watch_signals)
                 nursery.start_soon(raise_readahead, self.mountpoint)
                 if self.repo.backlog is not None:
                     nursery.start_soon(self._upload_backlog, self.repo.backlog)
                 if self.every_s:
                     nursery.start_soon(self.uploader.run_schedule, self.every_s)
                 try:
-                    await fuse_loop.serve()
+                    if stops.received:
+                        log.info("received %s while mounting: unmounting",
+                                 signal.Signals(stops.received[0]).name)
+                    else:
+                        ready()
+                        await fuse_loop.serve()
                 finally:
                     pyfuse3.close(unmount=True)
                     self.uploader.stop_retrying()  # a pending snapshot must not hold up the final one
@@ -213,11 +220,9 @@ class LiveMount:
             await trio.sleep(FLUSH_INTERVAL_S)
             self.changelog.flush()
 
-    async def _watch_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                log.info("received %s: unmounting", signal.Signals(signum).name)
-                pyfuse3.terminate()
+    def _on_stop_signal(self, signum: int) -> None:
+        log.info("received %s: unmounting", signal.Signals(signum).name)
+        pyfuse3.terminate()
 
     async def _handle(self, request: dict) -> dict:
         op = request["op"]

@@ -27,6 +27,7 @@ from . import fuse_loop
 from .mountpoint import check_mountpoint, freeze_startup_heap, raise_readahead
 from .snapshot_reader import LOCAL_FETCH_THREADS, SnapshotReader
 from .snapshot_tree import SnapshotTree
+from .stop_signals import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -124,23 +125,27 @@ class SnapshotMount:
         options = {"fsname=fsmount", "subtype=fsmount-snapshots", "ro", "default_permissions"}
         if os.geteuid() == 0:
             options.add("allow_other")
+        stops = StopSignals()
+        stops.hold()
         pyfuse3.init(SnapshotFS(tree), os.fsdecode(self.mountpoint), options)
         try:
             freeze_startup_heap()
-            ready()
-            trio.run(self._serve)
+            trio.run(self._serve, ready, stops)
         finally:
             pyfuse3.close(unmount=True)
 
-    async def _serve(self) -> None:
+    async def _serve(self, ready: Callable[[], None], stops: StopSignals) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_signals)
-            nursery.start_soon(raise_readahead, self.mountpoint)
-            await fuse_loop.serve()
+            await nursery.start(stops.watch, _unmount_on)
+            if stops.received:
+                log.info("received %s while mounting: unmounting", signal.Signals(stops.received[0]).name)
+            else:
+                ready()
+                nursery.start_soon(raise_readahead, self.mountpoint)
+                await fuse_loop.serve()
             nursery.cancel_scope.cancel()
 
-    async def _watch_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                log.info("received %s: unmounting", signal.Signals(signum).name)
-                pyfuse3.terminate()
+
+def _unmount_on(signum: int) -> None:
+    log.info("received %s: unmounting", signal.Signals(signum).name)
+    pyfuse3.terminate()

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from live_mount import is_mounted, live_mount
+from live_mount import force_unmount, is_mounted, live_mount
 from treecompare import assert_listing_agrees_with_stat, differences
 
 
@@ -322,6 +323,22 @@ def test_ownership_and_permissions_are_native(cli, source: Path, public_dir: Pat
         assert stat.S_IMODE(os.stat(mnt / "dir-by-nobody").st_mode) == 0o750
         denied = as_nobody(f"echo no >> {mnt}/notes.md")
         assert denied.returncode != 0 and b"Permission denied" in denied.stderr
+
+
+def test_sigterm_the_moment_the_mount_appears_unmounts_it(cli, source: Path) -> None:
+    daemon = cli.popen("mount", "-f", source, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not is_mounted(source) and daemon.poll() is None:  # as soon as the kernel has the mount
+        assert time.monotonic() < deadline, "never mounted"
+    daemon.send_signal(signal.SIGTERM)
+    try:
+        daemon.wait(timeout=30)
+    finally:
+        if is_mounted(source):
+            daemon.kill()
+            force_unmount(source)
+            pytest.fail("SIGTERM while the daemon was starting to serve left its mount behind")
+    assert (source / "notes.md").read_text() == "# notes\n"  # the folder itself again
 
 
 def test_mount_again_after_the_daemon_was_killed(cli, source: Path, tmp_path: Path) -> None:

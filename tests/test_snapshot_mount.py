@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from backend.backup import backup
 from conftest import TEST_BLOCK_SIZE
 from fsmount import control
-from live_mount import is_mounted, snapshot_mount
+from live_mount import force_unmount, is_mounted, require_fuse, snapshot_mount
 from test_integrity import flip_byte, locate_block
 from treecompare import differences
 from treegen import build, trees
@@ -210,6 +210,27 @@ def test_sigterm_unmounts_cleanly(cli, repo, tmp_path: Path) -> None:
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not is_mounted(mnt))
         assert os.listdir(mnt) == []  # an ordinary empty folder again, not a stale mount
+
+
+@pytest.mark.fuse
+def test_sigterm_the_moment_the_mount_appears_leaves_no_mount(cli, repo, tmp_path: Path) -> None:
+    require_fuse()
+    mnt = tmp_path / "snaps"
+    mnt.mkdir()
+    for _ in range(3):
+        daemon = cli.popen("mount-snapshots", "-f", mnt, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not is_mounted(mnt) and daemon.poll() is None:  # as soon as the kernel has the mount
+            assert time.monotonic() < deadline, "never mounted"
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=20)
+        finally:
+            if is_mounted(mnt):
+                daemon.kill()
+                force_unmount(mnt)
+                pytest.fail("SIGTERM while the daemon was starting to serve left its mount behind")
+        assert os.listdir(mnt) == []
 
 
 @pytest.mark.s3
