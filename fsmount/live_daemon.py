@@ -156,18 +156,20 @@ class LiveMount:
                     nursery.start_soon(self._upload_backlog, self.repo.backlog)
                 if self.every_s:
                     nursery.start_soon(self.uploader.run_schedule, self.every_s)
+                served = not stops.received
                 try:
-                    if stops.received:
-                        log.info("received %s while mounting: unmounting",
-                                 signal.Signals(stops.received[0]).name)
-                    else:
+                    if served:
                         ready()
                         await fuse_loop.serve()
+                    else:  # nothing went through the mount; the next one scans the folder anyway
+                        log.info("received %s while mounting: unmounting, no final snapshot",
+                                 signal.Signals(stops.received[0]).name)
                 finally:
                     pyfuse3.close(unmount=True)
                     self.uploader.stop_retrying()  # a pending snapshot must not hold up the final one
                     self.unmounting = True
-                await self._final_snapshot()
+                if served:
+                    await self._final_snapshot()
                 self._final_done.set()
                 nursery.cancel_scope.cancel()
             stop_control.set()  # the control server ends once pending replies (`umount`) are sent
