@@ -11,7 +11,8 @@ source scripts/setup.sh
 work=$(mktemp -d /tmp/fsmount-demo.XXXXXX)
 [ "${DEMO_KEEP:-}" = 1 ] || trap 'rm -rf "$work"' EXIT
 export FSMOUNT_REPOSITORY="$work/repo" FSMOUNT_PASSWORD="demo passphrase" XDG_CACHE_HOME="$work/cache"
-step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+if [ -t 1 ]; then bold=$'\033[1m' plain=$'\033[0m'; else bold="" plain=""; fi  # no escapes in a log
+step() { printf '\n%s$ %s%s\n' "$bold" "$*" "$plain"; "$@"; }
 
 echo "== a sample folder: $work/projects"
 mkdir -p "$work/projects/src" "$work/projects/docs"
