@@ -2,16 +2,19 @@
 
 pyfuse3 gives libfuse a `struct fuse_lowlevel_ops` with no `fallocate`, so the kernel answers every
 fallocate(2) on the mount with EOPNOTSUPP (`posix_fallocate` then falls back to writing zeros; a
-hole cannot be punched at all). pyfuse3 fills that table in `pyfuse3.init`, and libfuse copies it
-into the session it creates there; libfuse looks a request's handler up in that copy each time.
-So `install`, called after `pyfuse3.init`, finds pyfuse3's table (a static variable of its
-extension module: its symbol in the module's ELF symbol table, plus the module's load address in
-/proc/self/maps) and checks that it looks as it must (`lookup` and `readdirplus` set, `readdir`
-and `fallocate` not); then finds the session (another of its static variables) and, near its start,
-the copy, equal to the table pointer for pointer; and puts into the copy's `fallocate` a ctypes
-callback that calls `handler(fh, mode, offset, length)` on the thread that reads requests (the
-event loop's) and replies with its errno. Where anything does not match, it changes nothing and
-fallocate stays unsupported, as it was.
+hole cannot be punched at all). pyfuse3 fills that table in `pyfuse3.init`; libfuse copies it into
+the session it creates there, and looks each request's handler up in that copy.
+
+So `install`, called after `pyfuse3.init`:
+- finds pyfuse3's table, a static variable of its extension module (the symbol's value in the
+  module's ELF symbol table, plus the module's load address from /proc/self/maps), and checks it
+  looks as it must: `lookup` and `readdirplus` set, `readdir` and `fallocate` not;
+- finds the session (another static variable), and near its start the copy, equal to the table
+  pointer for pointer;
+- puts a ctypes callback into the copy's `fallocate` slot. libfuse calls it on the thread that
+  reads requests (the event loop's); it calls `handler(fh, mode, offset, length)` and replies
+  with its errno.
+Where anything does not match, nothing is changed and fallocate stays unsupported, as it was.
 """
 
 from __future__ import annotations
