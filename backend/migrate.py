@@ -23,8 +23,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .errors import (IntegrityError, ObjectNotFound, RepositoryExists, RepositoryNotFound, StoreError,
-                     TransientStoreError)
+from .errors import (
+    IntegrityError,
+    ObjectNotFound,
+    RepositoryExists,
+    RepositoryNotFound,
+    StoreError,
+    TransientStoreError,
+)
 from .progress import Progress
 from .replicas import object_intact
 from .repository import Config, Repository, open_master_key

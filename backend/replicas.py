@@ -152,8 +152,7 @@ class DegradedLog:
         if not entries:
             return
         with open(self.path, "a") as f:
-            for replica, key in entries:
-                f.write(json.dumps({"replica": replica, "key": key}) + "\n")
+            f.writelines(json.dumps({"replica": replica, "key": key}) + "\n" for replica, key in entries)
 
     def entries(self) -> list[tuple[str, str]]:
         try:

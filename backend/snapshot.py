@@ -41,7 +41,7 @@ class Snapshot:
 
     @property
     def time(self) -> dt.datetime:
-        return dt.datetime.fromtimestamp(self.time_ns / 1e9, tz=dt.timezone.utc).astimezone()
+        return dt.datetime.fromtimestamp(self.time_ns / 1e9, tz=dt.UTC).astimezone()
 
     @property
     def short_id(self) -> str:

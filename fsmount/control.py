@@ -54,7 +54,7 @@ def request(mountpoint: str | bytes, doc: dict, *, timeout: float | None = 30.0)
         sock.sendall(json.dumps(doc).encode() + b"\n")
         with sock.makefile("rb") as reply:
             line = reply.readline(MAX_LINE)
-    except socket.timeout:
+    except TimeoutError:
         raise FsmountError(f"the mount at {os.fsdecode(mountpoint)} did not answer in {timeout:.0f} s") from None
     finally:
         sock.close()

@@ -100,7 +100,7 @@ def _fuse_errors(method: Callable) -> Callable:
 
 
 class _Handle:
-    __slots__ = ("fd", "inode", "entries", "write_end")
+    __slots__ = ("entries", "fd", "inode", "write_end")
 
     def __init__(self, fd: int, inode: int, entries: list | None = None):
         self.fd, self.inode, self.entries = fd, inode, entries

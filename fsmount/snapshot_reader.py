@@ -30,7 +30,7 @@ LOCAL_FETCH_THREADS = max(2, os.cpu_count() or 2)  # from local disk: CPU work, 
 
 
 class _Pending:
-    __slots__ = ("done", "value", "error")
+    __slots__ = ("done", "error", "value")
 
     def __init__(self) -> None:
         self.done = trio.Event()

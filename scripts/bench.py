@@ -135,8 +135,7 @@ def make_dataset(root: Path, size: int, seed: int = 42) -> None:
     large = int(size * 0.6) // 4
     for i in range(4):
         with open(root / f"media-{i}.bin", "wb") as f:
-            for _ in range(large // MiB):
-                f.write(rng.randbytes(MiB))
+            f.writelines(rng.randbytes(MiB) for _ in range(large // MiB))
     left, n = size - 4 * large, 0
     while left > 0:
         d = root / "projects" / f"p{n // 500:03d}" / f"d{n // 50 % 10}"
@@ -372,8 +371,7 @@ def _fio(root: Path, rw: str, size: int) -> float:
     started = time.monotonic()
     if rw == "write":
         with open(path, "wb") as f:
-            for _ in range(size // MiB):
-                f.write(block)
+            f.writelines(block for _ in range(size // MiB))
             f.flush()
             os.fsync(f.fileno())
     else:
@@ -496,7 +494,7 @@ def _write_latencies(path: Path, stop: threading.Event, latencies: list[float]) 
 
 def _percentiles(latencies: list[float]) -> str:
     ordered = sorted(latencies)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
     return f"p50 {pick(0.5):.2f} ms, p99 {pick(0.99):.2f} ms, max {ordered[-1] * 1000:.1f} ms"
 
 

@@ -8,12 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import TEST_BLOCK_SIZE
+from treecompare import differences
 
 from backend.backup import Backup, backup
 from backend.restore import restore
-from conftest import TEST_BLOCK_SIZE
 from fsmount.changelog import Changelog
-from treecompare import differences
 
 
 class Folder:

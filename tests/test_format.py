@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from treecompare import manifest
 
 from backend.crypto import MasterKey
 from backend.errors import IntegrityError, WrongPassword
@@ -15,7 +16,6 @@ from backend.pack import DATA_BLOB, TREE_BLOB, PackWriter, read_header
 from backend.repository import Repository
 from backend.restore import restore
 from backend.stores import LocalStore
-from treecompare import manifest
 
 DATA = Path(__file__).parent / "data"
 

@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TEST_BLOCK_SIZE
+from treecompare import differences
 
 from backend.backup import Backup, backup
 from backend.errors import StoreError
 from backend.progress import Progress
 from backend.restore import restore
-from conftest import TEST_BLOCK_SIZE
-from treecompare import differences
 
 
 def make_source(root: Path, files: int = 20, big_size: int = 4 * 1024 * 1024) -> Path:
@@ -210,9 +210,10 @@ class _PacksFailSlowly:
 def test_a_failed_backup_settles_its_uploads_before_the_next_one(repo_path: Path, tmp_path: Path) -> None:
     """A pack still in flight when a backup fails must fail that backup, not the next one, and the
     blobs of packs that never reached the store must be stored by the next one."""
+    from conftest import PASSPHRASE
+
     from backend.repository import Repository
     from backend.stores import LocalStore
-    from conftest import PASSPHRASE
 
     Repository.init(LocalStore(repo_path), PASSPHRASE.encode(), block_size=TEST_BLOCK_SIZE).close()
     store = _PacksFailSlowly(LocalStore(repo_path), delay_s=1.0)
@@ -244,9 +245,10 @@ class _IndexFailsOnce:
 
 
 def test_packs_whose_index_failed_are_indexed_by_the_next_backup(repo_path: Path, tmp_path: Path) -> None:
+    from conftest import PASSPHRASE
+
     from backend.repository import Repository
     from backend.stores import LocalStore
-    from conftest import PASSPHRASE
 
     Repository.init(LocalStore(repo_path), PASSPHRASE.encode(), block_size=TEST_BLOCK_SIZE).close()
     store = _IndexFailsOnce(LocalStore(repo_path))
@@ -262,10 +264,11 @@ def test_packs_whose_index_failed_are_indexed_by_the_next_backup(repo_path: Path
 
 def test_a_failed_backup_leaves_the_repository_usable(repo_path: Path, tmp_path: Path) -> None:
     """The store goes down during one backup: that one fails, the next one (same process) is whole."""
+    from conftest import PASSPHRASE
+
     from backend.repository import Repository
     from backend.stores import LocalStore
     from backend.stores.faulty import FaultyStore
-    from conftest import PASSPHRASE
 
     Repository.init(LocalStore(repo_path), PASSPHRASE.encode(), block_size=TEST_BLOCK_SIZE).close()
     flaky = FaultyStore(LocalStore(repo_path), seed=1)

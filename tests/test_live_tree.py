@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from live_mount import force_unmount, is_mounted, live_mount
 from treecompare import assert_listing_agrees_with_stat, differences
 

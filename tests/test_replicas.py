@@ -8,6 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import PASSPHRASE
+from test_integrity import flip_byte
+from treecompare import differences
 
 from backend.backup import backup
 from backend.errors import StoreError
@@ -16,9 +19,6 @@ from backend.stores import LocalStore
 from backend.stores.faulty import FaultyStore
 from backend.stores.retry import RetryingStore, RetryPolicy
 from backend.verify import verify
-from conftest import PASSPHRASE
-from test_integrity import flip_byte
-from treecompare import differences
 
 pytest_plugins = ["s3_fixtures"]
 

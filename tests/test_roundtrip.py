@@ -7,11 +7,11 @@ import shutil
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
+from treecompare import differences
+from treegen import build, trees
 
 from backend.backup import backup
 from backend.restore import restore
-from treecompare import differences
-from treegen import build, trees
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-
-from backend.backup import backup
 from conftest import TEST_BLOCK_SIZE
-from fsmount import control
+from hypothesis import HealthCheck, given, settings
 from live_mount import force_unmount, is_mounted, require_fuse, snapshot_mount
 from test_integrity import flip_byte, locate_block
 from treecompare import differences
 from treegen import build, trees
+
+from backend.backup import backup
+from fsmount import control
 
 pytest_plugins = ["s3_fixtures"]
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from conftest import PASSPHRASE, TEST_BLOCK_SIZE
+from treecompare import differences
+
 from backend.backup import backup
 from backend.repository import Repository
 from backend.restore import restore
 from backend.stores import ObjectStore
 from backend.verify import verify
-from conftest import PASSPHRASE, TEST_BLOCK_SIZE
-from treecompare import differences
 
 pytest_plugins = ["s3_fixtures"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from .base import ObjectStore
 from .local import LocalStore
 
-__all__ = ["ObjectStore", "LocalStore", "on_local_disk", "open_store"]
+__all__ = ["LocalStore", "ObjectStore", "on_local_disk", "open_store"]
 
 
 def open_store(location: str, **s3_options: object) -> ObjectStore:
@@ -22,8 +22,7 @@ def open_store(location: str, **s3_options: object) -> ObjectStore:
         from .s3 import S3Store
 
         return S3Store.from_location(location, **s3_options)
-    if location.startswith("local:"):
-        location = location[len("local:"):]
+    location = location.removeprefix("local:")
     return LocalStore(location)
 
 

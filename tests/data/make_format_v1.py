@@ -13,10 +13,11 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from backend.backup import backup  # noqa: E402
-from backend.repository import Repository  # noqa: E402
-from backend.stores import LocalStore  # noqa: E402
-from treecompare import manifest  # noqa: E402
+from treecompare import manifest
+
+from backend.backup import backup
+from backend.repository import Repository
+from backend.stores import LocalStore
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PASSPHRASE = b"format-v1 test passphrase"
