@@ -49,11 +49,25 @@ class _Overlay:
         return getattr(self._base, name)
 
 
+_serving = False  # pyfuse3 has one session per process, and so does this module
+
+
 async def serve() -> None:
     """Run `pyfuse3.main()` (after `pyfuse3.init`) until the file system is unmounted."""
+    global _serving
     waiter = _QueuedFirst()
     pyfuse3.trio = _Overlay(trio, lowlevel=_Overlay(trio.lowlevel, wait_readable=waiter.wait_readable))
+    _serving = True
     try:
         await pyfuse3.main()
     finally:
+        _serving = False
         pyfuse3.trio = trio
+
+
+def stop() -> None:
+    """Make `serve()` return (`pyfuse3.terminate`); nothing if it is not running. After
+    `pyfuse3.close`, `pyfuse3.terminate` uses the freed session and crashes the process: a
+    second SIGTERM during a live mount's final snapshot did that."""
+    if _serving:
+        pyfuse3.terminate()

@@ -224,7 +224,7 @@ class LiveMount:
 
     def _on_stop_signal(self, signum: int) -> None:
         log.info("received %s: unmounting", signal.Signals(signum).name)
-        pyfuse3.terminate()
+        fuse_loop.stop()
 
     async def _handle(self, request: dict) -> dict:
         op = request["op"]
@@ -241,7 +241,7 @@ class LiveMount:
                     "in_backlog": backlog is not None and f"snapshots/{snapshot.id}" in backlog}
         if op == "unmount":
             self.lazy = bool(request.get("lazy"))
-            pyfuse3.terminate()
+            fuse_loop.stop()
             await self._final_done.wait()
             backlog = self.repo.backlog
             return {"final_snapshot": self.final_snapshot, "final_error": self.final_error,

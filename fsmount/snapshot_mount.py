@@ -148,4 +148,4 @@ class SnapshotMount:
 
 def _unmount_on(signum: int) -> None:
     log.info("received %s: unmounting", signal.Signals(signum).name)
-    pyfuse3.terminate()
+    fuse_loop.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -338,6 +339,28 @@ def test_sigterm_the_moment_the_mount_appears_unmounts_it(cli, source: Path) -> 
             force_unmount(source)
             pytest.fail("SIGTERM while the daemon was starting to serve left its mount behind")
     assert (source / "notes.md").read_text() == "# notes\n"  # the folder itself again
+
+
+def test_a_second_stop_while_unmounting_lets_the_final_snapshot_finish(cli, source: Path) -> None:
+    out = cli("mount", source).stdout.decode()
+    pid = int(re.search(r"daemon pid (\d+)", out).group(1))  # type: ignore[union-attr]
+    (source / "large.bin").write_bytes(os.urandom(64 * 1024 * 1024))  # a final snapshot that takes a while
+    before = len(snapshots(cli))
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while is_mounted(source):
+        assert time.monotonic() < deadline, "never unmounted"
+    os.kill(pid, signal.SIGTERM)  # impatient: again, while the final snapshot is taken
+    umount = cli("umount", source, check=None)  # and from the command line: it waits with the first
+    assert (umount.returncode, b"final snapshot" in umount.stdout) == (0, True) or (
+        umount.returncode != 0 and b"not mounted" in umount.stderr)  # or the daemon was gone already
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline, "the daemon never exited"
+        time.sleep(0.05)
+    taken = snapshots(cli)
+    assert len(taken) == before + 1, "the final snapshot was not saved"
+    restored = restore_latest(cli, source.parent, "restored")
+    assert (restored / "large.bin").stat().st_size == 64 * 1024 * 1024
 
 
 def test_mount_again_after_the_daemon_was_killed(cli, source: Path, tmp_path: Path) -> None:
