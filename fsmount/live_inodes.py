@@ -101,7 +101,7 @@ class InodeTable:
         return inode
 
     def known(self, parent: int, name: bytes) -> Inode | None:
-        """The inode `name` of `parent` is known to name, if any."""
+        """The inode known to be called `name` in `parent`, if any."""
         return self._by_name.get((parent, name))
 
     def forget(self, number: int, count: int) -> None:
