@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyfuse3
 import pytest
 from conftest import TEST_BLOCK_SIZE
 from hypothesis import HealthCheck, given, settings
@@ -210,6 +211,21 @@ def test_sigterm_unmounts_cleanly(cli, repo, tmp_path: Path) -> None:
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not is_mounted(mnt))
         assert os.listdir(mnt) == []  # an ordinary empty folder again, not a stale mount
+
+
+def test_a_busy_mount_is_kept_unless_lazy(cli, repo, tmp_path: Path) -> None:
+    with snapshot_mount(cli, tmp_path / "snaps") as (mnt, pid):
+        user = subprocess.Popen(["sleep", "60"], cwd=mnt)  # as a shell left in the folder
+        try:
+            err = cli("umount", mnt, check=1).stderr
+            assert b"busy" in err and b"--lazy" in err
+            assert is_mounted(mnt) and os.stat(mnt).st_ino == pyfuse3.ROOT_INODE  # still served
+            cli("umount", "--lazy", mnt)
+            assert not is_mounted(mnt)
+        finally:
+            user.kill()
+            user.wait()
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"))  # the daemon ends once it is let go
 
 
 @pytest.mark.fuse

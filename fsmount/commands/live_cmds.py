@@ -260,8 +260,9 @@ def _show_final_upload(mountpoint: str, unmounted: Future, lazy: bool) -> None:
 @click.command()
 @click.argument("mountpoint", type=click.Path(path_type=str))
 @click.option("--lazy", is_flag=True,
-              help="Do not wait for the upload: the final snapshot and the backlog stay on local disk, "
-                   "and the next mount of the folder uploads them.")
+              help="Live mount: do not wait for the upload; the final snapshot and the backlog stay on "
+                   "local disk, and the next mount of the folder uploads them. Snapshot mount: detach "
+                   "it even while programs still use it.")
 @click.pass_obj
 def umount(app: AppContext, mountpoint: str, lazy: bool) -> None:
     """Unmount a live mount, after its final snapshot is stored, or a snapshot mount.
@@ -269,6 +270,8 @@ def umount(app: AppContext, mountpoint: str, lazy: bool) -> None:
     A live mount takes a final snapshot and uploads it, with whatever else waits in its backlog,
     before this returns (a progress bar shows how far it is). If the store cannot take it, the
     snapshots stay on local disk for the next mount and the exit code says so (15).
+    A snapshot mount that a program still uses (a shell in it, a copy running) is not unmounted
+    (exit 1) unless --lazy.
     """
     if unmount_live(mountpoint, app, lazy=lazy):
         return
@@ -278,9 +281,13 @@ def umount(app: AppContext, mountpoint: str, lazy: bool) -> None:
 
     if not mounted_at(os.path.realpath(os.fsencode(mountpoint))):
         raise UsageError(f"{mountpoint} is not mounted")
-    proc = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    proc = subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint],
+                          capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise UsageError(proc.stderr.strip().removeprefix("fusermount3: ") or f"cannot unmount {mountpoint}")
+        message = proc.stderr.strip().removeprefix("fusermount3: ") or f"cannot unmount {mountpoint}"
+        if "busy" in message:
+            message += " (a program still uses it: close it, or detach it now with `fsmount umount --lazy`)"
+        raise FsmountError(message)
     if not app.quiet:
         say(f"unmounted {mountpoint}")
 
