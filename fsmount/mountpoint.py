@@ -15,7 +15,8 @@ READAHEAD_KIB = 2048  # measured: cp of a large file out of the snapshot mount 1
 
 
 def check_mountpoint(mountpoint: bytes) -> None:
-    """Refuse a missing mountpoint, a stale one, or one where something is mounted already."""
+    """Refuse a missing mountpoint, a stale one, one where something is mounted already, or one
+    with files in it (the mount would hide them)."""
     shown = os.fsdecode(mountpoint)
     try:
         os.statvfs(mountpoint)
@@ -31,6 +32,8 @@ def check_mountpoint(mountpoint: bytes) -> None:
     real = os.path.realpath(mountpoint)
     if os.path.ismount(real) or mounted_at(real):
         raise UsageError(f"{shown} is already a mountpoint (unmount it first)")
+    if os.listdir(mountpoint):
+        raise UsageError(f"mountpoint {shown} is not empty: mounting would hide its files")
 
 
 def mounted_at(path: bytes) -> bool:

@@ -19,7 +19,6 @@ import pyfuse3
 import trio
 
 from backend.blob_reader import BlobCache, BlobReader
-from backend.errors import UsageError
 from backend.repository import Repository
 from backend.stores import on_local_disk
 
@@ -119,8 +118,6 @@ class SnapshotMount:
     def run(self, ready: Callable[[], None]) -> None:
         """Mount, call `ready()`, serve until unmounted."""
         check_mountpoint(self.mountpoint)
-        if os.listdir(self.mountpoint):
-            raise UsageError(f"mountpoint {os.fsdecode(self.mountpoint)} is not empty")
         tree = make_snapshot_tree(self.repo, self.cache_bytes, root_number=pyfuse3.ROOT_INODE)
         options = {"fsname=fsmount", "subtype=fsmount-snapshots", "ro", "default_permissions"}
         if os.geteuid() == 0:

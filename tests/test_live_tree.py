@@ -185,6 +185,10 @@ def test_edits_while_unmounted_are_found_at_the_next_mount(cli, source: Path, tm
 def test_mount_at_a_separate_mountpoint(cli, source: Path, tmp_path: Path) -> None:
     mountpoint = tmp_path / "work"
     mountpoint.mkdir()
+    (mountpoint / "mine.txt").write_text("not to be hidden")
+    assert b"is not empty" in cli("mount", source, mountpoint, check=2).stderr
+    assert not is_mounted(mountpoint)
+    (mountpoint / "mine.txt").unlink()
     with live_mount(cli, source, mountpoint) as mnt:
         (mnt / "via-mountpoint.txt").write_text("hi")
     assert (source / "via-mountpoint.txt").read_text() == "hi"
