@@ -63,7 +63,8 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
         backlog_bytes = parse_size(backlog_limit)
     except ValueError:
         raise click.BadParameter(f"{backlog_limit!r} is not a size like 512M or 2G", param_hint="--backlog-limit")
-    target = mountpoint or source
+    source = os.path.realpath(source)  # as the messages, the log and the daemon name it
+    target = os.path.realpath(mountpoint) if mountpoint else source
     if not foreground:
         log_path = os.path.join(control.runtime_dir(), control.mount_id(target) + ".log")
         argv = [*(arg for loc in app.locations() for arg in ("-r", loc)), "mount", "-f", source, target]
