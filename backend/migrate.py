@@ -5,7 +5,8 @@ objects already at the destination with the right size are skipped (an interrupt
 resumes where it stopped), every object read from the source is checked against its name before
 it is written, and `config` goes last, so a destination only looks like a repository once all of
 it is there. Then the destination is listed again and opened and verified as a repository; only
-after that may the source be deleted.
+after that may the source be deleted. A destination that is the source itself, or inside it, is
+refused first (see PROBE_PREFIX): with --delete-source it would have been deleted with the source.
 
 Between two buckets of one S3 server and account, the server copies each object itself
 (CopyObject), as `aws s3 sync` and rclone do: the bytes never cross the network twice. Each copy
@@ -19,7 +20,9 @@ a server that will not copy (no CopyObject, or a key denied it): after its first
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -30,6 +33,7 @@ from .errors import (
     RepositoryNotFound,
     StoreError,
     TransientStoreError,
+    UsageError,
 )
 from .progress import Progress
 from .replicas import object_intact
@@ -45,6 +49,10 @@ MiB = 1024 * 1024
 # Object data held in memory at once by all copying threads together (a pack is ~16 MiB).
 MEMORY_BUDGET = 48 * MiB
 SERVER_COPY_LIMIT = 5 * 1024 * MiB  # the largest object one CopyObject may copy
+# An empty object put into the destination while the source is listed: if it shows up there, the
+# destination is the source itself, or inside it, however the two are spelled (a symlink, a
+# second URL for one server), and --delete-source would delete the copy with the source.
+PROBE_PREFIX = "migrate-probe-"
 
 
 @dataclass
@@ -80,13 +88,21 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
 
     by_server = not check_data and getattr(destination, "can_copy_from", lambda _: False)(source)
     etags: dict[str, str] = {}
-    if by_server:
-        listing = list(source.list_with_etags(""))
-        objects = {key: size for key, size, _ in listing}
-        etags = {key: etag for key, _, etag in listing}
-        del listing
-    else:
-        objects = dict(source.list(""))
+    probe = f"{PROBE_PREFIX}{secrets.token_hex(8)}"
+    destination.put(probe, b"")
+    try:
+        if by_server:
+            listing = list(_without_probes(source.list_with_etags(""), probe, destination))
+            objects = {key: size for key, size, _ in listing}
+            etags = {key: etag for key, _, etag in listing}
+            del listing
+        else:
+            objects = dict(_without_probes(source.list(""), probe, destination))
+        for replica in getattr(source, "replicas", ()):  # a replicated source lists only one
+            for _entry in _without_probes(replica.list(""), probe, destination):
+                pass
+    finally:
+        destination.delete(probe)
     present = dict(destination.list(""))
     report.objects = len(objects)
     todo = sorted((k for k in objects if k != "config" and present.get(k) != objects[k]),
@@ -198,6 +214,18 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
                 source.delete(key_name)
                 report.deleted += 1
     return report
+
+
+def _without_probes(entries: Iterable[tuple], probe: str, destination: ObjectStore) -> Iterator[tuple]:
+    """A listing's (key, ...) entries but migration probes (one left by a process killed in its
+    moment is no object of the repository); meeting this migration's own, refuse it."""
+    for entry in entries:
+        name = entry[0].rpartition("/")[2]
+        if name == probe:
+            raise UsageError(f"{destination.location} is the repository being migrated, or inside it "
+                             "(the same folder or bucket and prefix, however spelled): nothing was copied")
+        if not name.startswith(PROBE_PREFIX):
+            yield entry
 
 
 class _ByteBudget:

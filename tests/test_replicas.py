@@ -220,6 +220,45 @@ def test_migration_goes_through_this_machine_where_the_server_will_not_copy(tmp_
         assert verify(repo, read_data=True).ok
 
 
+def test_migration_refuses_the_repository_itself_however_spelled(cli, tmp_path: Path, repo_path: Path,
+                                                                 two_replicas) -> None:
+    source = make_source(tmp_path)
+    cli("-r", repo_path, "init")
+    cli("-r", repo_path, "backup", source)
+    (tmp_path / "alias").symlink_to(repo_path)
+    for destination in (repo_path, tmp_path / "alias", f"{tmp_path / 'alias'}/", repo_path / "inner"):
+        err = cli("-r", repo_path, "migrate", "--to", destination, "--delete-source", check=2).stderr
+        assert b"is the repository being migrated, or inside it" in err
+    cli("-r", repo_path, "verify", "--read-data")  # --delete-source deleted nothing
+
+    # a replicated repository lists one replica: the other is checked too
+    a, b = two_replicas
+    cli(*cli.replicas, "init")
+    cli(*cli.replicas, "backup", source)
+    err = cli("-r", b, "-r", a, "migrate", "--to", a, "--delete-source", check=2).stderr
+    assert b"is the repository being migrated" in err
+    cli("-r", a, "verify", "--read-data")
+    cli("-r", b, "verify", "--read-data")
+
+    # a probe left by a migration killed in its moment is no object of the repository
+    (repo_path / "migrate-probe-0123456789abcdef").write_bytes(b"")
+    report = json.loads(cli("-r", repo_path, "migrate", "--to", tmp_path / "moved", "--json").stdout)
+    assert not report["errors"] and not (tmp_path / "moved" / "migrate-probe-0123456789abcdef").exists()
+
+
+@pytest.mark.s3
+def test_migration_refuses_its_own_bucket_and_prefix(cli, tmp_path: Path, s3_bucket) -> None:
+    key_id, secret = s3_bucket.server.credentials
+    cli.env.update(AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret)
+    origin = s3_bucket.location("origin")
+    cli("-r", origin, "init")
+    cli("-r", origin, "backup", make_source(tmp_path))
+    for destination in (origin, s3_bucket.location("origin/inner")):
+        err = cli("-r", origin, "migrate", "--to", destination, "--delete-source", check=2).stderr
+        assert b"is the repository being migrated, or inside it" in err
+    cli("-r", origin, "verify", "--read-data")
+
+
 def test_migration_refuses_a_destination_with_another_repository(cli, tmp_path: Path) -> None:
     cli("init")
     other = tmp_path / "other"
@@ -263,7 +302,7 @@ def test_replicas_on_two_providers_each_with_its_own_profile(cli, tmp_path: Path
 
 
 def test_migration_interrupted_by_a_store_failure_resumes_and_verifies(cli, tmp_path: Path, repo_path: Path) -> None:
-    from backend.migrate import migrate
+    from backend.migrate import PROBE_PREFIX, migrate
     from backend.stores.base import ObjectStore
 
     source = make_source(tmp_path)
@@ -273,14 +312,15 @@ def test_migration_interrupted_by_a_store_failure_resumes_and_verifies(cli, tmp_
         cli("backup", source)
 
     class FailsAfter(FaultyStore):
-        """The destination goes down after a number of writes, as if the network dropped for good."""
+        """The destination goes down after a number of writes of the repository's objects, as if
+        the network dropped for good."""
 
         def __init__(self, inner: ObjectStore, writes: int):
             super().__init__(inner, seed=1)
             self.writes_left = writes
 
         def put(self, key: str, data: bytes) -> None:
-            self.writes_left -= 1
+            self.writes_left -= not key.startswith(PROBE_PREFIX)  # the migration's own check
             if self.writes_left < 0:
                 self.down = True
             super().put(key, data)
