@@ -68,6 +68,15 @@ class SourceLock:
         os.close(self._fd)
 
 
+def _local_roots(store: object) -> list[str]:
+    """The local folders a store keeps objects in, through the layers around it."""
+    roots = [store.root] if isinstance(getattr(store, "root", None), str) else []
+    for inner in (getattr(store, "inner", None), *getattr(store, "replicas", ())):
+        if inner is not None:
+            roots += _local_roots(inner)
+    return roots
+
+
 class LiveMount:
     def __init__(self, repo: Repository, source: bytes, mountpoint: bytes, *, every_s: float | None = None,
                  host: str | None = None, cache_bytes: int = 1 << 30):
@@ -85,6 +94,7 @@ class LiveMount:
 
     def run(self, ready: Callable[[], None]) -> None:
         """Mount, call `ready()`, serve until unmounted, take the final snapshot."""
+        self._refuse_covering_own_files()
         live_dir = os.path.join(self.repo.cache_dir, "live", source_id(self.source))
         lock = SourceLock(live_dir)  # held: no other daemon serves this source
         try:
@@ -120,6 +130,20 @@ class LiveMount:
             changelog.close(clean=True)
             lock.release()
             os.close(source_fd)
+
+    def _refuse_covering_own_files(self) -> None:
+        """The mount must not cover the daemon's own files. Its event loop would wait on itself to
+        reach its control socket or changelog (the mount hung at start), and a repository inside
+        the folder would back itself up with every snapshot, without end."""
+        own = [("the repository", root, "keep it elsewhere") for root in _local_roots(self.repo.store)]
+        own += [("fsmount's cache", self.repo.cache_dir, "put it elsewhere with --cache-dir or XDG_CACHE_HOME"),
+                ("fsmount's control sockets", control.runtime_dir(), "put them elsewhere with XDG_RUNTIME_DIR")]
+        for covered in {self.source, self.mountpoint}:
+            for what, path, how in own:
+                real = os.path.realpath(os.fsencode(path))
+                if real == covered or real.startswith(covered.rstrip(b"/") + b"/"):
+                    raise UsageError(f"cannot mount {os.fsdecode(covered)}: it holds {what} "
+                                     f"({os.fsdecode(real)}); {how}")
 
     def _open_source(self) -> int:
         """Open the source before mounting over it, clearing a mount its dead daemon left behind."""

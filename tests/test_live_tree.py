@@ -182,6 +182,16 @@ def test_edits_while_unmounted_are_found_at_the_next_mount(cli, source: Path, tm
         assert same_tree(mnt, restore_latest(cli, tmp_path, "after")) == []
 
 
+def test_a_folder_holding_the_repository_or_the_cache_is_not_mounted(cli, source: Path, tmp_path: Path) -> None:
+    inside = source / ".backup"
+    cli("-r", inside, "init")
+    err = cli("-r", inside, "mount", source, check=2).stderr  # it would back itself up without end
+    assert b"holds the repository" in err and not is_mounted(source)
+    cli.env["XDG_CACHE_HOME"] = str(source / ".cache")  # as when mounting a home folder
+    err = cli("mount", source, check=2).stderr  # its event loop would wait on itself
+    assert b"holds fsmount's cache" in err and not is_mounted(source)
+
+
 def test_mount_at_a_separate_mountpoint(cli, source: Path, tmp_path: Path) -> None:
     mountpoint = tmp_path / "work"
     mountpoint.mkdir()
