@@ -192,6 +192,16 @@ def test_a_folder_holding_the_repository_or_the_cache_is_not_mounted(cli, source
     assert b"holds fsmount's cache" in err and not is_mounted(source)
 
 
+def test_mounting_from_inside_the_folder_says_to_cd_again(cli, source: Path) -> None:
+    proc = cli("mount", source, cwd=source)  # the shell stays in the folder underneath
+    try:
+        assert b"run `cd .`" in proc.stderr
+    finally:
+        cli("umount", source)
+    assert b"cd ." not in cli("mount", source, cwd=source.parent).stderr
+    cli("umount", source)
+
+
 def test_mount_at_a_separate_mountpoint(cli, source: Path, tmp_path: Path) -> None:
     mountpoint = tmp_path / "work"
     mountpoint.mkdir()

@@ -78,6 +78,7 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
         pid = background.start(argv, log_path, app.passphrase())
         if not app.quiet:
             say(f"mounted {source} at {target} (daemon pid {pid}, log {log_path})")
+            _warn_if_cwd_is_underneath(target)
         return
     from ..live_daemon import LiveMount, source_id
 
@@ -88,6 +89,7 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
             background.report_ready()
             if not app.quiet:
                 say(f"mounted {source} at {target}; Ctrl-C or `fsmount umount {target}` unmounts")
+                _warn_if_cwd_is_underneath(target)
 
         live.run(ready)
     if live.final_error:
@@ -256,6 +258,19 @@ def _show_final_upload(mountpoint: str, unmounted: Future, lazy: bool) -> None:
                 bar.update(task, description="uploading the backlog", total=most,
                            completed=most - backlog["bytes"])
             wait([unmounted], timeout=0.25)
+
+
+def _warn_if_cwd_is_underneath(target: str) -> None:
+    """A shell that was in the folder before it was mounted over stays in the folder underneath:
+    what it writes by relative path goes past the mount, and no snapshot sees it until the next
+    mount's scan. Say so while that shell (our parent) can still `cd .`."""
+    try:
+        cwd = os.getcwd()  # the directory underneath, if we were in it before the mount
+    except OSError:
+        return
+    if cwd == target or cwd.startswith(target.rstrip("/") + "/"):
+        say("note: this shell's current directory is still the folder underneath the mount; "
+            "run `cd .` so that its work goes through the mount", err=True)
 
 
 @click.command()
