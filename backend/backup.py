@@ -40,6 +40,7 @@ from .progress import Progress
 from .repository import Repository
 from .snapshot import Snapshot
 from .source import Key, LiveSource, Source, SourceChanged, SourceFile, key_of
+from .stores import local_folders
 from .tree import DIR, FILE, HOLE, SYMLINK, Node
 
 log = logging.getLogger(__name__)
@@ -150,9 +151,10 @@ class Backup:
         self._excluded = self._excluded_dirs()
 
     def _excluded_dirs(self) -> set[tuple[int, int]]:
-        """A local repository or the cache inside the source must not back itself up."""
+        """A local repository (any of its replicas) or the cache inside the source must not back
+        itself up."""
         excluded = set()
-        for path in (getattr(self.repo.store, "root", None), self.repo.cache_dir):
+        for path in (*local_folders(self.repo.store), self.repo.cache_dir):
             if path:
                 try:
                     st = os.stat(path)

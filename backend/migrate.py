@@ -217,15 +217,18 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
 
 
 def _without_probes(entries: Iterable[tuple], probe: str, destination: ObjectStore) -> Iterator[tuple]:
-    """A listing's (key, ...) entries but migration probes (one left by a process killed in its
-    moment is no object of the repository); meeting this migration's own, refuse it."""
+    """A listing's (key, ...) entries that are objects of the repository (not a file someone put in
+    its folder, nor another migration's probe, left by a process killed in its moment); meeting
+    this migration's own probe, refuse it."""
     for entry in entries:
-        name = entry[0].rpartition("/")[2]
-        if name == probe:
+        key = entry[0]
+        if key.rpartition("/")[2] == probe:
             raise UsageError(f"{destination.location} is the repository being migrated, or inside it "
                              "(the same folder or bucket and prefix, however spelled): nothing was copied")
-        if not name.startswith(PROBE_PREFIX):
+        if key == "config" or key.startswith(_ORDER):
             yield entry
+        else:
+            log.info("%s is no object of the repository: not copied", key)
 
 
 class _ByteBudget:

@@ -41,7 +41,8 @@ from .pack import DATA_BLOB
 from .progress import Progress
 from .repository import Repository
 from .snapshot import Snapshot
-from .stores import on_local_disk
+from .source import key_of
+from .stores import local_folders, on_local_disk
 from .tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, HOLE, SOCKET, SYMLINK, Node
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class Restore:
         self.target = os.path.abspath(os.fsencode(target))
         self.paths = [p.strip(b"/") for p in paths or [] if p.strip(b"/")]
         self.delete = delete
+        self._kept = self._folders_kept() if delete else set()
         self.progress = progress or Progress()
         self.stats = RestoreStats()
         self.errors: list[str] = []
@@ -239,9 +241,26 @@ class Restore:
         wanted = {n.name for n in job.nodes}
         for name in os.listdir(job.fd):
             name_b = os.fsencode(name)
-            if name_b not in wanted:
-                remove_entry(job.fd, name_b)
-                self.stats.deleted += 1
+            if name_b in wanted:
+                continue
+            if self._kept and key_of(os.stat(name_b, dir_fd=job.fd, follow_symlinks=False)) in self._kept:
+                continue  # the repository or its cache, or a folder that holds them
+            remove_entry(job.fd, name_b)
+            self.stats.deleted += 1
+
+    def _folders_kept(self) -> set[tuple[int, int]]:
+        """What `delete` must leave however absent from the snapshot (a backup leaves them out): a
+        local repository (any replica) and the cache, and every folder between them and the target."""
+        kept: set[tuple[int, int]] = set()
+        for folder in (*local_folders(self.repo.store), self.repo.cache_dir):
+            path = os.path.realpath(os.fsencode(folder)) if folder else b""
+            while path.startswith(self.target.rstrip(b"/") + b"/"):
+                try:
+                    kept.add(key_of(os.stat(path, follow_symlinks=False)))
+                except OSError:
+                    pass
+                path = os.path.dirname(path)
+        return kept
 
     def _submit(self, fn: Callable[..., None], *args: object) -> None:
         self._tasks_in_flight.acquire()

@@ -26,6 +26,7 @@ import trio
 
 from backend.errors import FsmountError, StoreError, UsageError
 from backend.repository import Repository
+from backend.stores import local_folders
 from backend.stores.backlog import BacklogStore
 
 from . import control, control_server, fuse_fallocate, fuse_loop
@@ -66,15 +67,6 @@ class SourceLock:
 
     def release(self) -> None:
         os.close(self._fd)
-
-
-def _local_roots(store: object) -> list[str]:
-    """The local folders a store keeps objects in, through the layers around it."""
-    roots = [store.root] if isinstance(getattr(store, "root", None), str) else []
-    for inner in (getattr(store, "inner", None), *getattr(store, "replicas", ())):
-        if inner is not None:
-            roots += _local_roots(inner)
-    return roots
 
 
 class LiveMount:
@@ -135,7 +127,7 @@ class LiveMount:
         """The mount must not cover the daemon's own files. Its event loop would wait on itself to
         reach its control socket or changelog (the mount hung at start), and a repository inside
         the folder would back itself up with every snapshot, without end."""
-        own = [("the repository", root, "keep it elsewhere") for root in _local_roots(self.repo.store)]
+        own = [("the repository", root, "keep it elsewhere") for root in local_folders(self.repo.store)]
         own += [("fsmount's cache", self.repo.cache_dir, "put it elsewhere with --cache-dir or XDG_CACHE_HOME"),
                 ("fsmount's control sockets", control.runtime_dir(), "put them elsewhere with XDG_RUNTIME_DIR")]
         for covered in {self.source, self.mountpoint}:

@@ -130,3 +130,18 @@ def test_every_command_is_where_the_lazy_group_looks_for_it() -> None:
         module = importlib.import_module(f"fsmount.commands.{module_info.name}")
         defined |= {command.name: module_info.name for command in getattr(module, "COMMANDS", [])}
     assert defined == COMMAND_MODULES
+
+
+def test_a_repository_inside_the_folder_is_neither_backed_up_nor_deleted_by_restore(cli, tmp_path: Path) -> None:
+    folder = make_source(tmp_path / "home")
+    cli.env.pop("FSMOUNT_REPOSITORY")
+    replicas = ("-r", folder / "deep" / "backups" / "a", "-r", folder / "b")  # both replicas inside it
+    cli(*replicas, "init")
+    cli(*replicas, "backup", folder)
+    listed = [e["path"] for e in json.loads(cli(*replicas, "ls", "latest", "--json").stdout)]
+    assert "/hello.txt" in listed and not any(p.startswith(("/deep/backups/a", "/b")) for p in listed)
+
+    (folder / "added later.txt").write_text("not in the snapshot\n")
+    cli(*replicas, "restore", "latest", "--in-place", folder, "--delete")
+    assert not (folder / "added later.txt").exists()  # --delete did its job...
+    cli(*replicas, "verify", "--read-data")  # ...and left the repository, and the folders holding it

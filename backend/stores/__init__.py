@@ -13,7 +13,7 @@ from __future__ import annotations
 from .base import ObjectStore
 from .local import LocalStore
 
-__all__ = ["LocalStore", "ObjectStore", "on_local_disk", "open_store"]
+__all__ = ["LocalStore", "ObjectStore", "local_folders", "on_local_disk", "open_store"]
 
 
 def open_store(location: str, **s3_options: object) -> ObjectStore:
@@ -33,3 +33,13 @@ def on_local_disk(store: ObjectStore) -> bool:
         return all(map(on_local_disk, replicas))
     inner = getattr(store, "inner", None)  # wrappers: retries, fault injection
     return on_local_disk(inner) if inner is not None else isinstance(store, LocalStore)
+
+
+def local_folders(store: ObjectStore) -> list[str]:
+    """The local folders the store keeps objects in, through the layers around it (replicas,
+    retries, a backlog): what a backup must not read, nor a restore delete."""
+    folders = [store.root] if isinstance(store, LocalStore) else []
+    for inner in (getattr(store, "inner", None), *getattr(store, "replicas", ())):
+        if inner is not None:
+            folders += local_folders(inner)
+    return folders
