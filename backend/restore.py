@@ -131,7 +131,7 @@ class Restore:
         self.target = os.path.abspath(os.fsencode(target))
         self.paths = [p.strip(b"/") for p in paths or [] if p.strip(b"/")]
         self.delete = delete
-        self._kept = self._folders_kept() if delete else set()
+        self._kept = self._folders_kept()
         self.progress = progress or Progress()
         self.stats = RestoreStats()
         self.errors: list[str] = []
@@ -250,10 +250,14 @@ class Restore:
 
     def _folders_kept(self) -> set[tuple[int, int]]:
         """What `delete` must leave however absent from the snapshot (a backup leaves them out): a
-        local repository (any replica) and the cache, and every folder between them and the target."""
+        local repository (any replica) and the cache, and every folder between them and the target.
+        A target inside one of them is refused: the restore would write among its objects."""
         kept: set[tuple[int, int]] = set()
         for folder in (*local_folders(self.repo.store), self.repo.cache_dir):
             path = os.path.realpath(os.fsencode(folder)) if folder else b""
+            if path and (path == self.target or self.target.startswith(path.rstrip(b"/") + b"/")):
+                raise UsageError(f"cannot restore into {os.fsdecode(self.target)}: it is {os.fsdecode(path)} "
+                                 "(the repository or its cache) or inside it")
             while path.startswith(self.target.rstrip(b"/") + b"/"):
                 try:
                     kept.add(key_of(os.stat(path, follow_symlinks=False)))

@@ -145,3 +145,8 @@ def test_a_repository_inside_the_folder_is_neither_backed_up_nor_deleted_by_rest
     cli(*replicas, "restore", "latest", "--in-place", folder, "--delete")
     assert not (folder / "added later.txt").exists()  # --delete did its job...
     cli(*replicas, "verify", "--read-data")  # ...and left the repository, and the folders holding it
+
+    for target in (folder / "b", folder / "b" / "restored"):  # among the repository's own objects
+        err = cli(*replicas, "restore", "latest", "--in-place", target, "--delete", check=2).stderr
+        assert b"(the repository or its cache) or inside it" in err
+    cli(*replicas, "verify", "--read-data")
