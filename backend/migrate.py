@@ -92,14 +92,14 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
     destination.put(probe, b"")
     try:
         if by_server:
-            listing = list(_without_probes(source.list_with_etags(""), probe, destination))
+            listing = list(_repository_objects(source.list_with_etags(""), probe, destination))
             objects = {key: size for key, size, _ in listing}
             etags = {key: etag for key, _, etag in listing}
             del listing
         else:
-            objects = dict(_without_probes(source.list(""), probe, destination))
+            objects = dict(_repository_objects(source.list(""), probe, destination))
         for replica in getattr(source, "replicas", ()):  # a replicated source lists only one
-            for _entry in _without_probes(replica.list(""), probe, destination):
+            for _entry in _repository_objects(replica.list(""), probe, destination):
                 pass
     finally:
         destination.delete(probe)
@@ -216,7 +216,7 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
     return report
 
 
-def _without_probes(entries: Iterable[tuple], probe: str, destination: ObjectStore) -> Iterator[tuple]:
+def _repository_objects(entries: Iterable[tuple], probe: str, destination: ObjectStore) -> Iterator[tuple]:
     """A listing's (key, ...) entries that are objects of the repository (not a file someone put in
     its folder, nor another migration's probe, left by a process killed in its moment); meeting
     this migration's own probe, refuse it."""

@@ -253,12 +253,13 @@ class Restore:
         local repository (any replica) and the cache, and every folder between them and the target.
         A target inside one of them is refused: the restore would write among its objects."""
         kept: set[tuple[int, int]] = set()
+        target = os.path.realpath(self.target)
         for folder in (*local_folders(self.repo.store), self.repo.cache_dir):
             path = os.path.realpath(os.fsencode(folder)) if folder else b""
-            if path and (path == self.target or self.target.startswith(path.rstrip(b"/") + b"/")):
+            if path and (path == target or target.startswith(path.rstrip(b"/") + b"/")):
                 raise UsageError(f"cannot restore into {os.fsdecode(self.target)}: it is {os.fsdecode(path)} "
                                  "(the repository or its cache) or inside it")
-            while path.startswith(self.target.rstrip(b"/") + b"/"):
+            while path.startswith(target.rstrip(b"/") + b"/"):
                 try:
                     kept.add(key_of(os.stat(path, follow_symlinks=False)))
                 except OSError:
