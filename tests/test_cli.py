@@ -92,6 +92,10 @@ def test_usage_errors_exit_2(cli, tmp_path: Path) -> None:
     assert "give exactly one of" in cli("restore", "latest", check=2).stderr.decode()
     assert "not a snapshot id" in cli("restore", "zz", "--target", tmp_path, check=2).stderr.decode()
     cli("init", "--block-size", "3K", check=2)
+    cli("backup", make_source(tmp_path / "src"))
+    assert "need a folder" in cli("restore", "latest", "--target", "", check=2).stderr.decode()
+    for every in ("0", "-5m", "soon"):
+        assert "is not a duration" in cli("mount", tmp_path / "src", "--every", every, check=2).stderr.decode()
 
 
 def test_unreadable_file_is_a_warning_exit_3(cli, tmp_path: Path) -> None:

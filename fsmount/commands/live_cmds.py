@@ -25,7 +25,7 @@ _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 def parse_duration(text: str) -> float:
     """Seconds in a duration like 90, 30s, 15m, 2h or 1d."""
     match = _DURATION.match(text.strip().lower())
-    if not match:
+    if not match or float(match.group(1)) <= 0:
         raise click.BadParameter(f"{text!r} is not a duration like 30s, 15m or 2h", param_hint="--every")
     return float(match.group(1)) * _SECONDS[match.group(2)]
 

@@ -37,8 +37,9 @@ def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: 
     """
     if (target is None) == (in_place is None):
         raise UsageError("give exactly one of --target DIR or --in-place DIR")
-    destination = target or in_place
-    assert destination is not None
+    destination = target if target is not None else in_place
+    if not destination:
+        raise UsageError("--target and --in-place need a folder")
     with app.open_repository() as repo:
         snap = repo.resolve_snapshot(snapshot_ref)
         progress = BarProgress("restore", enabled=not app.quiet and not app.json)
