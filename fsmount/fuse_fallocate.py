@@ -49,7 +49,8 @@ def install(handler: Callable[[int, int, int, int], None]) -> bool:
     Whether it could."""
     table = _session_table()
     if table is None:
-        log.info("fallocate stays unsupported on this mount: pyfuse3's request table was not found")
+        log.warning("fallocate(2) on this mount fails with EOPNOTSUPP: pyfuse3 %s's request table is not "
+                    "where fsmount/fuse_fallocate.py looks", getattr(pyfuse3, "__version__", "?"))
         return False
     reply_err = _libfuse().fuse_reply_err
     reply_err.argtypes, reply_err.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
