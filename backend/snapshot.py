@@ -25,6 +25,7 @@ from .errors import IntegrityError
 
 SNAPSHOT_AAD = b"fsmount snapshot"
 SNAPSHOT_VERSION = 1
+LABEL_BYTES = 240  # of the 255 a name may have: room for the "-<short id>" that tells twins apart
 
 
 @dataclass
@@ -48,9 +49,13 @@ class Snapshot:
         return self.id[:8]
 
     def label(self) -> str:
-        """The folder name a snapshot gets in a mounted snapshot tree: its name, or else its time."""
-        label = self.name or self.time.strftime("%Y-%m-%dT%H:%M:%S")
-        return label.replace("/", "_")
+        """The folder name a snapshot gets in a mounted snapshot tree: its name, or else its time.
+        Always a name a folder can have, whatever the snapshot was named: no `/`, not `.` nor
+        `..` (which a listing would hide behind the real ones), short enough to take a suffix."""
+        label = (self.name or self.time.strftime("%Y-%m-%dT%H:%M:%S")).replace("/", "_")
+        if label in (".", ".."):
+            label = label.replace(".", "_")
+        return label.encode(errors="surrogateescape")[:LABEL_BYTES].decode(errors="ignore")
 
     def encode(self, key: MasterKey) -> tuple[str, bytes]:
         doc = {"v": SNAPSHOT_VERSION, "time_ns": self.time_ns, "host": self.host, "source": self.source,

@@ -261,3 +261,11 @@ def test_snapshot_of_an_s3_repository_reads_back(s3_bucket, tmp_path: Path, cli)
     cli("backup", source)
     with snapshot_mount(cli, tmp_path / "snaps") as (mnt, _):
         assert differences(source, mnt / "latest", sparse=False) == []
+
+
+def test_every_snapshot_name_makes_a_folder_name() -> None:
+    from backend.snapshot import Snapshot
+
+    for name in (".", "..", "a/b", "é" * 200, "nl\nname"):
+        label = Snapshot(0, "host", b"/src", b"", name=name).label()
+        assert label not in (".", "..", "") and "/" not in label and len(label.encode()) <= 240, name
