@@ -89,6 +89,15 @@ def display_name(name: bytes) -> str:
     return name.decode("utf-8", errors="backslashreplace")
 
 
+_CONTROLS = {**{c: f"\\x{c:02x}" for c in (*range(32), 127)}, ord("\n"): "\\n", ord("\t"): "\\t"}
+
+
+def line_name(name: bytes) -> str:
+    """`display_name`, with control characters escaped too (a newline in a name as \\n), for
+    output that shows one entry per line."""
+    return display_name(name).translate(_CONTROLS)
+
+
 class BarProgress(Progress):
     """A rich progress bar on stderr; nothing at all when stderr is not a terminal."""
 

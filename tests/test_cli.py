@@ -154,3 +154,14 @@ def test_a_repository_inside_the_folder_is_neither_backed_up_nor_deleted_by_rest
         err = cli(*replicas, "restore", "latest", "--in-place", target, "--delete", check=2).stderr
         assert b"(the repository or its cache) or inside it" in err
     cli(*replicas, "verify", "--read-data")
+
+
+def test_ls_shows_one_entry_per_line_whatever_the_names(cli, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "two\nlines").write_text("x")
+    (source / "tab\there").write_text("x")
+    cli("init")
+    cli("backup", source)
+    assert cli("ls", "latest").stdout.decode().splitlines() == ["/tab\\there", "/two\\nlines"]
+    assert [e["path"] for e in json.loads(cli("ls", "latest", "--json").stdout)] == ["/tab\there", "/two\nlines"]

@@ -14,7 +14,7 @@ from backend.snapshot import Snapshot
 from backend.tree import DIR, Node
 
 from ..context import AppContext
-from ..output import console, display_name, emit_json, human_bytes, json_option, parse_size, say
+from ..output import console, display_name, emit_json, human_bytes, json_option, line_name, parse_size, say
 
 
 @click.command()
@@ -128,9 +128,9 @@ def ls(app: AppContext, snapshot_ref: str, path: str, long_format: bool) -> None
         for p, n in entries:
             if not p:
                 continue
-            shown = "/" + display_name(p) + ("/" if n.type == DIR else "")
+            shown = "/" + line_name(p) + ("/" if n.type == DIR else "")
             if n.target:
-                shown += " -> " + display_name(n.target)
+                shown += " -> " + line_name(n.target)
             if long_format:
                 when = dt.datetime.fromtimestamp(n.mtime_ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
                 say(f"{statmod.filemode(n.st_mode)} {n.uid:>5} {n.gid:>5} {n.size:>12} {when} {shown}")
