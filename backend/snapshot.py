@@ -55,7 +55,10 @@ class Snapshot:
         label = (self.name or self.time.strftime("%Y-%m-%dT%H:%M:%S")).replace("/", "_")
         if label in (".", ".."):
             label = label.replace(".", "_")
-        return label.encode(errors="surrogateescape")[:LABEL_BYTES].decode(errors="ignore")
+        raw = label.encode(errors="surrogateescape")
+        if len(raw) > LABEL_BYTES:
+            label = raw[:LABEL_BYTES].decode(errors="ignore")  # cut where a character ends
+        return label
 
     def encode(self, key: MasterKey) -> tuple[str, bytes]:
         doc = {"v": SNAPSHOT_VERSION, "time_ns": self.time_ns, "host": self.host, "source": self.source,
