@@ -36,7 +36,7 @@ from .errors import (
     UsageError,
 )
 from .progress import Progress
-from .replicas import object_intact
+from .replicas import is_repository_object, object_intact
 from .repository import Config, Repository, open_master_key
 from .stores.base import ObjectStore, return_large_buffers_to_the_os
 from .verify import verify
@@ -225,7 +225,7 @@ def _repository_objects(entries: Iterable[tuple], probe: str, destination: Objec
         if key.rpartition("/")[2] == probe:
             raise UsageError(f"{destination.location} is the repository being migrated, or inside it "
                              "(the same folder or bucket and prefix, however spelled): nothing was copied")
-        if key == "config" or key.startswith(_ORDER):
+        if is_repository_object(key):
             yield entry
         else:
             log.info("%s is no object of the repository: not copied", key)

@@ -27,6 +27,14 @@ log = logging.getLogger(__name__)
 WORKERS = 8
 
 
+REPOSITORY_PREFIXES = ("keys/", "data/", "index/", "snapshots/")  # with `config`: all a repository holds
+
+
+def is_repository_object(key: str) -> bool:
+    """Whether `key` is one of the repository's objects, not a file someone left in its folder."""
+    return key == "config" or key.startswith(REPOSITORY_PREFIXES)
+
+
 def object_intact(key: str, data: bytes) -> bool:
     """Whether `data` is what the object `key` must hold (config: that it parses as JSON)."""
     if key == "config":
@@ -63,7 +71,7 @@ def check_replicas(replicas: Sequence[ObjectStore], *, read_data: bool = False, 
     listings: list[dict[str, int]] = []
     for replica, state in zip(replicas, states):
         try:
-            listing = dict(replica.list(""))
+            listing = {key: size for key, size in replica.list("") if is_repository_object(key)}
         except StoreError as exc:
             state.reachable, state.error = False, str(exc)
             listing = {}

@@ -48,6 +48,7 @@ def test_missing_objects_are_reported_then_synced(cli, tmp_path: Path, two_repli
     source = make_source(tmp_path)
     run(cli, "init")
     run(cli, "backup", source)
+    (a / "notes.txt").write_text("a file someone left in the folder: no object of the repository\n")
     states = json.loads(run(cli, "replicas", "--json").stdout)["replicas"]
     assert [s["missing"] for s in states] == [0, 0] and states[0]["objects"] == states[1]["objects"]
 
@@ -58,6 +59,8 @@ def test_missing_objects_are_reported_then_synced(cli, tmp_path: Path, two_repli
     run(cli, "replicas", "sync")
     run(cli, "replicas")  # exit 0: the same objects everywhere
     cli("-r", b, "verify", "--read-data")  # the healed replica stands on its own
+    assert not (b / "notes.txt").exists()
+    assert b"could not heal" not in run(cli, "verify", "--read-data", "--repair").stdout
 
 
 def test_a_replica_that_fails_stops_the_backup_unless_degraded(cli, tmp_path: Path, two_replicas) -> None:
