@@ -16,11 +16,15 @@ mode replaces; `serve()` hands it trio with this one function changed.
 
 from __future__ import annotations
 
+import logging
 import select
+import signal
 from typing import Any
 
 import pyfuse3
 import trio
+
+log = logging.getLogger(__name__)
 
 
 class _QueuedFirst:
@@ -71,3 +75,9 @@ def stop() -> None:
     second SIGTERM during a live mount's final snapshot did that."""
     if _serving:
         pyfuse3.terminate()
+
+
+def stop_on_signal(signum: int) -> None:
+    """`stop()`, for a daemon's stop signal (see stop_signals.py), saying so in its log."""
+    log.info("received %s: unmounting", signal.Signals(signum).name)
+    stop()

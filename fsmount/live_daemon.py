@@ -165,7 +165,7 @@ class LiveMount:
         async with trio.open_nursery() as outer:
             await outer.start(partial(control_server.serve, self._socket_path, self._handle, stop=stop_control))
             async with trio.open_nursery() as nursery:
-                await nursery.start(stops.watch, self._on_stop_signal)
+                await nursery.start(stops.watch, fuse_loop.stop_on_signal)
                 nursery.start_soon(self._flush_changelog)
                 nursery.start_soon(raise_readahead, self.mountpoint)
                 if self.repo.backlog is not None:
@@ -237,10 +237,6 @@ class LiveMount:
         while True:
             await trio.sleep(FLUSH_INTERVAL_S)
             self.changelog.flush()
-
-    def _on_stop_signal(self, signum: int) -> None:
-        log.info("received %s: unmounting", signal.Signals(signum).name)
-        fuse_loop.stop()
 
     async def _handle(self, request: dict) -> dict:
         op = request["op"]

@@ -133,7 +133,7 @@ class SnapshotMount:
 
     async def _serve(self, ready: Callable[[], None], stops: StopSignals) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(stops.watch, _unmount_on)
+            await nursery.start(stops.watch, fuse_loop.stop_on_signal)
             if stops.received:
                 log.info("received %s while mounting: unmounting", signal.Signals(stops.received[0]).name)
             else:
@@ -142,7 +142,3 @@ class SnapshotMount:
                 await fuse_loop.serve()
             nursery.cancel_scope.cancel()
 
-
-def _unmount_on(signum: int) -> None:
-    log.info("received %s: unmounting", signal.Signals(signum).name)
-    fuse_loop.stop()
