@@ -12,6 +12,7 @@ import errno
 import os
 import resource
 import stat
+from typing import AnyStr
 
 from .tree import DIR, FILE, SYMLINK, Node, node_type_of_mode
 
@@ -21,6 +22,12 @@ IS_ROOT = os.geteuid() == 0
 def at_path(dir_fd: int, name: bytes) -> bytes:
     """A path naming `name` inside the directory `dir_fd`, usable by calls without a dir_fd form."""
     return b"/proc/self/fd/%d/%s" % (dir_fd, name)
+
+
+def is_within(path: AnyStr, folder: AnyStr) -> bool:
+    """Whether `path` is `folder` or lies below it (both absolute, symlinks resolved)."""
+    sep = os.sep if isinstance(path, str) else os.sep.encode()
+    return path == folder or path.startswith(folder.rstrip(sep) + sep)
 
 
 def raise_fd_limit() -> None:

@@ -36,7 +36,7 @@ import xxhash
 
 from .blob_reader import BlobReader
 from .errors import FsmountError, UsageError
-from .fsnode import IS_ROOT, apply_metadata, make_dir, open_dir, raise_fd_limit, remove_entry
+from .fsnode import IS_ROOT, apply_metadata, is_within, make_dir, open_dir, raise_fd_limit, remove_entry
 from .pack import DATA_BLOB
 from .progress import Progress
 from .repository import Repository
@@ -256,10 +256,10 @@ class Restore:
         target = os.path.realpath(self.target)
         for folder in (*local_folders(self.repo.store), self.repo.cache_dir):
             path = os.path.realpath(os.fsencode(folder)) if folder else b""
-            if path and (path == target or target.startswith(path.rstrip(b"/") + b"/")):
+            if path and is_within(target, path):
                 raise UsageError(f"cannot restore into {os.fsdecode(self.target)}: it is {os.fsdecode(path)} "
                                  "(the repository or its cache) or inside it")
-            while path.startswith(target.rstrip(b"/") + b"/"):
+            while path != target and is_within(path, target):
                 try:
                     kept.add(key_of(os.stat(path, follow_symlinks=False)))
                 except OSError:

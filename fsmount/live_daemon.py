@@ -25,6 +25,7 @@ import pyfuse3
 import trio
 
 from backend.errors import FsmountError, StoreError, UsageError
+from backend.fsnode import is_within
 from backend.repository import Repository
 from backend.stores import local_folders
 from backend.stores.backlog import BacklogStore
@@ -133,7 +134,7 @@ class LiveMount:
         for covered in {self.source, self.mountpoint}:
             for what, path, how in own:
                 real = os.path.realpath(os.fsencode(path))
-                if real == covered or real.startswith(covered.rstrip(b"/") + b"/"):
+                if is_within(real, covered):
                     raise UsageError(f"cannot mount {os.fsdecode(covered)}: it holds {what} "
                                      f"({os.fsdecode(real)}); {how}")
 

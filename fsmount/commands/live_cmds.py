@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import click
 
 from backend.errors import FsmountError, StoreError, UsageError
+from backend.fsnode import is_within
 
 from .. import background
 from ..context import AppContext
@@ -268,7 +269,7 @@ def _warn_if_cwd_is_underneath(target: str) -> None:
         cwd = os.getcwd()  # the directory underneath, if we were in it before the mount
     except OSError:
         return
-    if cwd == target or cwd.startswith(target.rstrip("/") + "/"):
+    if is_within(cwd, target):
         say("note: this shell's current directory is still the folder underneath the mount; "
             "run `cd .` so that its work goes through the mount", err=True)
 
