@@ -36,15 +36,13 @@ from .errors import (
     UsageError,
 )
 from .progress import Progress
-from .replicas import is_repository_object, object_intact
+from .replicas import REPOSITORY_PREFIXES, is_repository_object, object_intact
 from .repository import Config, Repository, open_master_key
 from .stores.base import ObjectStore, return_large_buffers_to_the_os
 from .verify import verify
 
 log = logging.getLogger(__name__)
 
-# Order of copying: what lets a reader make sense of the rest comes last.
-_ORDER = ("keys/", "data/", "index/", "snapshots/")
 MiB = 1024 * 1024
 # Object data held in memory at once by all copying threads together (a pack is ~16 MiB).
 MEMORY_BUDGET = 48 * MiB
@@ -106,7 +104,7 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
     present = dict(destination.list(""))
     report.objects = len(objects)
     todo = sorted((k for k in objects if k != "config" and present.get(k) != objects[k]),
-                  key=lambda k: (next((i for i, p in enumerate(_ORDER) if k.startswith(p)), len(_ORDER)), k))
+                  key=lambda k: (REPOSITORY_PREFIXES.index(k.partition("/")[0] + "/"), k))  # config goes last
     report.skipped = len(objects) - len(todo) - 1
     progress.start(total_bytes=sum(objects[k] for k in todo))
     lock = threading.Lock()

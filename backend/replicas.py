@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 WORKERS = 8
 
 
-REPOSITORY_PREFIXES = ("keys/", "data/", "index/", "snapshots/")  # with `config`: all a repository holds
+# With `config`, all a repository holds; in the order a migration copies them (what lets a reader
+# make sense of the rest comes last).
+REPOSITORY_PREFIXES = ("keys/", "data/", "index/", "snapshots/")
 
 
 def is_repository_object(key: str) -> bool:
