@@ -24,7 +24,7 @@ import errno
 import logging
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pyfuse3
 
@@ -120,22 +120,23 @@ def _symbol_values(path: str, names: set[bytes]) -> dict[bytes, int]:
     return found
 
 
-def _load_address(path: str) -> int | None:
-    """Where the shared object `path` is mapped in this process (its mapping at file offset 0)."""
-    real = os.path.realpath(path)
+def _mappings() -> Iterator[tuple[int, int, str]]:
+    """This process's file mappings: (start address, file offset, path), from /proc/self/maps."""
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split()
-            if len(fields) >= 6 and fields[5] == real and int(fields[2], 16) == 0:
-                return int(fields[0].split("-")[0], 16)
-    return None
+            if len(fields) >= 6:
+                yield int(fields[0].split("-")[0], 16), int(fields[2], 16), fields[5]
+
+
+def _load_address(path: str) -> int | None:
+    """Where the shared object `path` is mapped in this process (its mapping at file offset 0)."""
+    real = os.path.realpath(path)
+    return next((start for start, offset, mapped in _mappings() if mapped == real and offset == 0), None)
 
 
 def _libfuse() -> ctypes.CDLL:
     """The libfuse3 pyfuse3 is linked against (loaded already, so this only finds it)."""
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            if len(fields) >= 6 and os.path.basename(fields[5]).startswith("libfuse3.so"):
-                return ctypes.CDLL(fields[5])
-    return ctypes.CDLL("libfuse3.so.3")
+    path = next((mapped for _, _, mapped in _mappings() if os.path.basename(mapped).startswith("libfuse3.so")),
+                "libfuse3.so.3")
+    return ctypes.CDLL(path)
