@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,3 +103,19 @@ def snapshot_mount(cli, mountpoint: Path, *extra: str) -> Iterator[tuple[Path, i
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             force_unmount(mountpoint)
+
+
+def sigterm_as_it_mounts(daemon: subprocess.Popen, mountpoint: Path, timeout: float) -> None:
+    """SIGTERM to a starting daemon the moment the kernel shows its mount; fail if the mount
+    outlives the daemon (a stop signal must unmount, however early it comes)."""
+    deadline = time.monotonic() + timeout
+    while not is_mounted(mountpoint) and daemon.poll() is None:
+        assert time.monotonic() < deadline, "never mounted"
+    daemon.send_signal(signal.SIGTERM)
+    try:
+        daemon.wait(timeout=timeout)
+    finally:
+        if is_mounted(mountpoint):
+            daemon.kill()
+            force_unmount(mountpoint)
+            pytest.fail("SIGTERM while the daemon was starting to serve left its mount behind")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from live_mount import force_unmount, is_mounted, live_mount
+from live_mount import is_mounted, live_mount, sigterm_as_it_mounts
 from treecompare import assert_listing_agrees_with_stat, differences
 
 
@@ -351,17 +351,7 @@ def test_ownership_and_permissions_are_native(cli, source: Path, public_dir: Pat
 
 def test_sigterm_the_moment_the_mount_appears_unmounts_it(cli, source: Path) -> None:
     daemon = cli.popen("mount", "-f", source, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not is_mounted(source) and daemon.poll() is None:  # as soon as the kernel has the mount
-        assert time.monotonic() < deadline, "never mounted"
-    daemon.send_signal(signal.SIGTERM)
-    try:
-        daemon.wait(timeout=30)
-    finally:
-        if is_mounted(source):
-            daemon.kill()
-            force_unmount(source)
-            pytest.fail("SIGTERM while the daemon was starting to serve left its mount behind")
+    sigterm_as_it_mounts(daemon, source, timeout=30)
     assert (source / "notes.md").read_text() == "# notes\n"  # the folder itself again
 
 

@@ -16,7 +16,7 @@ import pyfuse3
 import pytest
 from conftest import TEST_BLOCK_SIZE
 from hypothesis import HealthCheck, given, settings
-from live_mount import force_unmount, is_mounted, require_fuse, snapshot_mount
+from live_mount import is_mounted, require_fuse, sigterm_as_it_mounts, snapshot_mount
 from test_integrity import flip_byte, locate_block
 from treecompare import differences
 from treegen import build, trees
@@ -235,17 +235,7 @@ def test_sigterm_the_moment_the_mount_appears_leaves_no_mount(cli, repo, tmp_pat
     mnt.mkdir()
     for _ in range(3):
         daemon = cli.popen("mount-snapshots", "-f", mnt, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while not is_mounted(mnt) and daemon.poll() is None:  # as soon as the kernel has the mount
-            assert time.monotonic() < deadline, "never mounted"
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=20)
-        finally:
-            if is_mounted(mnt):
-                daemon.kill()
-                force_unmount(mnt)
-                pytest.fail("SIGTERM while the daemon was starting to serve left its mount behind")
+        sigterm_as_it_mounts(daemon, mnt, timeout=20)
         assert os.listdir(mnt) == []
 
 
