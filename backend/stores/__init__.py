@@ -10,6 +10,8 @@ Several locations together form one replicated repository (`replicated.Replicate
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from .base import ObjectStore
 from .local import LocalStore
 
@@ -26,20 +28,26 @@ def open_store(location: str, **s3_options: object) -> ObjectStore:
     return LocalStore(location)
 
 
+def _copies(store: ObjectStore) -> Iterator[ObjectStore]:
+    """The stores that hold the objects, through the layers around them: each replica, and what
+    a wrapper (retries, fault injection, a backlog) wraps."""
+    replicas = getattr(store, "replicas", None)
+    inner = getattr(store, "inner", None)
+    if replicas:
+        for replica in replicas:
+            yield from _copies(replica)
+    elif inner is not None:
+        yield from _copies(inner)
+    else:
+        yield store
+
+
 def on_local_disk(store: ObjectStore) -> bool:
     """Whether every copy of the store is a local directory (reads cost no round trip)."""
-    replicas = getattr(store, "replicas", None)
-    if replicas:
-        return all(map(on_local_disk, replicas))
-    inner = getattr(store, "inner", None)  # wrappers: retries, fault injection
-    return on_local_disk(inner) if inner is not None else isinstance(store, LocalStore)
+    return all(isinstance(copy, LocalStore) for copy in _copies(store))
 
 
 def local_folders(store: ObjectStore) -> list[str]:
-    """The local folders the store keeps objects in, through the layers around it (replicas,
-    retries, a backlog): what a backup must not read, nor a restore delete."""
-    folders = [store.root] if isinstance(store, LocalStore) else []
-    for inner in (getattr(store, "inner", None), *getattr(store, "replicas", ())):
-        if inner is not None:
-            folders += local_folders(inner)
-    return folders
+    """The local folders the store keeps objects in: what a backup must not read, nor a restore
+    delete."""
+    return [copy.root for copy in _copies(store) if isinstance(copy, LocalStore)]
