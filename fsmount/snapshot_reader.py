@@ -6,6 +6,10 @@ fetched now through `BlobReader` on a worker thread, where unsealing and decompr
 When a file is read sequentially, the blocks after the one asked for are fetched ahead, in batches
 that run in parallel, the window doubling with every sequential read up to `MAX_WINDOW` blocks;
 `cp` of a large file therefore keeps several ranged GETs in flight while the kernel copies.
+
+From a repository on local disk, a fetch of little data (the blocks of a few small files) runs on
+the event loop instead: the trip to a worker thread, and the two threads taking turns with the GIL,
+cost more than the fetch. `cp -a` of 13k small files took 25% less daemon CPU so (2 cores).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ MAX_WINDOW = 32  # blocks fetched ahead of a sequential reader (4 MiB at 128 KiB
 BATCH = 8  # blocks per background fetch; batches run in parallel
 FETCH_THREADS = 8  # fetches at once from a remote store, where each waits for a round trip
 LOCAL_FETCH_THREADS = max(2, os.cpu_count() or 2)  # from local disk: CPU work, more would fight over the GIL
+LOCAL_INLINE_BYTES = 512 * 1024  # from local disk, fetches up to this much stored data run on the event loop
 
 
 class _Pending:
@@ -40,9 +45,12 @@ class _Pending:
 
 class SnapshotReader:
     def __init__(self, blobs: BlobReader, block_size: int, *, memory_bytes: int = 64 * 1024 * 1024,
-                 fetch_threads: int = FETCH_THREADS):
+                 fetch_threads: int = FETCH_THREADS, inline_bytes: int = 0):
+        """`inline_bytes`: fetches of at most this much stored data run on the event loop (for a
+        repository on local disk; 0 sends every fetch to a worker thread)."""
         self.blobs = blobs
         self.block_size = block_size
+        self.inline_bytes = inline_bytes
         self.memory_limit = memory_bytes
         self._memory: OrderedDict[bytes, bytes] = OrderedDict()
         self._memory_bytes = 0
@@ -109,7 +117,7 @@ class SnapshotReader:
     async def _fetch(self, pending: dict[bytes, _Pending]) -> dict[bytes, bytes]:
         results: dict = {}
         try:
-            results = await trio.to_thread.run_sync(self.blobs.fetch, DATA_BLOB, list(pending), limiter=self._limiter)
+            results = await self._fetch_here_or_on_thread(list(pending))
         finally:
             first_error: Exception | None = None
             for blob_id, waiter in pending.items():
@@ -125,6 +133,15 @@ class SnapshotReader:
         if first_error is not None:
             raise first_error
         return {blob_id: waiter.value for blob_id, waiter in pending.items()}  # type: ignore[misc]
+
+    async def _fetch_here_or_on_thread(self, blob_ids: list[bytes]) -> dict:
+        locations = None
+        if self.inline_bytes:
+            locations = self.blobs.repo.index.lookup_many(blob_ids)
+            if sum(location.entry.length for location in locations.values()) <= self.inline_bytes:
+                await trio.lowlevel.checkpoint()  # a fetch is a yield point either way
+                return self.blobs.fetch(DATA_BLOB, blob_ids, locations)
+        return await trio.to_thread.run_sync(self.blobs.fetch, DATA_BLOB, blob_ids, locations, limiter=self._limiter)
 
     def _remember(self, blob_id: bytes, data: bytes) -> None:
         if blob_id in self._memory:
