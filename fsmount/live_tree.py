@@ -307,22 +307,30 @@ class LiveTree(pyfuse3.Operations):
 
     def _set_metadata(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       handle: _Handle | None) -> None:
-        dir_fd, name = self.inodes.where(inode)
+        record = self.inodes[inode]
+        fd = handle.fd if handle is not None and handle.fd >= 0 else None  # the writeback cache's time updates come with one
+        if fd is None and inode != ROOT and not record.names:
+            fd = next(iter(record.open_fds))  # unlinked while open (a temporary file): only its fds reach it
+        if fd is None:
+            dir_fd, name = self.inodes.where(inode)
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
-            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+            if fd is not None:
+                os.fchown(fd, uid, gid)
+            else:
+                os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
         if fields.update_mode:
-            if handle is not None:
-                os.fchmod(handle.fd, stat.S_IMODE(attr.st_mode))
+            if fd is not None:
+                os.fchmod(fd, stat.S_IMODE(attr.st_mode))
             else:
                 os.chmod(b"/proc/self/fd/%d/%s" % (dir_fd, name), stat.S_IMODE(attr.st_mode))
         if fields.update_atime or fields.update_mtime:
             current = self._stat(inode)
             atime = attr.st_atime_ns if fields.update_atime else current.st_atime_ns
             mtime = attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns
-            if handle is not None and handle.fd >= 0:  # the writeback cache's time updates come with one
-                os.utime(handle.fd, ns=(atime, mtime))
+            if fd is not None:
+                os.utime(fd, ns=(atime, mtime))
             else:
                 os.utime(name, ns=(atime, mtime), dir_fd=dir_fd, follow_symlinks=False)
 

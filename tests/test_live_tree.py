@@ -434,3 +434,23 @@ def test_lazy_unmount_leaves_the_final_snapshot_for_the_next_mount_to_upload(cli
         final = [s for s in snapshots(cli) if s not in before]
         assert len(final) == 1  # the lazy unmount's final snapshot, uploaded by this mount
         assert "/pending.txt" in [e["path"] for e in json.loads(cli("ls", final[0]["id"], "--json").stdout)]
+
+
+def test_a_file_unlinked_while_open_works_until_closed(cli, source: Path) -> None:
+    """tempfile.TemporaryFile without O_TMPFILE: create, unlink, then use and close the fd. The
+    kernel writes the cached times back at close; with no name left they go through the fd."""
+    with live_mount(cli, source) as mnt:
+        with tempfile.TemporaryFile(dir=mnt) as f:
+            f.write(b"scratch" * 10_000)
+            f.flush()
+            os.fchmod(f.fileno(), 0o600)
+            os.utime(f.fileno(), ns=(1_000_000_000, 2_000_000_000))
+            st = os.fstat(f.fileno())
+            assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o600, 2_000_000_000)
+            f.seek(0)
+            assert f.read() == b"scratch" * 10_000
+        fd = os.open(mnt / "gone.txt", os.O_CREAT | os.O_RDWR, 0o644)
+        os.write(fd, b"x")
+        os.unlink(mnt / "gone.txt")
+        os.close(fd)  # raised EIO: the time update looked the file up by a name it no longer had
+        assert sorted(os.listdir(mnt)) == ["notes.md", "src"]
