@@ -11,6 +11,7 @@ snapshot is taken from the source fd: nothing can be written any more, so it is 
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import logging
@@ -40,6 +41,8 @@ from .uploader import RETRY_FIRST_S, Uploader
 
 log = logging.getLogger(__name__)
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
 FLUSH_INTERVAL_S = 1.0
 BACKLOG_CHECK_S = 1.0  # how often an empty backlog is looked at
 BACKLOG_RETRY_MAX_S = 15.0  # longest pause between attempts to upload the backlog
@@ -48,6 +51,21 @@ BACKLOG_RETRY_MAX_S = 15.0  # longest pause between attempts to upload the backl
 def source_id(source: bytes) -> str:
     """A short stable name for a source folder: its changelog's and backlog's directory name."""
     return hashlib.sha256(os.path.realpath(source)).hexdigest()[:16]
+
+
+def write_back(mountpoint: bytes) -> None:
+    """syncfs(2) on a mount: the kernel sends the daemon what its writeback cache holds. Never from
+    the event loop's thread, which must serve those writes."""
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.warning("cannot write back the mount's cached data: %s", exc)
+        return
+    try:
+        if _libc.syncfs(fd) != 0:
+            log.warning("write-back of the mount's cached data failed: %s", os.strerror(ctypes.get_errno()))
+    finally:
+        os.close(fd)
 
 
 class SourceLock:
@@ -166,7 +184,7 @@ class LiveMount:
         async with trio.open_nursery() as outer:
             await outer.start(partial(control_server.serve, self._socket_path, self._handle, stop=stop_control))
             async with trio.open_nursery() as nursery:
-                await nursery.start(stops.watch, fuse_loop.stop_on_signal)
+                await nursery.start(stops.watch, self._stop_on_signal)
                 nursery.start_soon(self._flush_changelog)
                 nursery.start_soon(raise_readahead, self.mountpoint)
                 if self.repo.backlog is not None:
@@ -190,6 +208,36 @@ class LiveMount:
                 self._final_done.set()
                 nursery.cancel_scope.cancel()
             stop_control.set()  # the control server ends once pending replies (`umount`) are sent
+
+    async def _unmount(self, *, lazy: bool) -> None:
+        """`fsmount umount`: `fusermount3 -u`, which refuses while a program uses the mount (an open
+        file, a shell inside, a mount within). Detached under it, that program's files would lose
+        what the kernel still caches for them, and all it writes later. `--lazy` detaches anyway,
+        once the kernel has written back what it holds. The unmount runs beside the event loop,
+        which serves the write-back it causes."""
+        where = os.fsdecode(self.mountpoint)
+        if self.unmounting:
+            return  # stopped already (a signal, `fusermount3 -u`): the caller waits for the final snapshot
+        if lazy:
+            self.lazy = True
+            await trio.to_thread.run_sync(write_back, self.mountpoint)
+            fuse_loop.stop()
+            return
+        done = await trio.run_process(["fusermount3", "-u", where], capture_stderr=True, check=False)
+        if done.returncode != 0 and not self.unmounting:
+            message = done.stderr.decode(errors="replace").strip().removeprefix("fusermount3: ")
+            if "busy" in message:
+                raise FsmountError(f"{where} is busy: a program still uses it (an open file, a shell inside it); "
+                                   "close it, or detach the mount now with `fsmount umount --lazy`")
+            raise FsmountError(message or f"cannot unmount {where}")
+
+    def _stop_on_signal(self, signum: int) -> None:
+        """SIGTERM/SIGINT: the kernel writes back what it caches for open files, then the mount is
+        detached (a signal cannot be refused, busy or not)."""
+        async def stop() -> None:
+            await trio.to_thread.run_sync(write_back, self.mountpoint)
+            fuse_loop.stop_on_signal(signum)
+        trio.lowlevel.spawn_system_task(stop)
 
     async def _final_snapshot(self) -> None:
         """Snapshot what the folder holds now that nothing can change it, and (unless lazy) upload
@@ -253,8 +301,7 @@ class LiveMount:
             return {"id": snapshot.id, "short_id": snapshot.short_id, "label": snapshot.label(),
                     "in_backlog": backlog is not None and f"snapshots/{snapshot.id}" in backlog}
         if op == "unmount":
-            self.lazy = bool(request.get("lazy"))
-            fuse_loop.stop()
+            await self._unmount(lazy=bool(request.get("lazy")))
             await self._final_done.wait()
             backlog = self.repo.backlog
             return {"final_snapshot": self.final_snapshot, "final_error": self.final_error,

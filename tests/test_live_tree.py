@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -454,3 +455,41 @@ def test_a_file_unlinked_while_open_works_until_closed(cli, source: Path) -> Non
         os.unlink(mnt / "gone.txt")
         os.close(fd)  # raised EIO: the time update looked the file up by a name it no longer had
         assert sorted(os.listdir(mnt)) == ["notes.md", "src"]
+
+
+def test_umount_keeps_a_busy_mount_and_lazy_or_sigterm_keep_what_was_written(cli, source: Path) -> None:
+    """A file still open for writing: `umount` refuses (detached, the write was lost and close
+    gave ENOTCONN); `umount --lazy` and SIGTERM first have the kernel write back what it caches."""
+    def open_and_write(name: str) -> int:
+        fd = os.open(source / name, os.O_CREAT | os.O_WRONLY, 0o644)
+        os.write(fd, b"written before the unmount\n")
+        return fd
+
+    with live_mount(cli, source) as mnt:
+        fd = open_and_write("busy.txt")
+        err = cli("umount", mnt, check=1).stderr
+        assert b"busy" in err and b"--lazy" in err, err
+        assert is_mounted(mnt)
+        os.write(fd, b"and after\n")  # still served
+        os.close(fd)
+    assert (source / "busy.txt").read_bytes() == b"written before the unmount\nand after\n"
+    restored = [e for e in json.loads(cli("ls", "latest", "--json").stdout) if e["path"] == "/busy.txt"]
+    assert restored and restored[0]["size"] == 37
+
+    for stop in ("lazy", "sigterm"):
+        out = cli("mount", source).stdout.decode()
+        pid = int(re.search(r"daemon pid (\d+)", out).group(1))  # type: ignore[union-attr]
+        fd = open_and_write(f"{stop}.txt")
+        try:
+            if stop == "lazy":
+                cli("umount", "--lazy", source)
+            else:
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while is_mounted(source) or os.path.exists(f"/proc/{pid}"):
+                assert time.monotonic() < deadline, "not unmounted"
+                time.sleep(0.1)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        assert (source / f"{stop}.txt").read_bytes() == b"written before the unmount\n", stop

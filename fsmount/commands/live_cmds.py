@@ -287,8 +287,9 @@ def umount(app: AppContext, mountpoint: str, lazy: bool) -> None:
     A live mount takes a final snapshot and uploads it, with whatever else waits in its backlog,
     before this returns (a progress bar shows how far it is). If the store cannot take it, the
     snapshots stay on local disk for the next mount and the exit code says so (15).
-    A snapshot mount that a program still uses (a shell in it, a copy running) is not unmounted
-    (exit 1) unless --lazy.
+    A mount that a program still uses (an open file, a shell in it, a copy running) is not
+    unmounted (exit 1) unless --lazy; a live mount detached so first has the kernel write back
+    what it caches, and what the program writes afterwards is lost.
     """
     if unmount_live(mountpoint, app, lazy=lazy):
         return
