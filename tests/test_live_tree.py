@@ -493,3 +493,16 @@ def test_umount_keeps_a_busy_mount_and_lazy_or_sigterm_keep_what_was_written(cli
             with contextlib.suppress(OSError):
                 os.close(fd)
         assert (source / f"{stop}.txt").read_bytes() == b"written before the unmount\n", stop
+
+
+def test_snapshots_do_not_leak_file_descriptors(cli, source: Path) -> None:
+    """Every snapshot's worker threads opened index connections that stayed open: four descriptors
+    a snapshot, until the daemon hit its limit and the mount went away."""
+    with live_mount(cli, source) as mnt:
+        pid = json.loads(cli("status", mnt, "--json").stdout)["pid"]
+        counts = []
+        for i in range(8):
+            (mnt / "counter.txt").write_text(str(i))
+            cli("snapshot", mnt)
+            counts.append(len(os.listdir(f"/proc/{pid}/fd")))
+        assert counts[-1] <= counts[1], counts
