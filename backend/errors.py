@@ -27,9 +27,10 @@ class RepositoryNotFound(FsmountError):
 
 
 class RepositoryExists(FsmountError):
-    """`init` found a repository already at the location."""
+    """`init` found a repository already at the location (restic exits 1 there too; 10 means
+    the opposite, no repository)."""
 
-    exit_code = 10
+    exit_code = 1
 
 
 class LockedError(FsmountError):

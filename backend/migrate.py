@@ -78,6 +78,7 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
     except StoreError as exc:
         raise RepositoryNotFound(f"no repository at {source.location} to migrate ({exc})") from None
     decoded = Config.decode(config)
+    destination.create_if_missing()
     _check_destination(destination, decoded, source)
     # The passphrase is checked (scrypt) while objects travel; the same key then opens the copy.
     opener = ThreadPoolExecutor(1, thread_name_prefix="migrate-key")

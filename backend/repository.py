@@ -113,6 +113,7 @@ class Repository:
         if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size & (block_size - 1):
             raise UsageError(f"block size must be a power of two from {MIN_BLOCK_SIZE // 1024} KiB "
                              f"to {MAX_BLOCK_SIZE // 1024 // 1024} MiB, not {block_size}")
+        store.create_if_missing()
         if store.exists("config"):
             raise RepositoryExists(f"a repository already exists at {store.location}")
         config = Config(FORMAT_VERSION, random_id(), block_size, pack_size)

@@ -82,7 +82,7 @@ def main(ctx: click.Context, repos: tuple[str, ...], profiles: tuple[str, ...], 
 def run() -> None:
     """Console-script entry point: run the CLI and turn our errors into messages and exit codes."""
     try:
-        code = main.main(standalone_mode=False)
+        code = main.main(standalone_mode=False, prog_name="fsmount")
     except FsmountError as exc:
         background.report_failure(str(exc), exc.exit_code)
         say_styled("fsmount:", str(exc), bold=True, fg="red")
@@ -93,6 +93,13 @@ def run() -> None:
     except KeyboardInterrupt:
         say("fsmount: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()  # `fsmount` alone: the help
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:  # one line, like every other error
+        where = exc.ctx.command_path if exc.ctx is not None else "fsmount"
+        say(f"fsmount: {exc.format_message().rstrip('.')} (see `{where} --help`)", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

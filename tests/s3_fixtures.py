@@ -182,10 +182,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStor
     kind: str = request.param
     if kind == "local":
         made: ObjectStore = LocalStore(tmp_path / "store")
+        made.create_if_missing()
     elif kind == "s3":
         made = request.getfixturevalue("s3_bucket").open_store()
     elif kind == "replicated-local-s3":
         made = ReplicatedStore([LocalStore(tmp_path / "store"), request.getfixturevalue("s3_bucket").open_store()])
+        made.create_if_missing()
     else:
         made = ReplicatedStore([request.getfixturevalue("s3_bucket").open_store(),
                                 request.getfixturevalue("s3_bucket_b").open_store()])

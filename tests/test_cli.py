@@ -50,7 +50,7 @@ def test_init_backup_snapshots_ls_restore_verify(cli, tmp_path: Path) -> None:
 
 def test_second_init_refuses(cli) -> None:
     cli("init")
-    proc = cli("init", check=10)
+    proc = cli("init", check=1)  # not 10, which says there is no repository
     assert proc.stderr.decode().strip() == f"fsmount: a repository already exists at {cli.env['FSMOUNT_REPOSITORY']}"
 
 
@@ -95,7 +95,10 @@ def test_usage_errors_exit_2(cli, tmp_path: Path) -> None:
     cli("backup", make_source(tmp_path / "src"))
     assert "need a folder" in cli("restore", "latest", "--target", "", check=2).stderr.decode()
     for every in ("0", "-5m", "soon"):
-        assert "is not a duration" in cli("mount", tmp_path / "src", "--every", every, check=2).stderr.decode()
+        err = cli("mount", tmp_path / "src", "--every", every, check=2).stderr.decode()
+        assert "is not a duration" in err and "fsmount mount --help" in err
+        assert len(err.splitlines()) == 1, err  # click's usage errors took four lines
+    assert cli("bogus", check=2).stderr.decode() == "fsmount: No such command 'bogus' (see `fsmount --help`)\n"
 
 
 def test_unreadable_file_is_a_warning_exit_3(cli, tmp_path: Path) -> None:

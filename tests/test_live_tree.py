@@ -506,3 +506,21 @@ def test_snapshots_do_not_leak_file_descriptors(cli, source: Path) -> None:
             cli("snapshot", mnt)
             counts.append(len(os.listdir(f"/proc/{pid}/fd")))
         assert counts[-1] <= counts[1], counts
+
+
+def test_a_repository_deleted_while_mounted_is_reported_not_made_again(cli, source: Path) -> None:
+    """The daemon wrote the next snapshot into a new, empty folder (no config, no keys) and said
+    it was uploaded; the store now refuses to create the repository's own folder outside `init`,
+    so the snapshot waits in the backlog and the mount says why."""
+    repo = Path(cli.env["FSMOUNT_REPOSITORY"])
+    with live_mount(cli, source) as mnt:
+        shutil.rmtree(repo)
+        (mnt / "after.txt").write_text("written after the repository went away")
+        assert b"waits on local disk" in cli("snapshot", mnt).stdout
+        deadline = time.monotonic() + 30
+        while "missing" not in (json.loads(cli("status", mnt, "--json").stdout)["backlog"]["last_error"] or ""):
+            assert time.monotonic() < deadline, "status never named the missing repository"
+            time.sleep(0.2)
+        err = cli("umount", mnt, check=15).stderr.decode()
+        assert "repository folder" in err and "missing" in err, err
+    assert not repo.exists()

@@ -23,6 +23,7 @@ import pytest
 from backend.errors import IntegrityError, ObjectNotFound, StoreError, TransientStoreError
 from backend.stores import LocalStore, ObjectStore, open_store
 from backend.stores.faulty import FaultyStore
+import backend.stores.replicated as replicated_module
 from backend.stores.replicated import MissingObject, ReplicatedStore
 from backend.stores.retry import RetryingStore, RetryPolicy
 from backend.stores.s3 import S3Store
@@ -263,12 +264,12 @@ def test_missing_bucket_is_reported_and_not_created(s3_server) -> None:
 
 
 @pytest.mark.s3
-def test_create_bucket_if_missing_then_use_it(s3_server) -> None:
+def test_create_if_missing_makes_the_bucket_then_uses_it(s3_server) -> None:
     name = f"init-{os.getpid()}-{time.monotonic_ns() % 10**6}"
     store = S3Store(name, "repo", endpoint_url=s3_server.endpoint, credentials=s3_server.credentials)
     try:
-        assert store.create_bucket_if_missing() is True
-        assert store.create_bucket_if_missing() is False
+        assert store.create_if_missing() is True
+        assert store.create_if_missing() is False
         store.put("config", b"c")
         assert store.get("config") == b"c"
     finally:
@@ -297,7 +298,9 @@ def test_open_store_uses_the_environment_and_hides_credentials(s3_bucket, monkey
 
 @pytest.fixture
 def local_and_s3(tmp_path: Path, s3_bucket) -> list[ObjectStore]:
-    return [LocalStore(tmp_path / "replica-a"), s3_bucket.open_store()]
+    local = LocalStore(tmp_path / "replica-a")
+    local.create_if_missing()
+    return [local, s3_bucket.open_store()]
 
 
 def _sha256_verifier(expected: dict[str, bytes]):
@@ -359,9 +362,11 @@ def test_put_with_a_replica_down_fails_naming_it(local_and_s3) -> None:
 
 
 @pytest.mark.s3
-def test_degraded_put_records_what_a_down_replica_misses(local_and_s3, caplog) -> None:
+def test_degraded_put_records_what_a_down_replica_misses(local_and_s3, caplog, monkeypatch) -> None:
     first, second = local_and_s3
     down = FaultyStore(second, seed=0, down=True)
+    asked = []
+    monkeypatch.setattr(down, "put", lambda key, data: (asked.append(key), FaultyStore.put(down, key, data)))
     replicated = ReplicatedStore([first, down], degraded=True)
     with caplog.at_level(logging.WARNING, logger="backend.stores.replicated"):
         replicated.put("data/ab/one", b"1")
@@ -370,6 +375,8 @@ def test_degraded_put_records_what_a_down_replica_misses(local_and_s3, caplog) -
     assert first.get("data/ab/one") == b"1"
     assert replicated.missing_objects() == [MissingObject(second.location, "data/ab/one"),
                                             MissingObject(second.location, "data/cd/two")]
+    assert asked == ["data/ab/one"]  # down: not asked again (each time would wait out its retries)
+    monkeypatch.setattr(replicated_module, "DOWN_FOR_S", 0.0)  # ... until DOWN_FOR_S has passed
     down.down = False
     replicated.put("data/ab/one", b"1")
     assert replicated.take_missing_objects() == [MissingObject(second.location, "data/cd/two")]
@@ -411,3 +418,19 @@ def _unused_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.s3
+def test_reads_and_listings_go_on_without_a_replica_that_is_down(local_and_s3, caplog) -> None:
+    """Reading needs one good replica, not all: `snapshots`, `ls` and `restore` failed outright
+    while one replica was down, degraded or not."""
+    first, second = local_and_s3
+    first.put("snapshots/one", b"1")
+    down = FaultyStore(second, seed=0, down=True)
+    replicated = ReplicatedStore([down, first])
+    with caplog.at_level(logging.WARNING, logger="backend.stores.replicated"):
+        assert list(replicated.list("snapshots/")) == [("snapshots/one", 1)]
+        assert replicated.get("snapshots/one") == b"1"
+    assert len(caplog.records) == 1 and second.location in caplog.text  # said once, then left alone
+    with pytest.raises(StoreError):
+        list(ReplicatedStore([down]).list("snapshots/"))

@@ -13,8 +13,10 @@ import stat
 
 
 def _holes(path: bytes, size: int) -> list[tuple[int, int]]:
-    """Data extents of a file as (start, end) pairs, from SEEK_DATA/SEEK_HOLE. An extent that holds
-    only zero bytes is left out: backup stores an all-zero block as a hole, and restore makes it one."""
+    """Data extents of a file as (start, end) pairs, from SEEK_DATA/SEEK_HOLE, each cut to its
+    first and last non-zero byte. An extent that holds only zero bytes is left out: backup stores
+    an all-zero block as a hole, and restore makes it one (so a file whose last, partial block is
+    zeros ends in a hole once restored)."""
     extents = []
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
@@ -27,8 +29,9 @@ def _holes(path: bytes, size: int) -> list[tuple[int, int]]:
                     break
                 raise
             end = os.lseek(fd, start, os.SEEK_HOLE)
-            if os.pread(fd, end - start, start).strip(b"\0"):
-                extents.append((start, end))
+            data = os.pread(fd, end - start, start)
+            if data.strip(b"\0"):
+                extents.append((start + len(data) - len(data.lstrip(b"\0")), end - len(data) + len(data.rstrip(b"\0"))))
             offset = end
     finally:
         os.close(fd)

@@ -153,6 +153,9 @@ class BacklogStore:
 
     # -- the ObjectStore operations -------------------------------------------------------------------
 
+    def create_if_missing(self) -> object:
+        return self.inner.create_if_missing()
+
     def put(self, key: str, data: bytes) -> None:
         with self._lock:
             if key in self._staged:

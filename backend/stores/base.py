@@ -29,6 +29,10 @@ from typing import Protocol, runtime_checkable
 class ObjectStore(Protocol):
     """A place objects live: a local directory, an S3 bucket prefix, several replicas."""
 
+    def create_if_missing(self) -> object:
+        """Create the folder or bucket the objects go into (`fsmount init`, `migrate`); every other
+        write expects it, so a repository deleted while in use is reported, not made again."""
+
     def put(self, key: str, data: bytes) -> None: ...
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes: ...

@@ -117,6 +117,9 @@ class FaultyStore:
     def delete(self, key: str) -> None:
         self._run("delete", key, lambda: self.inner.delete(key))
 
+    def create_if_missing(self) -> object:
+        return self.inner.create_if_missing()
+
     def close(self) -> None:
         self.inner.close()
 

@@ -33,13 +33,29 @@ class LocalStore:
             raise StoreError(f"invalid object key {key!r}")
         return os.path.join(self.root, key)
 
+    def create_if_missing(self) -> bool:
+        """Create the repository's folder (and its parents) unless it exists; True if it was created."""
+        try:
+            os.makedirs(self.root)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise _store_error(f"creating {self.root}", exc) from exc
+        return True
+
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         directory = os.path.dirname(path)
         tmp = os.path.join(directory, _TMP_PREFIX + secrets.token_hex(8))
         try:
-            os.makedirs(directory, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileNotFoundError:
+                if not os.path.isdir(self.root):  # deleted, or a disk not mounted: never start an empty one
+                    raise StoreError(f"the repository folder {self.root} is missing (deleted, moved, or on "
+                                     "a disk that is not mounted)") from None
+                os.makedirs(directory, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 view = memoryview(data)
                 while view:

@@ -81,6 +81,9 @@ class RetryingStore:
     def _retry(self, doing: str, fn: Callable[[], T]) -> T:
         return call_with_retry(fn, policy=self.policy, doing=f"{doing} {self.inner.location}")
 
+    def create_if_missing(self) -> object:
+        return self._retry("creating", self.inner.create_if_missing)
+
     def put(self, key: str, data: bytes) -> None:
         self._retry(f"writing {key} to", lambda: self.inner.put(key, data))
 

@@ -71,10 +71,15 @@ class S3Store:
         self._bucket_lock = threading.Lock()
         self._parts_pool = ThreadPoolExecutor(max_connections, thread_name_prefix="s3-parts")
         return_large_buffers_to_the_os()  # whole objects travel as bytes (stores/base.py)
-        self._session = (boto3.session.Session() if credentials is None else
-                         boto3.session.Session(aws_access_key_id=credentials[0], aws_secret_access_key=credentials[1]))
-        self.client = _make_client(self._session, self._explicit_endpoint, region, max_connections,
-                                   connect_timeout_s, read_timeout_s)
+        try:
+            self._session = (boto3.session.Session() if credentials is None else
+                             boto3.session.Session(aws_access_key_id=credentials[0], aws_secret_access_key=credentials[1]))
+            self.client = _make_client(self._session, self._explicit_endpoint, region, max_connections,
+                                       connect_timeout_s, read_timeout_s)
+        except bex.ProfileNotFound as exc:
+            raise StoreError(f"opening s3:{bucket}: {exc} (AWS_PROFILE or ~/.aws/config)") from None
+        except (bex.BotoCoreError, ValueError) as exc:  # a malformed endpoint URL, ~/.aws/config
+            raise StoreError(f"opening s3:{bucket}: {exc}") from None
         self.endpoint: str = self.client.meta.endpoint_url
 
     @classmethod
@@ -212,8 +217,8 @@ class S3Store:
             Bucket=self.bucket, Key=full, CopySource=origin), key=key)
         return str(response["CopyObjectResult"]["ETag"]).strip('"')
 
-    def create_bucket_if_missing(self) -> bool:
-        """Create the bucket unless it exists (used by `fsmount init`); True if it was created."""
+    def create_if_missing(self) -> bool:
+        """Create the bucket unless it exists (`fsmount init`, `migrate`); True if it was created."""
         if self._bucket_exists():
             self._bucket_checked = True
             return False

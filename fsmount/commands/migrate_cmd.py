@@ -47,9 +47,6 @@ def migrate(app: AppContext, destinations: tuple[str, ...], delete_source: bool,
 
         destination = ReplicatedStore([open_location(loc) for loc in destinations], verify=object_intact)
     try:
-        create_bucket = getattr(destination, "create_bucket_if_missing", None)
-        if create_bucket is not None:
-            create_bucket()
         report = run_migrate(source, destination, app.passphrase(), delete_source=delete_source,
                              workers=workers, cache_dir=app.cache_dir, check_data=check_data,
                              progress=BarProgress("migrate", enabled=not app.quiet and not app.json))
