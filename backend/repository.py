@@ -82,6 +82,24 @@ class Config:
             raise IntegrityError(f"repository config is malformed: {exc}") from exc
 
 
+def check_replicas_hold_one_repository(store: ObjectStore) -> None:
+    """The replicas that hold a repository (of those that answer) hold the same one. Two
+    repositories given as replicas of each other took each other's objects (and keys) through
+    backups and `replicas sync`. A single store passes."""
+    copies = getattr(store, "get_from_each", None)
+    first: tuple[str, str] | None = None
+    for location, data in copies("config") if copies is not None else ():
+        if data is None:
+            log.warning("replica %s holds no repository yet: `fsmount replicas sync` copies it there", location)
+            continue
+        theirs = Config.decode(data).id
+        if first is None:
+            first = (location, theirs)
+        elif theirs != first[1]:
+            raise UsageError(f"replica {location} holds a different repository ({theirs[:8]}) than {first[0]} "
+                             f"({first[1][:8]}); replicas must be copies of one repository")
+
+
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "fsmount")
@@ -132,6 +150,7 @@ class Repository:
             config = Config.decode(store.get("config"))
         except ObjectNotFound:
             raise RepositoryNotFound(f"no repository at {store.location} (run `fsmount init` first)") from None
+        check_replicas_hold_one_repository(store)
         key = open_master_key(store, passphrase)
         if backlog is not None:
             directory = os.path.join(cache_dir or default_cache_dir(), config.id, BACKLOGS_DIR, backlog)

@@ -271,6 +271,25 @@ def test_migration_refuses_a_destination_with_another_repository(cli, tmp_path: 
     assert sorted(p.name for p in other.rglob("*")) == before
 
 
+def test_two_repositories_are_not_taken_for_replicas_of_one(cli, tmp_path: Path) -> None:
+    """Given as replicas, two separate repositories took each other's objects and keys, through
+    a backup and through `replicas sync`."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.txt").write_text("a")
+    for repo in (first, second):
+        cli("-r", repo, "init")
+    before = {repo: sorted(p.name for p in repo.rglob("*")) for repo in (first, second)}
+    for command in (("backup", source), ("replicas", "sync"), ("snapshots",)):
+        err = cli("-r", first, "-r", second, *command, check=2).stderr.decode()
+        assert "holds a different repository" in err, err
+    assert {repo: sorted(p.name for p in repo.rglob("*")) for repo in (first, second)} == before
+    new = tmp_path / "new-replica"  # a replica in a folder not made yet: sync makes and fills it
+    cli("-r", first, "-r", new, "replicas", "sync")
+    assert json.loads(cli("-r", new, "snapshots", "--json").stdout) == []
+
+
 @pytest.mark.s3
 def test_replicas_on_two_providers_each_with_its_own_profile(cli, tmp_path: Path, s3_bucket, s3_bucket_b) -> None:
     config = tmp_path / "config"

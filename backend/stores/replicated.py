@@ -130,6 +130,18 @@ class ReplicatedStore:
             raise IntegrityError(f"no replica has a good copy of {key}: {detail}")
         raise StoreError(f"reading {key}: no replica could serve it: {detail}")
 
+    def get_from_each(self, key: str) -> Iterator[tuple[str, bytes | None]]:
+        """(location, object or None where it has none) from each replica that answers."""
+        for i, replica in enumerate(self.replicas):
+            if self._is_down(i):
+                continue
+            try:
+                yield replica.location, replica.get(key)
+            except ObjectNotFound:
+                yield replica.location, None
+            except StoreError as exc:
+                self._mark_down(i, exc)
+
     def exists(self, key: str) -> bool:
         errors: list[tuple[ObjectStore, StoreError]] = []
         for i, replica in enumerate(self.replicas):

@@ -74,8 +74,12 @@ def replicas(ctx: click.Context) -> None:
 @click.pass_obj
 def sync(app: AppContext, read_data: bool) -> None:
     """Copy to each replica what it lacks (after a --degraded backup), from a replica with a good copy."""
+    from backend.repository import check_replicas_hold_one_repository
+
     store = _replicated(app)
     try:
+        check_replicas_hold_one_repository(store)
+        store.create_if_missing()  # a replica added in a new folder or bucket
         states = check_replicas(store.replicas, read_data=read_data, repair=True,
                                 progress=BarProgress("sync", enabled=not app.quiet and not app.json))
     finally:
