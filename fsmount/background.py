@@ -53,6 +53,11 @@ def start(argv: list[str], log_path: str, passphrase: bytes, *, timeout_s: float
     raise FsmountError(f"the mount daemon exited before it was ready; see {log_path}")
 
 
+def is_daemon() -> bool:
+    """True in a daemon that `start()` started, until it has reported how its start went."""
+    return READY_FD_ENV in os.environ
+
+
 def report_ready() -> None:
     """In a daemon started by `start()`: tell the parent the mount is live."""
     _report("ready")

@@ -34,7 +34,7 @@ from backend.stores.backlog import BacklogStore
 from . import control, control_server, fuse_fallocate, fuse_loop
 from .changelog import Changelog
 from .live_tree import LiveTree
-from .mountpoint import check_mountpoint, freeze_startup_heap, is_stale, mounted_at, raise_readahead
+from .mountpoint import check_mountpoint, freeze_startup_heap, is_stale, mounted_at, raise_readahead, type_of_mount
 from .snapshot_mount import make_snapshot_tree
 from .stop_signals import StopSignals
 from .uploader import RETRY_FIRST_S, Uploader
@@ -171,8 +171,10 @@ class LiveMount:
         try:
             if self.mountpoint != self.source:
                 check_mountpoint(self.mountpoint)
-            elif mounted_at(self.mountpoint):
-                raise UsageError(f"{os.fsdecode(self.mountpoint)} is already a mountpoint (unmount it first)")
+            elif (kind := type_of_mount(self.mountpoint) or "").startswith("fuse"):
+                # A disk or tmpfs mounted there is fine: the source fd reaches it under the mount.
+                raise UsageError(f"{os.fsdecode(self.mountpoint)} is a FUSE mount ({kind}) already; "
+                                 "unmount it first")
         except BaseException:
             os.close(source_fd)
             raise

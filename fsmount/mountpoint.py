@@ -52,13 +52,39 @@ def is_stale(path: bytes) -> bool:
 def device_of_mount(path: bytes) -> str | None:
     """`major:minor` of the file system mounted at `path`, from mountinfo (the mount is not touched:
     a FUSE daemon must not make requests to its own mount from the thread that answers them)."""
-    device = None
+    top = _top_mount(path)
+    return top[0] if top else None
+
+
+def type_of_mount(path: bytes) -> str | None:
+    """The type (`ext4`, `tmpfs`, `fuse.fsmount`...) of the file system mounted at `path`."""
+    top = _top_mount(path)
+    return top[1] if top else None
+
+
+def type_of_enclosing_mount(path: bytes) -> str | None:
+    """The type of the file system that `path` (a real path) lies in: the deepest mount above it."""
+    best, kind = -1, None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ")
+            if len(fields) <= 4:
+                continue
+            where = fields[4].replace(b"\\040", b" ")
+            if (path == where or path.startswith(where.rstrip(b"/") + b"/")) and len(where) >= best:
+                best, kind = len(where), line.partition(b" - ")[2].split(b" ")[0].decode(errors="replace")
+    return kind
+
+
+def _top_mount(path: bytes) -> tuple[str, str] | None:
+    found = None
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split(b" ")
             if len(fields) > 4 and fields[4].replace(b"\\040", b" ") == path:
-                device = fields[2].decode()  # the last one: mounts stack
-    return device
+                kind = line.partition(b" - ")[2].split(b" ")[0].decode(errors="replace")
+                found = (fields[2].decode(), kind)  # the last one: mounts stack
+    return found
 
 
 async def raise_readahead(mountpoint: bytes, kib: int = READAHEAD_KIB) -> None:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import IN_CI
 from live_mount import is_mounted, live_mount, sigterm_as_it_mounts
 from treecompare import assert_listing_agrees_with_stat, differences
 
@@ -524,3 +525,40 @@ def test_a_repository_deleted_while_mounted_is_reported_not_made_again(cli, sour
         err = cli("umount", mnt, check=15).stderr.decode()
         assert "repository folder" in err and "missing" in err, err
     assert not repo.exists()
+
+
+def test_a_folder_that_is_a_file_system_of_its_own_can_be_mounted_over(cli, tmp_path: Path) -> None:
+    """A partition, a USB disk or a tmpfs mounted at the folder: it was refused as "already a
+    mountpoint (unmount it first)", advice that would have hidden the user's files."""
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("this test mounts a tmpfs: CI runs as root")
+        pytest.skip("mounting a tmpfs needs root")
+    cli("init")
+    folder = tmp_path / "usb"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", folder], check=True)
+    try:
+        (folder / "on-the-disk.txt").write_text("kept")
+        with live_mount(cli, folder) as mnt:
+            assert (mnt / "on-the-disk.txt").read_text() == "kept"
+            (mnt / "new.txt").write_text("new")
+        listing = [e["path"] for e in json.loads(cli("ls", "latest", "--json").stdout)]
+        assert {"/on-the-disk.txt", "/new.txt"} <= set(listing)
+        assert (folder / "new.txt").read_text() == "new"  # on the tmpfs itself
+    finally:
+        subprocess.run(["umount", "-l", folder], check=False)
+
+
+def test_a_snapshot_is_not_live_mounted_and_a_snapshots_folder_of_ones_own_is_named(cli, source: Path) -> None:
+    (source / ".snapshots").mkdir()
+    (source / ".snapshots" / "mine.txt").write_text("the user's own")
+    err = cli("mount", source).stderr.decode()
+    assert ".snapshots is hidden while mounted" in err and len(err.splitlines()) == 1, err
+    try:
+        cli("snapshot", source, "--name", "s1")
+        err = cli("mount", source / ".snapshots" / "s1", check=2).stderr.decode()
+        assert "read-only" in err, err  # every write in it would fail with EROFS
+    finally:
+        cli("umount", source)
+    assert (source / ".snapshots" / "mine.txt").read_text() == "the user's own"

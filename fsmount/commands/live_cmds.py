@@ -17,6 +17,7 @@ from backend.fsnode import is_within
 
 from .. import background
 from ..context import AppContext
+from ..mountpoint import type_of_enclosing_mount
 from ..output import console, emit_json, human_bytes, json_option, parse_size, say
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
@@ -66,6 +67,7 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
         raise click.BadParameter(f"{backlog_limit!r} is not a size like 512M or 2G", param_hint="--backlog-limit")
     source = os.path.realpath(source)  # as the messages, the log and the daemon name it
     target = os.path.realpath(mountpoint) if mountpoint else source
+    _check_writable_source(source)
     if not foreground:
         log_path = os.path.join(control.runtime_dir(), control.mount_id(target) + ".log")
         argv = [*(arg for loc in app.locations() for arg in ("-r", loc)), "mount", "-f", source, target]
@@ -259,6 +261,22 @@ def _show_final_upload(mountpoint: str, unmounted: Future, lazy: bool) -> None:
                 bar.update(task, description="uploading the backlog", total=most,
                            completed=most - backlog["bytes"])
             wait([unmounted], timeout=0.25)
+
+
+def _check_writable_source(source: str) -> None:
+    """Refuse a folder nothing could be written to; warn of a `.snapshots` of the user's own."""
+    try:
+        read_only = os.statvfs(source).f_flag & os.ST_RDONLY
+    except OSError:
+        return  # the daemon says what is wrong with it
+    in_snapshots = ".snapshots" in source.split("/") and (
+        type_of_enclosing_mount(os.fsencode(source)) or "").startswith("fuse.fsmount")
+    if read_only or in_snapshots:
+        raise UsageError(f"cannot mount {source}: it is read-only (a snapshot, a read-only disk); "
+                         "back it up with `fsmount backup` instead")
+    if os.path.lexists(os.path.join(source, ".snapshots")) and not background.is_daemon():
+        say(f"warning: {source}/.snapshots is hidden while mounted: the mount shows its snapshots there "
+            "(the folder is still backed up; rename it to see it)", err=True)
 
 
 def _warn_if_cwd_is_underneath(target: str) -> None:
