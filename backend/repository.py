@@ -122,6 +122,7 @@ class Repository:
         self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
         self._trees_lock = threading.Lock()
         self._cached_nodes = 0
+        self.damaged_snapshots: list[str] = []  # ids `snapshots()` could not read, last time it ran
 
     # -- opening ----------------------------------------------------------------------------------
 
@@ -299,13 +300,16 @@ class Repository:
         return Snapshot.decode(self.key, snapshot_id, data)
 
     def snapshots(self) -> list[Snapshot]:
-        """All snapshots, oldest first; unreadable ones are logged and left out."""
-        found = []
+        """All snapshots, oldest first; unreadable ones are logged, left out, and named in
+        `damaged_snapshots`."""
+        found, damaged = [], []
         for snapshot_id in self.snapshot_ids():
             try:
                 found.append(self.load_snapshot(snapshot_id))
             except IntegrityError as exc:
                 log.warning("%s", exc)
+                damaged.append(snapshot_id)
+        self.damaged_snapshots = damaged
         found.sort(key=lambda s: (s.time_ns, s.id))
         return found
 
@@ -314,6 +318,9 @@ class Repository:
         if ref == "latest":
             candidates = [s for s in self.snapshots()
                           if (host is None or s.host == host) and (source is None or s.source == source)]
+            if not candidates and self.damaged_snapshots:
+                raise IntegrityError(f"no readable snapshot: {len(self.damaged_snapshots)} are damaged "
+                                     "(`fsmount verify` says more)")
             if not candidates:
                 raise UsageError("the repository has no snapshots yet" if host is None and source is None
                                  else "no snapshot matches that host and source")

@@ -119,3 +119,12 @@ def test_new_machine_rebuilds_the_index_cache(cli, tmp_path: Path) -> None:
     cli.env["XDG_CACHE_HOME"] = str(tmp_path / "another-machine")
     cli("restore", "latest", "--target", tmp_path / "restored")
     assert (tmp_path / "restored" / "healthy.bin").read_bytes() == (source / "healthy.bin").read_bytes()
+
+
+def test_a_damaged_snapshot_object_is_an_error_not_an_empty_list(cli, tmp_path: Path, repo_path: Path) -> None:
+    """`snapshots` said "0 snapshots" (exit 0) and `restore latest` "no snapshots yet"."""
+    _, snapshot = backed_up_source(cli, tmp_path)
+    (repo_path / "snapshots" / snapshot["id"]).write_bytes(os.urandom(100))
+    err = cli("snapshots", check=14).stderr.decode()
+    assert f"snapshots/{snapshot['id']}" in err and "damaged" in err
+    assert "damaged" in cli("restore", "latest", "--target", tmp_path / "r", check=14).stderr.decode()

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import click
 
+from backend.errors import IntegrityError
 from backend.repository import DEFAULT_BLOCK_SIZE, Repository
 from backend.snapshot import Snapshot
 from backend.tree import DIR, Node
@@ -48,6 +49,9 @@ def snapshot_doc(snap: Snapshot) -> dict:
             "tree": snap.tree.hex(), "stats": snap.stats}
 
 
+_MIN_WIDTHS = {"id": 8, "time": 19, "size": 9, "added": 9}  # the `snapshots` columns that never shrink
+
+
 @click.command()
 @click.option("--host", help="Only snapshots of this host.")
 @click.option("--tag", "tags", multiple=True, help="Only snapshots with this tag (repeatable: all must match).")
@@ -62,20 +66,33 @@ def snapshots(app: AppContext, host: str | None, tags: tuple[str, ...]) -> None:
     with app.open_repository() as repo:
         found = [s for s in repo.snapshots()
                  if (host is None or s.host == host) and all(t in s.tags for t in tags)]
+        damaged = repo.damaged_snapshots
     if app.json:
         emit_json([snapshot_doc(s) for s in found])
-        return
+    else:
+        _print_snapshots(found)
+    if damaged:
+        raise IntegrityError(f"{len(damaged)} snapshot objects are damaged and not listed, e.g. "
+                             f"snapshots/{damaged[0]} (`fsmount verify` says more)")
+
+
+def _print_snapshots(found: list[Snapshot]) -> None:
     from rich.table import Table
     from rich.text import Text
 
     table = Table(box=None, header_style="bold")
     for column in ("id", "time", "host", "source", "tags", "files", "size", "added"):
+        # The free text (source, tags and name) folds; the rest keeps its width, however long a
+        # name is (one of 255 bytes squeezed every other column out of the table).
+        wraps = column in ("source", "tags")
         table.add_column(column, justify="right" if column in ("files", "size", "added") else "left",
-                         no_wrap=column != "source")
+                         no_wrap=not wraps, overflow="fold" if wraps else "ellipsis",
+                         min_width=None if wraps else _MIN_WIDTHS.get(column, len(column)))
     for s in found:  # Text, not markup: names and paths may hold brackets
         table.add_row(*map(Text, (
-            s.short_id, s.time.strftime("%Y-%m-%d %H:%M:%S"), s.host, display_name(s.source),
-            ",".join(s.tags) + (f" [{s.name}]" if s.name else ""), str(s.stats.get("files", "")),
+            s.short_id, s.time.strftime("%Y-%m-%d %H:%M:%S"), s.host, line_name(s.source),
+            line_name(",".join(s.tags).encode() + (f" [{s.name}]".encode() if s.name else b"")),
+            str(s.stats.get("files", "")),
             human_bytes(s.stats.get("size", 0)), human_bytes(s.stats.get("bytes_added", 0)))))
     console().print(table)
     say(f"{len(found)} snapshot{'s' if len(found) != 1 else ''}")
