@@ -99,10 +99,15 @@ def test_flipped_bytes_in_one_replica_are_read_around_and_repaired(cli, tmp_path
     assert "damaged in the first replica" in proc.stderr.decode()
     assert differences(source, tmp_path / "restored") == []
     cli("-r", a, "verify", "--read-data", check=14)  # replica a alone is damaged
+    out = run(cli, "verify", "--read-data", check=14).stdout.decode()  # and so are the two, as one
+    assert f"replica {a} holds damaged copies of 1 objects" in out, out  # it said "no errors"
+    (b / "index" / next(p.name for p in (b / "index").iterdir())).unlink()
+    assert f"replica {b} lacks 1 objects" in run(cli, "verify", check=14).stdout.decode()
 
     out = run(cli, "verify", "--read-data", "--repair").stdout.decode()
-    assert f"{a}: healed 1 objects" in out
+    assert f"{a}: healed 1 objects" in out and f"{b}: healed 1 objects" in out
     cli("-r", a, "verify", "--read-data")
+    run(cli, "verify", "--read-data")
 
 
 def test_repair_without_replicas_is_a_usage_error(cli, tmp_path: Path) -> None:

@@ -32,6 +32,8 @@ def verify(app: AppContext, read_data: bool, repair: bool) -> None:
     with app.open_repository() as repo:
         report = run_verify(repo, read_data=read_data,
                             progress=BarProgress("verify", enabled=not app.quiet and not app.json))
+        if not repair:
+            report.errors += _replica_errors(app, repo.store, read_data)
     if app.json:
         emit_json(vars(report) | {"ok": report.ok})
     else:
@@ -54,6 +56,26 @@ def verify(app: AppContext, read_data: bool, repair: bool) -> None:
 
 
 COMMANDS = [verify]
+
+
+def _replica_errors(app: AppContext, store: object, read_data: bool) -> list[str]:
+    """What each replica lacks (and with --read-data, holds damaged). The check above reads through
+    the replicas, so a good copy anywhere passes it: a replica's own damage showed only as a warning."""
+    from backend.replicas import check_replicas
+
+    replicas = getattr(store, "replicas", None)
+    if not replicas:
+        return []
+    errors = []
+    for state in check_replicas(replicas, read_data=read_data,
+                                progress=BarProgress("replicas", enabled=not app.quiet and not app.json)):
+        if not state.reachable:
+            errors.append(f"replica {state.location} cannot be reached: {state.error}")
+        for what, keys in (("lacks", state.missing), ("holds damaged copies of", state.damaged)):
+            if keys:
+                errors.append(f"replica {state.location} {what} {len(keys)} objects, e.g. {keys[0]} "
+                              "(`fsmount verify --repair` heals them from a good copy)")
+    return errors
 
 
 def _repair(app: AppContext, read_data: bool) -> None:
