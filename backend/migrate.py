@@ -75,6 +75,10 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
     return_large_buffers_to_the_os()
     try:
         config = source.get("config")
+    except ObjectNotFound as exc:
+        if delete_source and destination.exists("config"):
+            return _finish_deleting_source(source, destination, report)
+        raise RepositoryNotFound(f"no repository at {source.location} to migrate ({exc})") from None
     except StoreError as exc:
         raise RepositoryNotFound(f"no repository at {source.location} to migrate ({exc})") from None
     decoded = Config.decode(config)
@@ -212,6 +216,27 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
             if key_name != "config":
                 source.delete(key_name)
                 report.deleted += 1
+    return report
+
+
+def _finish_deleting_source(source: ObjectStore, destination: ObjectStore, report: MigrateReport) -> MigrateReport:
+    """The rest of a `--delete-source` that was stopped part-way. Its config went first, so the
+    source is no repository any more; what is left of it is deleted only if the destination holds
+    every object of it (by name, which is the content's hash, and size)."""
+    left = {key: size for key, size in source.list("") if is_repository_object(key)}
+    if not left:
+        raise RepositoryNotFound(f"no repository at {source.location} to migrate (nothing is left of one)")
+    there = dict(destination.list(""))
+    kept = [key for key, size in left.items() if there.get(key) != size]
+    if kept:
+        raise RepositoryNotFound(f"no repository at {source.location} to migrate: it has no config, and "
+                                 f"{len(kept)} of its {len(left)} objects are not in {destination.location} "
+                                 f"(e.g. {kept[0]}), so nothing was deleted")
+    log.info("finishing an interrupted --delete-source: %d objects left in %s", len(left), source.location)
+    for key in left:
+        source.delete(key)
+        report.deleted += 1
+    report.objects = len(left)
     return report
 
 

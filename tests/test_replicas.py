@@ -362,3 +362,35 @@ def test_migration_interrupted_by_a_store_failure_resumes_and_verifies(cli, tmp_
     assert report.skipped == total // 2 and report.copied == total - 1 - total // 2
     cli("-r", tmp_path / "moved", "verify", "--read-data")
     assert len(json.loads(cli("-r", tmp_path / "moved", "snapshots", "--json").stdout)) == 6
+
+
+def test_a_delete_source_stopped_part_way_is_finished_by_running_it_again(cli, tmp_path: Path, repo_path: Path) -> None:
+    """The source's config goes first, so a second run found "no repository" and the rest of the
+    source stayed forever. It now deletes the rest, once the destination is seen to hold all of it."""
+    from backend.migrate import migrate
+    from backend.stores.base import ObjectStore
+
+    source = make_source(tmp_path)
+    cli("init")
+    cli("backup", source)
+
+    class DeletesFail(FaultyStore):
+        def __init__(self, inner: ObjectStore, deletes: int):
+            super().__init__(inner, seed=1)
+            self.deletes_left = deletes
+
+        def delete(self, key: str) -> None:
+            self.deletes_left -= 1
+            if self.deletes_left < 0:
+                raise StoreError("the connection dropped")
+            super().delete(key)
+
+    moved = LocalStore(tmp_path / "moved")
+    with pytest.raises(StoreError):
+        migrate(DeletesFail(LocalStore(repo_path), 3), moved, PASSPHRASE.encode(), delete_source=True)
+    left = [k for k, _ in LocalStore(repo_path).list("")]
+    assert left and "config" not in left
+    cli("migrate", "--to", tmp_path / "moved", "--delete-source")
+    assert [k for k, _ in LocalStore(repo_path).list("")] == []
+    cli("-r", tmp_path / "moved", "verify", "--read-data")
+    cli("migrate", "--to", tmp_path / "moved", "--delete-source", check=10)  # nothing left: no repository
