@@ -11,7 +11,6 @@ snapshot is taken from the source fd: nothing can be written any more, so it is 
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import logging
@@ -34,14 +33,20 @@ from backend.stores.backlog import BacklogStore
 from . import control, control_server, fuse_fallocate, fuse_loop
 from .changelog import Changelog
 from .live_tree import LiveTree
-from .mountpoint import check_mountpoint, freeze_startup_heap, is_stale, mounted_at, raise_readahead, type_of_mount
+from .mountpoint import (
+    check_mountpoint,
+    freeze_startup_heap,
+    is_stale,
+    mounted_at,
+    raise_readahead,
+    type_of_mount,
+    write_back,
+)
 from .snapshot_mount import make_snapshot_tree
 from .stop_signals import StopSignals
 from .uploader import RETRY_FIRST_S, Uploader
 
 log = logging.getLogger(__name__)
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 FLUSH_INTERVAL_S = 1.0
 BACKLOG_CHECK_S = 1.0  # how often an empty backlog is looked at
@@ -51,21 +56,6 @@ BACKLOG_RETRY_MAX_S = 15.0  # longest pause between attempts to upload the backl
 def source_id(source: bytes) -> str:
     """A short stable name for a source folder: its changelog's and backlog's directory name."""
     return hashlib.sha256(os.path.realpath(source)).hexdigest()[:16]
-
-
-def write_back(mountpoint: bytes) -> None:
-    """syncfs(2) on a mount: the kernel sends the daemon what its writeback cache holds. Never from
-    the event loop's thread, which must serve those writes."""
-    try:
-        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        log.warning("cannot write back the mount's cached data: %s", exc)
-        return
-    try:
-        if _libc.syncfs(fd) != 0:
-            log.warning("write-back of the mount's cached data failed: %s", os.strerror(ctypes.get_errno()))
-    finally:
-        os.close(fd)
 
 
 class SourceLock:
@@ -163,7 +153,7 @@ class LiveMount:
                 # We hold the source's lock, so no daemon serves this mount any more.
                 log.warning("%s was left mounted by a daemon that died; unmounting it", os.fsdecode(path))
                 subprocess.run(["umount", "-l", path] if os.geteuid() == 0 else ["fusermount3", "-uz", path],
-                               capture_output=True)
+                               check=False, capture_output=True)
         try:
             source_fd = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:

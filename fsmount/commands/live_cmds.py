@@ -17,7 +17,6 @@ from backend.fsnode import is_within
 
 from .. import background
 from ..context import AppContext
-from ..mountpoint import type_of_enclosing_mount
 from ..output import console, emit_json, human_bytes, json_option, parse_size, say
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
@@ -127,7 +126,9 @@ def snapshot(app: AppContext, mountpoint: str, name: str | None) -> None:
     """
     # From this process, not the daemon: a daemon blocked in syncfs on its own mount deadlocked
     # against an fsync through the mount while `mkdir .snapshots/NAME` waited for the snapshot.
-    _syncfs(mountpoint)  # not a live mount, or a dead one: the request below says which
+    from ..mountpoint import write_back
+
+    write_back(mountpoint)  # not a live mount, or a dead one: the request below says which
     reply = _ask(mountpoint, {"op": "snapshot", "name": name}, timeout=None)
     if app.json:
         emit_json(reply)
@@ -135,22 +136,6 @@ def snapshot(app: AppContext, mountpoint: str, name: str | None) -> None:
         say(f"snapshot {reply['short_id']} taken ({reply['label']})" +
             ("; the store cannot take it now: it waits on local disk and is uploaded when the store is back"
              if reply.get("in_backlog") else ""))
-
-
-def _syncfs(path: str) -> None:
-    """Have the kernel write back what it caches for the file system at `path` (errors ignored).
-
-    Through libc, not pyfuse3: importing pyfuse3 costs more than the no-change snapshot itself."""
-    import ctypes
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).syncfs(fd)
-    finally:
-        os.close(fd)
 
 
 @click.command()
@@ -269,6 +254,8 @@ def _check_writable_source(source: str) -> None:
         read_only = os.statvfs(source).f_flag & os.ST_RDONLY
     except OSError:
         return  # the daemon says what is wrong with it
+    from ..mountpoint import type_of_enclosing_mount
+
     in_snapshots = ".snapshots" in source.split("/") and (
         type_of_enclosing_mount(os.fsencode(source)) or "").startswith("fuse.fsmount")
     if read_only or in_snapshots:
