@@ -557,6 +557,8 @@ def test_a_snapshot_is_not_live_mounted_and_a_snapshots_folder_of_ones_own_is_na
     assert ".snapshots is hidden while mounted" in err and len(err.splitlines()) == 1, err
     try:
         cli("snapshot", source, "--name", "s1")
+        err = cli("snapshot", source, "--name", b"bad\xff", check=2).stderr.decode()
+        assert "printable UTF-8" in err, err  # was "bad request: 'utf-8' codec can't encode ..."
         err = cli("mount", source / ".snapshots" / "s1", check=2).stderr.decode()
         assert "read-only" in err, err  # every write in it would fail with EROFS
     finally:

@@ -128,6 +128,8 @@ def snapshot(app: AppContext, mountpoint: str, name: str | None) -> None:
     # against an fsync through the mount while `mkdir .snapshots/NAME` waited for the snapshot.
     from ..mountpoint import write_back
 
+    if name is not None and not name.isprintable():  # control characters, bytes that are not UTF-8
+        raise UsageError(f"a snapshot name must be printable UTF-8 text, not {name.encode(errors='surrogateescape')!r}")
     write_back(mountpoint)  # not a live mount, or a dead one: the request below says which
     reply = _ask(mountpoint, {"op": "snapshot", "name": name}, timeout=None)
     if app.json:
