@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -434,3 +435,17 @@ def test_reads_and_listings_go_on_without_a_replica_that_is_down(local_and_s3, c
     assert len(caplog.records) == 1 and second.location in caplog.text  # said once, then left alone
     with pytest.raises(StoreError):
         list(ReplicatedStore([down]).list("snapshots/"))
+
+
+def test_a_local_repository_folder_that_is_gone_is_an_error_not_an_empty_store(tmp_path: Path) -> None:
+    """Listed, a deleted (or unmounted) repository folder looked empty: the snapshot mount showed
+    no snapshots at all; written to, it was made anew, without config or keys."""
+    store = LocalStore(tmp_path / "repo")
+    store.create_if_missing()
+    store.put("data/ab/one", b"1")
+    assert list(store.list("data/")) == [("data/ab/one", 1)]
+    shutil.rmtree(tmp_path / "repo")
+    for attempt in (lambda: list(store.list("snapshots/")), lambda: store.put("data/cd/two", b"2")):
+        with pytest.raises(StoreError, match="repository folder .* is missing"):
+            attempt()
+    assert not (tmp_path / "repo").exists()

@@ -43,6 +43,10 @@ class LocalStore:
             raise _store_error(f"creating {self.root}", exc) from exc
         return True
 
+    def _missing_root(self) -> StoreError:
+        return StoreError(f"the repository folder {self.root} is missing (deleted, moved, or on a disk "
+                          "that is not mounted)")
+
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         directory = os.path.dirname(path)
@@ -52,8 +56,7 @@ class LocalStore:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileNotFoundError:
                 if not os.path.isdir(self.root):  # deleted, or a disk not mounted: never start an empty one
-                    raise StoreError(f"the repository folder {self.root} is missing (deleted, moved, or on "
-                                     "a disk that is not mounted)") from None
+                    raise self._missing_root() from None
                 os.makedirs(directory, exist_ok=True)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -96,6 +99,8 @@ class LocalStore:
         try:
             entries = os.scandir(directory)
         except FileNotFoundError:
+            if not os.path.isdir(self.root):  # not an empty listing: the repository is gone
+                raise self._missing_root() from None
             return
         except OSError as exc:
             raise _store_error(f"listing {directory}", exc) from exc
