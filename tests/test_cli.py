@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from treecompare import differences
 
 # root reads everything; dropping these capabilities makes permissions bite, as for any user
@@ -168,3 +170,12 @@ def test_ls_shows_one_entry_per_line_whatever_the_names(cli, tmp_path: Path) -> 
     cli("backup", source)
     assert cli("ls", "latest").stdout.decode().splitlines() == ["/tab\\there", "/two\\nlines"]
     assert [e["path"] for e in json.loads(cli("ls", "latest", "--json").stdout)] == ["/tab\there", "/two\nlines"]
+
+
+@pytest.mark.parametrize("location", ["s3:", "s3:ab/x", "s3:Bad_Bucket/x", "s3:probe/../etc",
+                                      "s3:http://127.0.0.1:notaport/b/x", "s3:http://host", "s3:ftp://host/b/x"])
+def test_a_malformed_s3_location_is_a_usage_error(cli, location: str) -> None:
+    """They went to the server (or botocore) and came back as storage failures (exit 15), one as
+    a multi-line validation error."""
+    err = cli("-r", location, "snapshots", check=2).stderr.decode()
+    assert err.startswith(f"fsmount: {location}: ") and len(err.splitlines()) == 1, err

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,7 @@ import botocore.config
 import botocore.exceptions as bex
 import urllib3.exceptions
 
-from ..errors import ObjectNotFound, StoreError, TransientStoreError
+from ..errors import ObjectNotFound, StoreError, TransientStoreError, UsageError
 from .base import return_large_buffers_to_the_os
 from .retry import RetryPolicy, call_with_retry
 
@@ -48,6 +49,9 @@ _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Expir
 _TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "RequestLimitExceeded",
               "TooManyRequests", "RequestTimeout", "RequestTimeoutException", "InternalError",
               "ServiceUnavailable", "ConditionalRequestConflict", "OperationAborted"}
+
+
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's rule for new buckets
 
 
 class S3Store:
@@ -87,12 +91,23 @@ class S3Store:
         """The store `s3:bucket/prefix` or `s3:http(s)://host[:port]/bucket/prefix` names."""
         rest = location.removeprefix("s3:")
         endpoint = None
-        if rest.startswith(("http://", "https://")):
+        if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", rest):
             parts = urlsplit(rest)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise UsageError(f"{location}: the endpoint must be an http:// or https:// URL with a host")
+            try:
+                parts.port  # noqa: B018  (raises on a port that is not a number)
+            except ValueError:
+                raise UsageError(f"{location}: the endpoint's port is not a number") from None
             netloc = parts.netloc.rpartition("@")[2]  # never keep user:secret@ from a URL
             endpoint = f"{parts.scheme}://{netloc}"
             rest = parts.path
         bucket, _, prefix = rest.lstrip("/").partition("/")
+        if not _BUCKET_NAME.fullmatch(bucket):
+            raise UsageError(f"{location}: {bucket!r} is not a bucket name (3-63 lowercase letters, digits, dots "
+                             "and hyphens); write s3:BUCKET/PREFIX or s3:https://HOST/BUCKET/PREFIX")
+        if ".." in prefix.split("/"):
+            raise UsageError(f"{location}: a prefix may not hold `..`")
         return cls(bucket, prefix, endpoint_url=endpoint, **options)
 
     @property
