@@ -66,5 +66,10 @@ def load_profile(name: str) -> Profile:
     unknown = set(entry) - {"location", "access_key_id", "secret_access_key", "region"}
     if unknown:
         raise UsageError(f"profile {name!r} in {path} has unknown keys: {', '.join(sorted(unknown))}")
+    given = [k for k in ("access_key_id", "secret_access_key") if entry.get(k)]
+    if len(given) == 1:  # with one alone, the other provider's key from the environment was sent instead
+        missing = ({"access_key_id", "secret_access_key"} - set(given)).pop()
+        raise UsageError(f"profile {name!r} in {path} has {given[0]} but no {missing}: give both, or neither "
+                         "(to use the environment's credentials)")
     return Profile(name, entry["location"], entry.get("access_key_id"), entry.get("secret_access_key"),
                    entry.get("region"))

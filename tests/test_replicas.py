@@ -322,6 +322,9 @@ def test_replicas_on_two_providers_each_with_its_own_profile(cli, tmp_path: Path
     assert differences(source, tmp_path / "from-second") == []
 
     assert b"no profile 'third'" in cli("--profile", "third", "snapshots", check=2).stderr
+    with profiles.open("a") as f:  # half the credentials: the environment's other half was used
+        f.write(f'[half]\nlocation = "{s3_bucket_b.location()}"\naccess_key_id = "x"\n')
+    assert b"no secret_access_key" in cli("--profile", "half", "snapshots", check=2).stderr
     profiles.chmod(0o644)
     proc = cli("--profile", "first", "snapshots", check=2)
     assert b"must be private" in proc.stderr
