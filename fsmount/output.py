@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -93,9 +95,22 @@ _CONTROLS = {**{c: f"\\x{c:02x}" for c in (*range(32), 127)}, ord("\n"): "\\n", 
 
 
 def line_name(name: bytes) -> str:
-    """`display_name`, with control characters escaped too (a newline in a name as \\n), for
-    output that shows one entry per line."""
-    return display_name(name).translate(_CONTROLS)
+    """`display_name`, with control characters escaped too (a newline in a name as \\n) and a
+    backslash doubled (so that no name reads as another's escape), for output that shows one
+    entry per line. `name_from_line` reads it back."""
+    return display_name(name.replace(b"\\", b"\\\\")).translate(_CONTROLS)
+
+
+_ESCAPE = re.compile(rb"\\(\\|n|t|x[0-9a-fA-F]{2})")
+_UNESCAPED = {b"\\": b"\\", b"n": b"\n", b"t": b"\t"}
+
+
+def name_from_line(text: str) -> bytes:
+    """The name that `line_name` shows as `text` (what a user copies from `fsmount ls`)."""
+    def one(match: re.Match) -> bytes:
+        code = match.group(1)
+        return _UNESCAPED.get(code) or bytes([int(code[1:], 16)])
+    return _ESCAPE.sub(one, os.fsencode(text))
 
 
 class BarProgress(Progress):

@@ -179,3 +179,22 @@ def test_a_malformed_s3_location_is_a_usage_error(cli, location: str) -> None:
     a multi-line validation error."""
     err = cli("-r", location, "snapshots", check=2).stderr.decode()
     assert err.startswith(f"fsmount: {location}: ") and len(err.splitlines()) == 1, err
+
+
+def test_a_name_as_ls_shows_it_restores_the_file(cli, tmp_path: Path) -> None:
+    """`ls` escapes what a terminal cannot show; `restore` took only the raw bytes, and a name
+    holding a literal backslash printed exactly like an escaped byte."""
+    source = tmp_path / "src"
+    source.mkdir()
+    names = [b"bad\xff\xfe", b"new\nline", b"q\\xfe", b"q\xfe"]
+    for i, name in enumerate(names):
+        with open(bytes(source) + b"/" + name, "wb") as f:
+            f.write(b"%d" % i)
+    cli("init")
+    cli("backup", source)
+    shown = [line.lstrip("/") for line in cli("ls", "latest").stdout.decode().splitlines()]
+    assert len(set(shown)) == len(names), shown  # no two names print alike
+    cli("restore", "latest", "--target", tmp_path / "r", *[s for s in shown if s])
+    for i, name in enumerate(names):
+        with open(bytes(tmp_path / "r") + b"/" + name, "rb") as f:
+            assert f.read() == b"%d" % i

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import click
 
@@ -10,7 +11,11 @@ from backend.errors import UsageError
 from backend.restore import Restore
 
 from ..context import AppContext
-from ..output import BarProgress, emit_json, human_bytes, json_option, say
+from ..output import BarProgress, emit_json, human_bytes, json_option, name_from_line, say
+
+if TYPE_CHECKING:
+    from backend.repository import Repository
+    from backend.snapshot import Snapshot
 
 
 @click.command()
@@ -43,7 +48,7 @@ def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: 
     with app.open_repository() as repo:
         snap = repo.resolve_snapshot(snapshot_ref)
         progress = BarProgress("restore", enabled=not app.quiet and not app.json)
-        result = Restore(repo, snap, os.fsencode(destination), paths=[os.fsencode(p) for p in paths],
+        result = Restore(repo, snap, os.fsencode(destination), paths=[_snapshot_path(repo, snap, p) for p in paths],
                          delete=delete, progress=progress).run()
     s = result.stats
     if app.json:
@@ -59,3 +64,19 @@ def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: 
 
 
 COMMANDS = [restore]
+
+
+def _snapshot_path(repo: Repository, snapshot: Snapshot, given: str) -> bytes:
+    """PATH as `fsmount ls` shows it (`\\xNN` for a byte that is not UTF-8, `\\n` for a newline,
+    `\\\\` for a backslash), which is what a user copies from a listing; else PATH as given."""
+    raw = os.fsencode(given)
+    if "\\" not in given:
+        return raw
+    unescaped = name_from_line(given)
+    try:
+        repo.find_node(snapshot, unescaped)
+        return unescaped
+    except UsageError:
+        repo.find_node(snapshot, raw)  # neither: the error names the path
+        return raw
+
