@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import click
+
 from backend.errors import UsageError
 
 from .background import inherited_passphrase
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # imported where used: commands that only talk to a mount's socket need none
     from backend.replicas import DegradedLog
@@ -57,6 +62,7 @@ class AppContext:
     degraded: bool = False
     _passphrase: bytes | None = field(default=None, repr=False)
     _replicated: list = field(default_factory=list, repr=False)
+    _warned: bool = field(default=False, repr=False)  # of degraded writes (see open_store)
 
     def locations(self) -> list[str]:
         if self.repo_locations:
@@ -76,7 +82,20 @@ class AppContext:
         store = ReplicatedStore([open_location(loc) for loc in locations], verify=object_intact,
                                 degraded=self.degraded)
         self._replicated.append(store)
+        self._warn_of_degraded_writes()
         return store
+
+    def _warn_of_degraded_writes(self) -> None:
+        """After a --degraded run, a replica lacks objects until `replicas sync`: say so, once per
+        command, unless the command is the one that heals it."""
+        command = click.get_current_context(silent=True)
+        if self._warned or command is None or command.command_path.split()[1:2] in (["replicas"], ["verify"]):
+            return
+        self._warned = True
+        missing = self.degraded_log().entries()
+        if missing:
+            log.warning("%d objects that a --degraded run could not write to a replica are still missing "
+                        "there (e.g. %s in %s): run `fsmount replicas sync`", len(missing), missing[0][1], missing[0][0])
 
     def degraded_log(self) -> DegradedLog:
         """Where degraded writes to these replicas are recorded until `replicas sync` heals them."""

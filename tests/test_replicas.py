@@ -78,6 +78,8 @@ def test_a_replica_that_fails_stops_the_backup_unless_degraded(cli, tmp_path: Pa
     run(cli, "--degraded", "backup", source)
     report = json.loads(run(cli, "replicas", "--json", check=14).stdout)
     assert report["recorded_degraded_writes"] >= 1 and report["replicas"][1]["missing"] >= 1
+    # the next ordinary command says what is still missing (it went on in silence)
+    assert "still missing there" in run(cli, "snapshots").stderr.decode()
 
     (b / "data").unlink()
     run(cli, "replicas", "sync")
