@@ -354,9 +354,15 @@ def open_master_key(store: ObjectStore, passphrase: bytes) -> MasterKey:
     key_names = [k for k, _ in store.list("keys/")]
     if not key_names:
         raise IntegrityError(f"repository at {store.location} has no keys")
+    damaged: list[str] = []
     for name in key_names:
         try:
             return MasterKey.unwrap(store.get(name), passphrase)
         except WrongPassword:
             continue
+        except IntegrityError as exc:  # another key may still open
+            damaged.append(f"{name} ({exc})")
+    if damaged:
+        raise IntegrityError(f"no key of the repository opens with this passphrase, and {len(damaged)} key "
+                             f"objects are damaged: {damaged[0]}")
     raise WrongPassword("wrong passphrase: no key of the repository opens with it")

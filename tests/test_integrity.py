@@ -128,3 +128,14 @@ def test_a_damaged_snapshot_object_is_an_error_not_an_empty_list(cli, tmp_path: 
     err = cli("snapshots", check=14).stderr.decode()
     assert f"snapshots/{snapshot['id']}" in err and "damaged" in err
     assert "damaged" in cli("restore", "latest", "--target", tmp_path / "r", check=14).stderr.decode()
+
+
+def test_a_damaged_key_object_is_named_and_another_key_still_opens(cli, tmp_path: Path, repo_path: Path) -> None:
+    backed_up_source(cli, tmp_path)
+    (key,) = (repo_path / "keys").iterdir()
+    original = key.read_bytes()
+    key.write_text('{"bad": 1}')
+    err = cli("snapshots", check=14).stderr.decode()
+    assert f"keys/{key.name}" in err and "damaged" in err, err
+    (repo_path / "keys" / ("0" * 64)).write_bytes(original)  # a second, good copy of the key
+    cli("snapshots")
