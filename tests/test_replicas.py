@@ -112,9 +112,24 @@ def test_flipped_bytes_in_one_replica_are_read_around_and_repaired(cli, tmp_path
     run(cli, "verify", "--read-data")
 
 
-def test_repair_without_replicas_is_a_usage_error(cli, tmp_path: Path) -> None:
+def test_a_lost_pack_is_taken_out_of_the_index_and_backed_up_again(cli, tmp_path: Path, repo_path: Path) -> None:
+    """Without replicas, --repair was refused, and every later backup still counted on a pack that
+    was gone: each new snapshot was as damaged as the first (the index said the data was there)."""
+    source = make_source(tmp_path)
     cli("init")
-    assert b"has none" in cli("verify", "--repair", check=2).stderr
+    cli("backup", source)
+    for pack in (repo_path / "data").rglob("*"):
+        if pack.is_file():
+            pack.unlink()
+    cli("backup", "--force", source)
+    cli("verify", check=14)  # the new snapshot counted on the lost packs too
+    out = cli("verify", "--repair", check=14).stdout.decode()  # the data is still lost
+    assert "missing packs" in out and "backup --force" in out, out
+    cli("backup", "--force", source)
+    cli("verify", "--read-data")  # every snapshot, the first too, is whole again
+    first = json.loads(cli("snapshots", "--json").stdout)[0]["id"]
+    cli("restore", first, "--target", tmp_path / "first")
+    assert differences(source, tmp_path / "first") == []
 
 
 def test_backup_through_twenty_percent_transient_faults_completes_and_verifies(tmp_path: Path) -> None:

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
-from backend.errors import IntegrityError, StoreError, UsageError
+from backend.errors import IntegrityError, StoreError
 from backend.verify import verify as run_verify
 
 from ..context import AppContext
 from ..output import BarProgress, emit_json, human_bytes, json_option, say
 
+if TYPE_CHECKING:
+    from backend.repository import Repository
+
 
 @click.command()
 @click.option("--read-data", is_flag=True, help="Download every pack and check every blob's hash.")
 @click.option("--repair", is_flag=True,
-              help="With replicas: first rewrite every missing (and with --read-data, damaged) object "
-                   "from a replica with a good copy.")
+              help="First heal what can be healed: with replicas, rewrite every missing (and with "
+                   "--read-data, damaged) object from a replica with a good copy; then take packs that "
+                   "are gone everywhere out of the index, so that `backup --force` stores their data again.")
 @json_option
 @click.pass_obj
 def verify(app: AppContext, read_data: bool, repair: bool) -> None:
@@ -28,7 +34,10 @@ def verify(app: AppContext, read_data: bool, repair: bool) -> None:
     with the others (every copy read, with --read-data) and healed before the check.
     """
     if repair:
-        _repair(app, read_data)
+        if len(app.locations()) > 1:
+            _repair(app, read_data)
+        with app.open_repository() as repo:
+            _drop_missing_packs(app, repo)
     with app.open_repository() as repo:
         report = run_verify(repo, read_data=read_data,
                             progress=BarProgress("verify", enabled=not app.quiet and not app.json))
@@ -78,15 +87,23 @@ def _replica_errors(app: AppContext, store: object, read_data: bool) -> list[str
     return errors
 
 
+def _drop_missing_packs(app: AppContext, repo: Repository) -> None:
+    from backend.repair import drop_missing_packs
+
+    fixed = drop_missing_packs(repo)
+    if fixed.missing_packs and not app.json:
+        say(f"took {fixed.missing_packs} missing packs ({fixed.blobs_dropped} blobs) out of the index: "
+            "`fsmount backup --force` of the folder stores again what it still holds, and the snapshots "
+            "that need only that are whole again; the rest stays damaged (listed below)")
+
+
 def _repair(app: AppContext, read_data: bool) -> None:
     from backend.replicas import check_replicas
     from backend.stores.replicated import ReplicatedStore
 
     store = app.open_store()
     try:
-        if not isinstance(store, ReplicatedStore):
-            raise UsageError("--repair heals from another replica, and this repository has none "
-                             "(give -r once per replica)")
+        assert isinstance(store, ReplicatedStore)
         states = check_replicas(store.replicas, read_data=read_data, repair=True,
                                 progress=BarProgress("repair", enabled=not app.quiet and not app.json))
     finally:
