@@ -174,7 +174,7 @@ def test_retry_gives_up_within_its_budget_with_a_plain_store_error(tmp_path: Pat
     start = time.monotonic()
     with pytest.raises(StoreError, match="gave up after") as raised:
         always_failing.put("k", b"x")
-    assert time.monotonic() - start < 1.0
+    assert 0.3 <= time.monotonic() - start < 1.0  # the whole budget, not less (it ended early)
     assert not isinstance(raised.value, TransientStoreError), "an outer layer must not retry it again"
 
 

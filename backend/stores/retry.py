@@ -55,10 +55,12 @@ def call_with_retry(fn: Callable[[], T], *, policy: RetryPolicy, doing: str,
         except TransientStoreError as exc:
             failures += 1
             elapsed = clock() - start
-            delay = policy.delay_s(failures)
-            if elapsed + delay > policy.budget_s:
+            if elapsed >= policy.budget_s:
                 raise StoreError(f"{doing}: gave up after {failures} attempt{'s' if failures > 1 else ''} "
                                  f"in {elapsed:.1f} s: {exc}") from exc
+            # the last wait is cut to the budget, and one more attempt made at its end: a budget
+            # of 3 s used to end after 0.7 s, when the next wait would have gone past it
+            delay = min(policy.delay_s(failures), policy.budget_s - elapsed)
             log.info("%s: %s; retrying in %.2f s", doing, exc, delay)
             sleep(delay)
 
