@@ -112,6 +112,25 @@ def test_flipped_bytes_in_one_replica_are_read_around_and_repaired(cli, tmp_path
     run(cli, "verify", "--read-data")
 
 
+def test_a_blob_damaged_in_every_replica_names_only_the_files_that_need_it(cli, tmp_path: Path,
+                                                                         two_replicas) -> None:
+    """With no whole copy of the pack anywhere, verify took the pack as unreadable and named every
+    file in it; restore got all but one of them back."""
+    a, b = two_replicas
+    source = tmp_path / "src"
+    source.mkdir()
+    for i in range(5):
+        (source / f"f{i}").write_bytes(os.urandom(200_000))
+    run(cli, "init")
+    run(cli, "backup", source)
+    pack = max((p for p in (a / "data").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    for replica in (a, b):
+        flip_byte(replica / pack.relative_to(a), 1000)  # the same byte of the first blob in both
+    out = run(cli, "verify", "--read-data", check=14).stdout.decode()
+    damaged = [line for line in out.splitlines() if line.startswith("damaged:")]
+    assert len(damaged) == 1, out
+
+
 def test_a_lost_pack_is_taken_out_of_the_index_and_backed_up_again(cli, tmp_path: Path, repo_path: Path) -> None:
     """Without replicas, --repair was refused, and every later backup still counted on a pack that
     was gone: each new snapshot was as damaged as the first (the index said the data was there)."""
