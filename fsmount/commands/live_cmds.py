@@ -284,9 +284,10 @@ def _warn_if_cwd_is_underneath(target: str) -> None:
 @click.command()
 @click.argument("mountpoint", type=click.Path(path_type=str))
 @click.option("--lazy", is_flag=True,
-              help="Live mount: do not wait for the upload; the final snapshot and the backlog stay on "
-                   "local disk, and the next mount of the folder uploads them. Snapshot mount: detach "
-                   "it even while programs still use it.")
+              help="Detach the mount now, even while programs still use it. A live mount first has the "
+                   "kernel write back what it caches, and does not wait for the upload: the final "
+                   "snapshot and the backlog stay on local disk, and the next mount of the folder "
+                   "uploads them.")
 @click.pass_obj
 def umount(app: AppContext, mountpoint: str, lazy: bool) -> None:
     """Unmount a live mount, after its final snapshot is stored, or a snapshot mount.

@@ -30,8 +30,9 @@ def verify(app: AppContext, read_data: bool, repair: bool) -> None:
     Without --read-data: every snapshot, every tree and every index entry is checked, and every
     pack is confirmed to exist. With it, every pack is also downloaded and every blob decrypted and
     hashed. Problems name the damaged object and the snapshots and files that depend on it;
-    the exit code is then 14. With --repair on a replicated repository, each replica is compared
-    with the others (every copy read, with --read-data) and healed before the check.
+    the exit code is then 14. On replicas, each replica's own missing (and with --read-data,
+    damaged) copies count too. With --repair, each replica is first compared with the others
+    and healed from a good copy, and packs lost everywhere are taken out of the index.
     """
     if repair:
         if len(app.locations()) > 1:
