@@ -63,9 +63,6 @@ def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: 
     return 3 if result.errors else 0
 
 
-COMMANDS = [restore]
-
-
 def _snapshot_path(repo: Repository, snapshot: Snapshot, given: str) -> bytes:
     """PATH as `fsmount ls` shows it (`\\xNN` for a byte that is not UTF-8, `\\n` for a newline,
     `\\\\` for a backslash), which is what a user copies from a listing; else PATH as given."""
@@ -80,3 +77,5 @@ def _snapshot_path(repo: Repository, snapshot: Snapshot, given: str) -> bytes:
         repo.find_node(snapshot, raw)  # neither: the error names the path
         return raw
 
+
+COMMANDS = [restore]
