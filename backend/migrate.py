@@ -216,7 +216,16 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
             if key_name != "config":
                 source.delete(key_name)
                 report.deleted += 1
+        _remove_empty_folders(source)
     return report
+
+
+def _remove_empty_folders(store: ObjectStore) -> None:
+    """A local source, deleted object by object, left its folders behind, empty."""
+    for local in (store, *getattr(store, "replicas", ())):
+        remove = getattr(local, "remove_empty_folders", None)
+        if remove is not None:
+            remove()
 
 
 def _finish_deleting_source(source: ObjectStore, destination: ObjectStore, report: MigrateReport) -> MigrateReport:
@@ -236,6 +245,7 @@ def _finish_deleting_source(source: ObjectStore, destination: ObjectStore, repor
     for key in left:
         source.delete(key)
         report.deleted += 1
+    _remove_empty_folders(source)
     report.objects = len(left)
     return report
 

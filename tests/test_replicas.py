@@ -431,5 +431,6 @@ def test_a_delete_source_stopped_part_way_is_finished_by_running_it_again(cli, t
     assert left and "config" not in left
     cli("migrate", "--to", tmp_path / "moved", "--delete-source")
     assert [k for k, _ in LocalStore(repo_path).list("")] == []
+    assert list(repo_path.iterdir()) == []  # no empty data/, index/... left behind
     cli("-r", tmp_path / "moved", "verify", "--read-data")
     cli("migrate", "--to", tmp_path / "moved", "--delete-source", check=10)  # nothing left: no repository

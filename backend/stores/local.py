@@ -43,6 +43,17 @@ class LocalStore:
             raise _store_error(f"creating {self.root}", exc) from exc
         return True
 
+    def remove_empty_folders(self) -> None:
+        """Remove the folders under the root that hold nothing (what is left of a repository whose
+        objects were all deleted, by `migrate --delete-source`). The root stays: it is the user's."""
+        for directory, _, _ in sorted(os.walk(self.root), key=lambda entry: -len(entry[0])):
+            if directory == self.root:
+                continue
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass  # not empty (a file of the user's), or gone already
+
     def _missing_root(self) -> StoreError:
         return StoreError(f"the repository folder {self.root} is missing (deleted, moved, or on a disk "
                           "that is not mounted)")
