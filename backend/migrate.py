@@ -38,6 +38,7 @@ from .errors import (
 from .progress import Progress
 from .replicas import REPOSITORY_PREFIXES, is_repository_object, object_intact
 from .repository import Config, Repository, open_master_key
+from .stores import local_copies
 from .stores.base import ObjectStore, return_large_buffers_to_the_os
 from .verify import verify
 
@@ -212,20 +213,17 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
 
     if delete_source:
         source.delete("config")  # first: the source stops being a repository at once
-        for key_name in objects:
-            if key_name != "config":
-                source.delete(key_name)
-                report.deleted += 1
-        _remove_empty_folders(source)
+        _delete_source(source, [key for key in objects if key != "config"], report)
     return report
 
 
-def _remove_empty_folders(store: ObjectStore) -> None:
-    """A local source, deleted object by object, left its folders behind, empty."""
-    for local in (store, *getattr(store, "replicas", ())):
-        remove = getattr(local, "remove_empty_folders", None)
-        if remove is not None:
-            remove()
+def _delete_source(source: ObjectStore, keys: list[str], report: MigrateReport) -> None:
+    """Delete the source's objects `keys`, and the folders a local source leaves empty."""
+    for key in keys:
+        source.delete(key)
+        report.deleted += 1
+    for local in local_copies(source):
+        local.remove_empty_folders()
 
 
 def _finish_deleting_source(source: ObjectStore, destination: ObjectStore, report: MigrateReport) -> MigrateReport:
@@ -242,10 +240,7 @@ def _finish_deleting_source(source: ObjectStore, destination: ObjectStore, repor
                                  f"{len(kept)} of its {len(left)} objects are not in {destination.location} "
                                  f"(e.g. {kept[0]}), so nothing was deleted")
     log.info("finishing an interrupted --delete-source: %d objects left in %s", len(left), source.location)
-    for key in left:
-        source.delete(key)
-        report.deleted += 1
-    _remove_empty_folders(source)
+    _delete_source(source, list(left), report)
     report.objects = len(left)
     return report
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from .base import ObjectStore
 from .local import LocalStore
 
-__all__ = ["LocalStore", "ObjectStore", "local_folders", "on_local_disk", "open_store"]
+__all__ = ["LocalStore", "ObjectStore", "local_copies", "local_folders", "on_local_disk", "open_store"]
 
 
 def open_store(location: str, **s3_options: object) -> ObjectStore:
@@ -47,7 +47,12 @@ def on_local_disk(store: ObjectStore) -> bool:
     return all(isinstance(copy, LocalStore) for copy in _copies(store))
 
 
+def local_copies(store: ObjectStore) -> list[LocalStore]:
+    """The local directories among the store's copies."""
+    return [copy for copy in _copies(store) if isinstance(copy, LocalStore)]
+
+
 def local_folders(store: ObjectStore) -> list[str]:
     """The local folders the store keeps objects in: what a backup must not read, nor a restore
     delete."""
-    return [copy.root for copy in _copies(store) if isinstance(copy, LocalStore)]
+    return [copy.root for copy in local_copies(store)]

@@ -46,7 +46,7 @@ class LocalStore:
     def remove_empty_folders(self) -> None:
         """Remove the folders under the root that hold nothing (what is left of a repository whose
         objects were all deleted, by `migrate --delete-source`). The root stays: it is the user's."""
-        for directory, _, _ in sorted(os.walk(self.root), key=lambda entry: -len(entry[0])):
+        for directory, _, _ in os.walk(self.root, topdown=False):  # a folder after what it holds
             if directory == self.root:
                 continue
             try:
