@@ -34,12 +34,11 @@ def verify(app: AppContext, read_data: bool, repair: bool) -> None:
     damaged) copies count too. With --repair, each replica is first compared with the others
     and healed from a good copy, and packs lost everywhere are taken out of the index.
     """
-    if repair:
-        if len(app.locations()) > 1:
-            _repair(app, read_data)
-        with app.open_repository() as repo:
-            _drop_missing_packs(app, repo)
+    if repair and len(app.locations()) > 1:
+        _repair(app, read_data)
     with app.open_repository() as repo:
+        if repair:
+            _drop_missing_packs(app, repo)
         report = run_verify(repo, read_data=read_data,
                             progress=BarProgress("verify", enabled=not app.quiet and not app.json))
         if not repair:
