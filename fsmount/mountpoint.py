@@ -8,8 +8,10 @@ import errno
 import gc
 import logging
 import os
+from collections.abc import Iterator
 
 from backend.errors import UsageError
+from backend.fsnode import is_within
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +69,9 @@ def type_of_mount(path: bytes) -> str | None:
 def type_of_enclosing_mount(path: bytes) -> str | None:
     """The type of the file system that `path` (a real path) lies in: the deepest mount above it."""
     best, kind = -1, None
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split(b" ")
-            if len(fields) <= 4:
-                continue
-            where = fields[4].replace(b"\\040", b" ")
-            if (path == where or path.startswith(where.rstrip(b"/") + b"/")) and len(where) >= best:
-                best, kind = len(where), line.partition(b" - ")[2].split(b" ")[0].decode(errors="replace")
+    for where, _, fstype in _mounts():
+        if is_within(path, where) and len(where) >= best:  # >=: of mounts stacked there, the last
+            best, kind = len(where), fstype
     return kind
 
 
@@ -95,14 +92,22 @@ def write_back(path: bytes | str) -> None:
 
 
 def _top_mount(path: bytes) -> tuple[str, str] | None:
+    """(device, type) of the file system mounted at `path`: the last one, since mounts stack."""
     found = None
+    for where, device, fstype in _mounts():
+        if where == path:
+            found = (device, fstype)
+    return found
+
+
+def _mounts() -> Iterator[tuple[bytes, str, str]]:
+    """(mountpoint, `major:minor`, type) of each mount of this process, from mountinfo."""
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split(b" ")
-            if len(fields) > 4 and fields[4].replace(b"\\040", b" ") == path:
-                kind = line.partition(b" - ")[2].split(b" ")[0].decode(errors="replace")
-                found = (fields[2].decode(), kind)  # the last one: mounts stack
-    return found
+            if len(fields) > 4:
+                fstype = line.partition(b" - ")[2].split(b" ")[0].decode(errors="replace")
+                yield fields[4].replace(b"\\040", b" "), fields[2].decode(), fstype
 
 
 async def raise_readahead(mountpoint: bytes, kib: int = READAHEAD_KIB) -> None:
