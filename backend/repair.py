@@ -6,10 +6,12 @@ error), every later backup would still count on it and make snapshots that canno
 `drop_missing_packs` rewrites each index object that names a missing pack without it (the new
 object first, then the old one is deleted, so a crash in between leaves the index complete), and
 the index cache rebuilds itself from the store at the next sync. What the source still holds then
-goes into new packs at the next `backup --force` (a plain backup reuses an unchanged file's blocks
-without asking the index); since blobs are named by their content, older snapshots that need it
-are whole again too. What is nowhere any more stays damaged, and `verify` names it.
-This is restic's `repair index`. A backup running meanwhile is safe: it writes an index object
+goes into new packs at the next backup, which reads again every file of its parent snapshot whose
+blocks the index no longer knows (backup.py); since blobs are named by their content, older
+snapshots that need it are whole again too. A live mount's change-driven snapshot reuses the
+subtrees nothing was written to without looking inside, so it fills the gap at the first snapshot
+after its next mount (which rescans the folder). What is nowhere any more stays damaged, and
+`verify` names it. This is restic's `repair index`. A backup running meanwhile is safe: it writes an index object
 only after the packs it names are stored, so its objects are never taken for ones naming lost packs.
 """
 

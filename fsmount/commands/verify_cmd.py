@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 @click.option("--repair", is_flag=True,
               help="First heal what can be healed: with replicas, rewrite every missing (and with "
                    "--read-data, damaged) object from a replica with a good copy; then take packs that "
-                   "are gone everywhere out of the index, so that `backup --force` stores their data again.")
+                   "are gone everywhere out of the index, so that the next backup stores their data again.")
 @json_option
 @click.pass_obj
 def verify(app: AppContext, read_data: bool, repair: bool) -> None:
@@ -93,7 +93,7 @@ def _drop_missing_packs(app: AppContext, repo: Repository) -> None:
     fixed = drop_missing_packs(repo)
     if fixed.missing_packs and not app.json:
         say(f"took {fixed.missing_packs} missing packs ({fixed.blobs_dropped} blobs) out of the index: "
-            "`fsmount backup --force` of the folder stores again what it still holds, and the snapshots "
+            "the next `fsmount backup` of the folder stores again what it still holds, and the snapshots "
             "that need only that are whole again; the rest stays damaged (listed below)")
 
 
