@@ -122,11 +122,8 @@ class S3Store:
         if len(data) >= self.multipart_threshold:
             self._put_multipart(key, full, data)
             return
-        body = bytes(data)  # no copy when it is bytes already
-        # A file object, not bytes: botocore would otherwise join the body to the request headers
-        # (a second copy of every upload in memory); a fresh one per attempt, read from the start.
         self._call(f"writing {key} to", lambda c: c.put_object(Bucket=self.bucket, Key=full,
-                                                               Body=io.BytesIO(body)))
+                                                               Body=_BufferReader(data)))
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         full = self._key(key)
@@ -320,9 +317,9 @@ class S3Store:
             Bucket=self.bucket, Key=full))["UploadId"]
 
         def put_part(number: int) -> dict[str, Any]:
-            chunk = bytes(view[(number - 1) * self.part_size:number * self.part_size])
+            chunk = view[(number - 1) * self.part_size:number * self.part_size]
             response = self._call(f"writing part {number} of {key} to", lambda c: c.upload_part(
-                Bucket=self.bucket, Key=full, UploadId=upload, PartNumber=number, Body=io.BytesIO(chunk)))
+                Bucket=self.bucket, Key=full, UploadId=upload, PartNumber=number, Body=_BufferReader(chunk)))
             return {"PartNumber": number, "ETag": response["ETag"]}
 
         try:
@@ -336,6 +333,46 @@ class S3Store:
             except Exception as exc:  # noqa: BLE001 - best effort: an unfinished upload stays invisible
                 log.info("could not abort the upload of %s to %s: %s", key, self.location, exc)
             raise
+
+
+class _BufferReader(io.RawIOBase):
+    """An upload's body: a file over `data` whose reads are slices of it, not copies.
+
+    botocore reads the body twice (its CRC32, then the send, in 16 KiB reads), and from bytes or
+    a `BytesIO` each read is a copy; the pack, a bytearray, was copied whole first. For a 32 MiB
+    PUT to SeaweedFS that was 78-91 ms of CPU, and 30-38 ms with this. A file object, not bytes,
+    also keeps botocore from joining the body to the request's headers (one more copy). Make a
+    fresh one per attempt: it is read from the start."""
+
+    def __init__(self, data: bytes | bytearray | memoryview):
+        super().__init__()
+        self._view = memoryview(data).cast("B")
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def read(self, size: int | None = -1) -> memoryview:  # type: ignore[override]
+        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._position + size)
+        chunk = self._view[self._position:end]
+        self._position = max(self._position, end)
+        return chunk
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
 
 
 def translate_error(exc: BaseException, *, doing: str, store: S3Store, key: str | None = None) -> StoreError:
