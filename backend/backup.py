@@ -34,7 +34,7 @@ import xxhash
 
 from .changes import ALL, CLEAN, ChangeSet
 from .errors import IntegrityError, ObjectNotFound, UsageError
-from .fsnode import node_from_stat, raise_fd_limit
+from .fsnode import node_from_stat, raise_fd_limit, read_xattrs
 from .pack import DATA_BLOB
 from .progress import Progress
 from .repository import Repository
@@ -179,6 +179,7 @@ class Backup:
         self.progress.start()
         self._started_ns = self._time_ns or time.time_ns()
         try:
+            root = self._root_node(root_fd)
             tree_id, total_files, total_size = self._walk(root_fd).result()
             self._check_failure()
             self.view.verify()
@@ -198,10 +199,21 @@ class Backup:
             name=self.name, parent=self.parent.id if self.parent else None,
             # files and size describe the whole snapshot, even where a change-driven backup
             # reused subtrees without visiting them; the counters describe this run's work
-            stats=vars(stats) | {"files": total_files, "size": total_size},
+            stats=vars(stats) | {"files": total_files, "size": total_size}, root=root,
         )
         self.repo.save_snapshot(snapshot)
         return BackupResult(snapshot, stats, self.warnings)
+
+    def _root_node(self, root_fd: int) -> Node:
+        """The source folder's own entry: its mode, owner, times and xattrs. Read as it is now,
+        also for a live mount's snapshot (the frozen view keeps entries by name in a parent)."""
+        try:
+            node = node_from_stat(b"", os.fstat(root_fd))
+            node.xattrs = read_xattrs(root_fd)
+        except BaseException:
+            os.close(root_fd)
+            raise
+        return node
 
     def _walk(self, root_fd: int) -> Pending:
         if self.changes is not None and not self.changes.subtree_dirty(b""):

@@ -4,12 +4,14 @@
 data `SNAPSHOT_AAD`:
 
     {"v": 1, "time_ns": int, "host": str, "source": bytes, "tags": [str], "name": str | None,
-     "parent": str | None, "tree": bytes (32), "stats": {str: int}}
+     "parent": str | None, "tree": bytes (32), "stats": {str: int}, "root": node (optional)}
 
 A snapshot is written only after every pack and index it references is durable, so its presence
 is the commit point of a backup. `stats` carries what `fsmount snapshots` shows: files, dirs, size
 (sum of file sizes), files_new, files_changed, files_unchanged, bytes_read, bytes_added,
-blobs_added, duration_ms.
+blobs_added, duration_ms. `root` is the source folder's own entry (a tree node, see tree.py,
+named b""): its mode, owner, times and xattrs, which a restore gives the target folder and the
+snapshot mount gives the snapshot's folder. Snapshots written before it existed have none.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import zstandard
 
 from .crypto import MasterKey, content_hash
 from .errors import IntegrityError
+from .tree import Node
 
 SNAPSHOT_AAD = b"fsmount snapshot"
 SNAPSHOT_VERSION = 1
@@ -38,6 +41,7 @@ class Snapshot:
     name: str | None = None
     parent: str | None = None
     stats: dict[str, int] = field(default_factory=dict)
+    root: Node | None = None  # the source folder's own metadata; None in older snapshots
     id: str = ""  # set once stored or loaded; not part of the object
 
     @property
@@ -64,6 +68,8 @@ class Snapshot:
         doc = {"v": SNAPSHOT_VERSION, "time_ns": self.time_ns, "host": self.host, "source": self.source,
                "tags": self.tags, "name": self.name, "parent": self.parent, "tree": self.tree,
                "stats": self.stats}
+        if self.root is not None:
+            doc["root"] = self.root.to_doc()
         data = key.seal(zstandard.ZstdCompressor().compress(msgpack.packb(doc)), SNAPSHOT_AAD)
         return content_hash(data), data
 
@@ -79,6 +85,7 @@ class Snapshot:
                 raise IntegrityError(f"{what} has unknown version {doc['v']}")
             return cls(time_ns=doc["time_ns"], host=doc["host"], source=doc["source"], tree=doc["tree"],
                        tags=list(doc["tags"]), name=doc["name"], parent=doc["parent"],
-                       stats=dict(doc["stats"]), id=snapshot_id)
+                       stats=dict(doc["stats"]), root=Node.from_doc(doc["root"]) if doc.get("root") else None,
+                       id=snapshot_id)
         except (ValueError, KeyError, TypeError, zstandard.ZstdError) as exc:
             raise IntegrityError(f"{what} is malformed: {exc}") from exc

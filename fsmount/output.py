@@ -63,8 +63,12 @@ def parse_size(text: str) -> int:
     """Bytes in a size like 128K, 1M, 4MiB or 65536."""
     number = text.strip().lower().removesuffix("ib").removesuffix("b")
     if number and number[-1] in _UNITS:
-        return int(number[:-1]) * _UNITS[number[-1]]
-    return int(number)
+        size = int(number[:-1]) * _UNITS[number[-1]]
+    else:
+        size = int(number)
+    if size < 0:
+        raise ValueError(f"negative size {text!r}")
+    return size
 
 
 def human_bytes(n: float) -> str:

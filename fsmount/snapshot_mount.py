@@ -110,17 +110,20 @@ class SnapshotFS(pyfuse3.Operations):
 
 
 class SnapshotMount:
-    def __init__(self, repo: Repository, mountpoint: bytes, *, cache_bytes: int):
+    def __init__(self, repo: Repository, mountpoint: bytes, *, cache_bytes: int, allow_other: bool = False):
         self.repo = repo
         self.mountpoint = os.path.realpath(mountpoint)
         self.cache_bytes = cache_bytes
+        # Off by default, as in restic: the snapshots appear away from the folders they came
+        # from, so the permissions of those folders' parents no longer guard them.
+        self.allow_other = allow_other
 
     def run(self, ready: Callable[[], None]) -> None:
         """Mount, call `ready()`, serve until unmounted."""
         check_mountpoint(self.mountpoint)
         tree = make_snapshot_tree(self.repo, self.cache_bytes, root_number=pyfuse3.ROOT_INODE)
         options = {"fsname=fsmount", "subtype=fsmount-snapshots", "ro", "default_permissions"}
-        if os.geteuid() == 0:
+        if self.allow_other:
             options.add("allow_other")
         stops = StopSignals()
         stops.hold()

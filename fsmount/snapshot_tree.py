@@ -226,10 +226,13 @@ class SnapshotTree:
         if inode.number == self.root_number:
             return self._root_attr()
         node = inode.node
-        if node is None:  # a snapshot's folder
+        if node is None:  # a snapshot's folder: the source folder's own metadata, if recorded
             snapshot = inode.snapshot
             assert snapshot is not None
-            return self._make_attr(inode.number, stat.S_IFDIR | 0o555, 2, 0, snapshot.time_ns, IMMUTABLE_TIMEOUT_S)
+            if snapshot.root is None:
+                return self._make_attr(inode.number, stat.S_IFDIR | 0o555, 2, 0, snapshot.time_ns,
+                                       IMMUTABLE_TIMEOUT_S)
+            node = snapshot.root
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = inode.number
         attr.st_mode = node.st_mode
@@ -465,12 +468,19 @@ class SnapshotTree:
 
     # -- extended attributes ------------------------------------------------------------------------
 
+    def _xattr_node(self, number: int) -> Node | None:
+        """The node whose xattrs an inode shows: its own, or a snapshot folder's source folder's."""
+        if number == LATEST_NUMBER:
+            return None
+        inode = self._inode(number)
+        return inode.node or (inode.snapshot.root if inode.snapshot is not None else None)
+
     async def getxattr(self, number: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> bytes:
-        node = self._inode(number).node if number != LATEST_NUMBER else None
+        node = self._xattr_node(number)
         if node is None or name not in node.xattrs:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return node.xattrs[name]
 
     async def listxattr(self, number: int, ctx: pyfuse3.RequestContext | None = None) -> list[bytes]:
-        node = self._inode(number).node if number != LATEST_NUMBER else None
+        node = self._xattr_node(number)
         return list(node.xattrs) if node is not None else []

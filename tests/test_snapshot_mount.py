@@ -5,9 +5,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -105,6 +107,48 @@ def test_metadata_tools_agree_with_the_source(cli, repo, mounted: Path, tmp_path
     assert differences(source, tmp_path / "copy", sparse=False) == []
     copy = tmp_path / "copy"
     assert os.stat(copy / "a.txt").st_ino == os.stat(copy / "sub" / "same.txt").st_ino  # cp -a kept the link
+
+
+def test_a_snapshot_folder_has_the_source_folder_s_own_metadata(cli, repo, tmp_path: Path) -> None:
+    """It showed 0555 and the snapshot's time: `cp -a` of it made a read-only folder, and a
+    private (0700) folder came out readable by all."""
+    source = tmp_path / "private"
+    source.mkdir()
+    (source / "s.txt").write_text("secret\n")
+    os.setxattr(source, "user.tag", b"mine")
+    os.chmod(source, 0o710)
+    os.utime(source, ns=(1, 1_700_000_000_987_654_321))
+    backup(repo, source, name="private")
+    with snapshot_mount(cli, tmp_path / "snaps") as (mnt, _):
+        snap = mnt / "private"
+        wait_for(snap.exists)
+        st = os.stat(snap)
+        assert stat.S_IMODE(st.st_mode) == 0o710 and st.st_mtime_ns == 1_700_000_000_987_654_321
+        assert os.getxattr(snap, "user.tag") == b"mine"
+        subprocess.run(["cp", "-a", snap, tmp_path / "copy"], check=True)
+    assert differences(source, tmp_path / "copy") == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount and another user to read")
+def test_other_users_cannot_read_the_mount_unless_allowed(cli, repo, tmp_path: Path) -> None:
+    """Mounted by root, every snapshot was readable by every user (allow_other), although the
+    folders above the backed-up folder had kept them out."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "f").write_text("x\n")
+    backup(repo, source, name="s")
+    source.chmod(0o755)
+    reachable = Path(tempfile.mkdtemp(prefix="fsmount-other-"))  # pytest's tmp folders are 0700
+    reachable.chmod(0o755)
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat"]
+    try:
+        for extra, readable in (((), False), (("--allow-other",), True)):
+            with snapshot_mount(cli, reachable / "snaps", *extra) as (mnt, _):
+                wait_for((mnt / "s").exists)
+                read = subprocess.run([*as_nobody, mnt / "s" / "f"], capture_output=True)
+                assert (read.returncode == 0) == readable, (extra, read.stderr)
+    finally:
+        shutil.rmtree(reachable)
 
 
 def test_every_change_is_refused_as_read_only(repo, mounted: Path, tmp_path: Path) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 
 from .. import background
 from ..context import AppContext
-from ..output import parse_size, say
+from ..output import emit_json, json_option, parse_size, say
 
 
 @click.command("mount-snapshots")
@@ -17,8 +18,13 @@ from ..output import parse_size, say
 @click.option("--cache-size", default="1G", show_default=True, metavar="SIZE",
               help="Bound of the on-disk cache of blocks fetched from a remote store (encrypted, in the cache "
                    "dir); 0 turns it off. A repository on local disk needs none.")
+@click.option("--allow-other", is_flag=True,
+              help="Let other users read the mount too (as far as each file's own permissions allow; "
+                   "the folders above the backed-up folder no longer guard it). Needs root or "
+                   "`user_allow_other` in /etc/fuse.conf.")
+@json_option
 @click.pass_obj
-def mount_snapshots(app: AppContext, mountpoint: str, foreground: bool, cache_size: str) -> None:
+def mount_snapshots(app: AppContext, mountpoint: str, foreground: bool, cache_size: str, allow_other: bool) -> None:
     """Mount every snapshot of the repository, read-only, at MOUNTPOINT.
 
     \b
@@ -29,7 +35,8 @@ def mount_snapshots(app: AppContext, mountpoint: str, foreground: bool, cache_si
 
     A folder is named by its snapshot's name, or by its time when it has none. Only what is read
     is fetched from the repository; fetched blocks stay in a bounded local cache. Snapshots taken
-    after mounting appear within seconds.
+    after mounting appear within seconds. Only the user who mounts can read it, unless
+    --allow-other.
     """
     from .. import control
     try:
@@ -39,21 +46,26 @@ def mount_snapshots(app: AppContext, mountpoint: str, foreground: bool, cache_si
     if not foreground:
         log_path = os.path.join(control.runtime_dir(), control.mount_id(mountpoint) + ".log")
         argv = [*(arg for loc in app.locations() for arg in ("-r", loc)), "mount-snapshots", "-f",
-                "--cache-size", cache_size, mountpoint]
+                "--cache-size", cache_size, *(["--allow-other"] if allow_other else []), mountpoint]
         if app.cache_dir:
             argv = ["--cache-dir", app.cache_dir, *argv]
         pid = background.start(argv, log_path, app.passphrase())
-        if not app.quiet:
+        if app.json:
+            emit_json({"mountpoint": os.path.abspath(mountpoint), "pid": pid, "log": log_path})
+        elif not app.quiet:
             say(f"snapshots mounted at {mountpoint} (daemon pid {pid}, log {log_path})")
         return
     from ..snapshot_mount import SnapshotMount
 
     with app.open_repository() as repo:
-        mount = SnapshotMount(repo, os.fsencode(mountpoint), cache_bytes=cache_bytes)
+        mount = SnapshotMount(repo, os.fsencode(mountpoint), cache_bytes=cache_bytes, allow_other=allow_other)
 
         def ready() -> None:
             background.report_ready()
-            if not app.quiet:
+            if app.json:
+                emit_json({"mountpoint": os.path.abspath(mountpoint), "pid": os.getpid()})
+                sys.stdout.flush()
+            elif not app.quiet:
                 say(f"snapshots mounted at {mountpoint}; Ctrl-C or `fsmount umount {mountpoint}` unmounts")
 
         mount.run(ready)
