@@ -385,7 +385,7 @@ class Backup:
             self.stats.files_unchanged += 1
         else:
             written = content if isinstance(content, list) and previous is not None else None
-            blocks = self._read_file(job.fd, node, st, previous if written is not None else None, written)
+            blocks = self._read_file(job.fd, node, path, st, previous if written is not None else None, written)
             if previous is None:
                 self.stats.files_new += 1
             else:
@@ -396,29 +396,31 @@ class Backup:
         job.entries.append(_Entry(node, blocks))
         self.progress.advance(items=1, current=path)
 
-    def _read_file(self, dir_fd: int, node: Node, st: os.stat_result, previous: Node | None = None,
-                   written: list[int] | None = None) -> list[Pending]:
+    def _read_file(self, dir_fd: int, node: Node, path: bytes, st: os.stat_result,
+                   previous: Node | None = None, written: list[int] | None = None) -> list[Pending]:
         """Read a file's blocks; with `previous` and `written`, only the blocks that may differ."""
         file = self.view.open_file(dir_fd, node.name, st)
         try:
             node.xattrs = self.view.xattrs(dir_fd, node.name, key_of(st))
             blocks = self._read_blocks(file, previous, set(written or ()))
-            file.finish()
+            warning = file.finish()
         finally:
             file.close()
+        if warning:
+            self._warn(path, warning)
         # Record what was read, not what the earlier lstat saw.
         node.size, node.mtime_ns, node.ctime_ns = file.size, file.stat.st_mtime_ns, file.stat.st_ctime_ns
         return blocks
 
     def _read_blocks(self, file: SourceFile, previous: Node | None, written: set[int]) -> list[Pending]:
-        block_size, size = self._block_size, file.size
+        block_size = self._block_size
         # Blocks that were whole in the previous version, are whole now, and were not written.
-        reusable = 0 if previous is None else min(previous.size, size) // block_size
+        reusable = 0 if previous is None else min(previous.size, file.size) // block_size
         blocks: list[Pending] = []
         next_data: int | None = 0
         offset = 0
-        while offset < size:
-            length = min(block_size, size - offset)
+        while offset < file.size:  # which a read cuts short if the file shrinks meanwhile
+            length = min(block_size, file.size - offset)
             i = offset // block_size
             if i < reusable and i not in written:
                 assert previous is not None
@@ -432,6 +434,9 @@ class Backup:
                 blocks.append(_Known((HOLE, xxh)))
             else:
                 data = file.read(offset, length)
+                if not data:
+                    break
+                length = len(data)
                 self.stats.bytes_read += length
                 self.progress.advance(nbytes=length)
                 self._in_flight.acquire()

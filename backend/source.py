@@ -28,20 +28,22 @@ def key_of(st: os.stat_result) -> Key:
 
 
 class SourceChanged(Exception):
-    """The entry changed or vanished while it was being read; it is left out of this snapshot."""
+    """The entry was replaced or vanished while it was being read; it is left out of this snapshot."""
 
 
 class SourceFile(Protocol):
     size: int  # the bytes to read
     stat: os.stat_result  # the metadata to record with them
 
-    def read(self, offset: int, length: int) -> bytes: ...
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes; fewer only where the file now ends (`size` is then cut there)."""
 
     def next_data(self, offset: int) -> int | None:
         """The next offset at or after `offset` that may hold data, or None if only holes remain."""
 
-    def finish(self) -> None:
-        """Called after the last read; raises SourceChanged if the reads may not agree."""
+    def finish(self) -> str | None:
+        """Called after the last read: a warning if the reads may not agree with one another (the
+        file changed meanwhile; what was read is stored), else None."""
 
     def close(self) -> None: ...
 
@@ -119,7 +121,12 @@ def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
 
 
 class LiveFile:
-    """A file read as it is; `finish()` tells whether it changed while it was read."""
+    """A file read as it is; `finish()` tells whether it changed while it was read.
+
+    A file written while it is read (a log, a database) is stored as it was read, with a warning,
+    as restic and borg do: leaving it out, as we did, meant a file always being written was in no
+    snapshot at all. Its recorded mtime and ctime are those from before the read, so the next
+    backup reads it again."""
 
     def __init__(self, fd: int, expected: os.stat_result):
         self.fd = fd
@@ -133,19 +140,24 @@ class LiveFile:
             raise SourceChanged("was replaced while being read")
         self.size = self._before.st_size
         self.stat = self._before
+        self._shrank = False
 
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
         if len(data) != length:
-            raise SourceChanged("shrank while being read (left out of this snapshot)")
+            self.size = offset + len(data)
+            self._shrank = True
         return data
 
     def next_data(self, offset: int) -> int | None:
         return seek_data(self.fd, offset)
 
-    def finish(self) -> None:
+    def finish(self) -> str | None:
+        if self._shrank:
+            return "shrank while being read (stored as far as it was read)"
         if _fingerprint(os.fstat(self.fd)) != _fingerprint(self._before):
-            raise SourceChanged("changed while being read (left out of this snapshot)")
+            return "changed while being read (stored as read: its parts may not agree)"
+        return None
 
     def close(self) -> None:
         os.close(self.fd)

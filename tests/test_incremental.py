@@ -115,16 +115,45 @@ class _AppendWhileReading(Progress):
                 f.write(b"more")
 
 
-def test_file_changing_while_read_is_reported_and_left_out(repo, tmp_path: Path) -> None:
+class _TruncateWhileReading(Progress):
+    def __init__(self, path: Path, size: int):
+        self.path, self.size, self.done = path, size, False
+
+    def advance(self, nbytes: int = 0, items: int = 0, current: str | bytes | None = None) -> None:
+        if nbytes and not self.done:
+            self.done = True
+            os.truncate(self.path, self.size)
+
+
+def test_file_changing_while_read_is_stored_as_read_and_reported(repo, tmp_path: Path) -> None:
+    """It was left out: a log or database always being written was in no snapshot at all."""
     source = tmp_path / "src"
     source.mkdir()
-    (source / "growing.log").write_bytes(os.urandom(3 * TEST_BLOCK_SIZE))
+    content = os.urandom(3 * TEST_BLOCK_SIZE)
+    (source / "growing.log").write_bytes(content)
 
     result = Backup(repo, source, progress=_AppendWhileReading(source / "growing.log")).run()
 
     assert len(result.warnings) == 1 and "growing.log" in result.warnings[0]
     assert "changed while being read" in result.warnings[0]
-    assert [n.name for n in repo.load_tree(result.snapshot.tree)] == []
+    restore(repo, result.snapshot, tmp_path / "out")
+    assert (tmp_path / "out" / "growing.log").read_bytes() == content  # as it was when reading began
+    again = backup(repo, source)  # its mtime is the one from before: read again, whole now
+    assert again.stats.files_changed == 1 and not again.warnings
+
+
+def test_file_shrinking_while_read_is_stored_as_far_as_it_was_read(repo, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    content = os.urandom(3 * TEST_BLOCK_SIZE)
+    (source / "log").write_bytes(content)
+    cut = TEST_BLOCK_SIZE + 100  # inside the second block, which is read after the cut
+
+    result = Backup(repo, source, progress=_TruncateWhileReading(source / "log", cut)).run()
+
+    assert len(result.warnings) == 1 and "shrank while being read" in result.warnings[0]
+    restore(repo, result.snapshot, tmp_path / "out")
+    assert (tmp_path / "out" / "log").read_bytes() == content[:cut]
 
 
 def test_in_place_restore_rewrites_only_differing_blocks(repo, tmp_path: Path) -> None:
