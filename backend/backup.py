@@ -176,6 +176,8 @@ class Backup:
                 root_fd = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise UsageError(f"cannot open source {os.fsdecode(self.source)}: {exc.strerror}") from exc
+        log.info("backing up %s (%s)", os.fsdecode(self.source),
+                 f"parent snapshot {self.parent.short_id}" if self.parent else "no parent snapshot: reading every file")
         self.progress.start()
         self._started_ns = self._time_ns or time.time_ns()
         try:
@@ -390,6 +392,7 @@ class Backup:
                 self.stats.files_new += 1
             else:
                 self.stats.files_changed += 1
+            log.debug("%s %s", "new" if previous is None else "changed", os.fsdecode(path))
             if node.is_hardlinked:
                 self._hardlinks[link_key] = blocks
         self.stats.size += node.size

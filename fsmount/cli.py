@@ -7,12 +7,14 @@ Exit codes (restic's where restic has one):
     2   bad usage or arguments        12  wrong passphrase
     3   finished, with warnings       13  repository format too new
         (files skipped or failed)     14  missing or corrupt repository data
-  130   interrupted                   15  storage failed (unreachable, full, denied)
+  130   interrupted (Ctrl-C)          15  storage failed (unreachable, full, denied)
+  143   terminated (SIGTERM)
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -26,11 +28,12 @@ from .output import say, say_styled
 
 EXIT_WARNINGS = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process it ended
 
 
 class _StderrHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        level = {"WARNING": "warning", "ERROR": "error", "CRITICAL": "error"}.get(record.levelname, "info")
+        level = {"WARNING": "warning", "ERROR": "error", "CRITICAL": "error", "DEBUG": "debug"}.get(record.levelname, "info")
         say_styled(f"{level}:", record.getMessage(), bold=True)
         if record.exc_info:  # only `log.exception`, for what should not happen: the log needs the trace
             say(logging.Formatter().formatException(record.exc_info), err=True)
@@ -69,18 +72,31 @@ def main(ctx: click.Context, repos: tuple[str, ...], profiles: tuple[str, ...], 
 
     Every command accepts --help.
     """
-    handler = _StderrHandler()
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
-    logging.getLogger().setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG))
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 3 else logging.DEBUG)
+    logging.basicConfig(level=logging.WARNING, handlers=[_StderrHandler()], force=True)
+    set_verbosity(verbose)
     locations = [*repos, *(f"profile:{name}" for name in profiles)]
     ctx.obj = AppContext(locations, password_file, cache_dir, json_output, quiet, degraded)
     ctx.call_on_close(ctx.obj.record_degraded_writes)
 
 
+def set_verbosity(verbose: int) -> None:
+    """-v: what the engine does (info); -vv: each file too (debug); -vvv: botocore's requests."""
+    logging.getLogger().setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG))
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 3 else logging.DEBUG)
+
+
+class _Terminated(Exception):
+    """SIGTERM: stop as Ctrl-C does (the daemons handle it themselves, to unmount)."""
+
+
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    raise _Terminated
+
+
 def run() -> None:
     """Console-script entry point: run the CLI and turn our errors into messages and exit codes."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = main.main(standalone_mode=False, prog_name="fsmount")
     except FsmountError as exc:
@@ -93,6 +109,9 @@ def run() -> None:
     except KeyboardInterrupt:
         say("fsmount: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except _Terminated:
+        say("fsmount: terminated (SIGTERM)", err=True)
+        sys.exit(EXIT_TERMINATED)
     except click.exceptions.NoArgsIsHelpError as exc:
         exc.show()  # `fsmount` alone: the help
         sys.exit(exc.exit_code)

@@ -9,11 +9,13 @@ and what it missed is recorded for `fsmount replicas sync`.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -137,8 +139,11 @@ class AppContext:
             secret = getpass.getpass("repository passphrase: ").encode()
             if confirm and getpass.getpass("repeat passphrase: ").encode() != secret:
                 raise UsageError("the passphrases do not match")
-        else:
-            raise UsageError("no passphrase: use --password-file, FSMOUNT_PASSWORD_FILE or FSMOUNT_PASSWORD")
+        else:  # piped in, as restic reads it: `pass show backup | fsmount snapshots`
+            secret = sys.stdin.buffer.readline().rstrip(b"\r\n")
+            if not secret:
+                raise UsageError("no passphrase: use --password-file, FSMOUNT_PASSWORD_FILE, FSMOUNT_PASSWORD, "
+                                 "a terminal or a line on stdin")
         return secret
 
     def open_repository(self, **options: object) -> Repository:
@@ -147,7 +152,21 @@ class AppContext:
 
         store = self.open_store()
         try:
-            return Repository.open(store, self.passphrase(), cache_dir=self.cache_dir, **options)  # type: ignore[arg-type]
+            with self.cache_folder_errors():
+                repo = Repository.open(store, self.passphrase(), cache_dir=self.cache_dir, **options)  # type: ignore[arg-type]
+            log.info("repository %s at %s (cache %s)", repo.config.id[:8], store.location, repo.cache_dir)
+            return repo
         except BaseException:
             store.close()
             raise
+
+    @contextlib.contextmanager
+    def cache_folder_errors(self) -> Iterator[None]:
+        """Opening a repository makes its cache; an OSError then is the cache folder's (the stores
+        turn their own into StoreError): one line, not a traceback."""
+        try:
+            yield
+        except OSError as exc:
+            where = os.fsdecode(exc.filename) if exc.filename else self.cache_dir or "(default)"
+            raise UsageError(f"cannot use the cache folder {where}: {exc.strerror or exc} "
+                             "(choose another with --cache-dir)") from exc

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,37 @@ def test_password_file_and_missing_password(cli, tmp_path: Path) -> None:
     del cli.env["FSMOUNT_PASSWORD_FILE"]
     proc = cli("snapshots", check=2, stdin=open(os.devnull))
     assert "no passphrase" in proc.stderr.decode()
+    # piped in, as restic reads it
+    cli("snapshots", input=secret.read_bytes())
+    cli("snapshots", input=b"wrong\n", check=12)
+
+
+def test_a_cache_folder_that_cannot_be_used_is_one_line(cli, tmp_path: Path) -> None:
+    cli("init")
+    (tmp_path / "a-file").write_text("")
+    for folder in (tmp_path / "a-file", tmp_path / "a-file" / "below"):
+        err = cli("--cache-dir", folder, "snapshots", check=2).stderr.decode()
+        assert "cannot use the cache folder" in err and len(err.strip().splitlines()) == 1, err
+    err = cli("-r", tmp_path / "other", "--cache-dir", tmp_path / "a-file", "init", check=2).stderr.decode()
+    assert "cannot use the cache folder" in err, err
+
+
+def test_quiet_and_verbose_after_the_command_and_sigterm(cli, tmp_path: Path) -> None:
+    source = make_source(tmp_path / "src")
+    cli("init", "-q")
+    assert cli("backup", source, "-q").stdout == b""
+    err = cli("backup", source, "-vv").stderr.decode()
+    assert "backing up" in err and "parent snapshot" in err, err
+    (source / "new.txt").write_text("x")
+    assert "new new.txt" in cli("backup", source, "-vv").stderr.decode()
+    # SIGTERM ends a command with a message and 128 + 15, as Ctrl-C ends it with 130 (it died
+    # by the signal, without a word); here the command waits for its passphrase on stdin
+    del cli.env["FSMOUNT_PASSWORD"]
+    proc = cli.popen("snapshots", stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1)
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and b"terminated" in err and b"Traceback" not in err, err
 
 
 def test_usage_errors_exit_2(cli, tmp_path: Path) -> None:

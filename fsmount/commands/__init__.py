@@ -31,5 +31,31 @@ class LazyGroup(click.Group):
             return super().get_command(ctx, name)
         module = importlib.import_module(f"{__name__}.{COMMAND_MODULES[name]}")
         command = next(c for c in module.COMMANDS if c.name == name)
+        _accept_output_options(command)
         self.add_command(command)
         return command
+
+
+def _set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.find_root().obj.quiet = True
+
+
+def _set_verbose(_ctx: click.Context, _param: click.Parameter, value: int) -> None:
+    if value:
+        from ..cli import set_verbosity
+
+        set_verbosity(value)
+
+
+def _accept_output_options(command: click.Command) -> None:
+    """`-q` and `-v` after the command too (`fsmount backup -q DIR`), as `--json` already was."""
+    for sub in getattr(command, "commands", {}).values():
+        _accept_output_options(sub)
+    taken = {opt for param in command.params for opt in getattr(param, "opts", ())}
+    if "-q" not in taken:
+        command.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False,
+                                           callback=_set_quiet, help="Print only errors and warnings."))
+    if "-v" not in taken:
+        command.params.append(click.Option(["-v", "--verbose"], count=True, expose_value=False,
+                                           callback=_set_verbose, help="More log output (repeat for debug)."))

@@ -35,7 +35,9 @@ def init(app: AppContext, block_size: str) -> None:
     except ValueError:
         raise click.BadParameter(f"{block_size!r} is not a size like 128K or 1M", param_hint="--block-size")
     store = app.open_store()
-    with Repository.init(store, app.passphrase(confirm=True), block_size=size, cache_dir=app.cache_dir) as repo:
+    with app.cache_folder_errors():
+        repo = Repository.init(store, app.passphrase(confirm=True), block_size=size, cache_dir=app.cache_dir)
+    with repo:
         if app.json:
             emit_json({"id": repo.config.id, "location": store.location, "block_size": repo.block_size})
         elif not app.quiet:
