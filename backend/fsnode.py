@@ -93,9 +93,9 @@ def apply_metadata(dir_fd: int, node: Node, fd: int | None = None, *, replace_xa
             os.fchown(fd, node.uid, node.gid)
         else:
             os.chown(name, node.uid, node.gid, dir_fd=dir_fd, follow_symlinks=False)
-    if node.type != SYMLINK:
-        if node.xattrs or replace_xattrs:
-            write_xattrs(target, node.xattrs, replace_existing=replace_xattrs)
+    if node.xattrs or replace_xattrs:  # a symlink's too (SELinux labels): through a path, not followed
+        write_xattrs(target, node.xattrs, replace_existing=replace_xattrs)
+    if node.type != SYMLINK:  # a symlink has no mode of its own
         if fd is not None:
             os.fchmod(fd, node.mode)
         else:

@@ -58,3 +58,14 @@ def test_deep_tree_beyond_path_max(repo, tmp_path: Path) -> None:
     assert os.read(leaf, 100) == b"at the bottom"
     os.close(leaf)
     os.close(fd)
+
+
+def test_a_symlink_s_own_xattrs_come_back(repo, tmp_path: Path) -> None:
+    """They were backed up and never restored (SELinux labels live there)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    os.symlink("nowhere", source / "link")
+    os.setxattr(source / "link", "trusted.label", b"t", follow_symlinks=False)  # user.* is refused on links
+    restore(repo, backup(repo, source).snapshot, tmp_path / "target")
+    assert os.getxattr(tmp_path / "target" / "link", "trusted.label", follow_symlinks=False) == b"t"
+    assert differences(source, tmp_path / "target") == []
