@@ -231,3 +231,25 @@ def test_a_name_as_ls_shows_it_restores_the_file(cli, tmp_path: Path) -> None:
     for i, name in enumerate(names):
         with open(bytes(tmp_path / "r") + b"/" + name, "rb") as f:
             assert f.read() == b"%d" % i
+
+
+def test_ls_takes_a_name_typed_or_as_listed_and_json_tells_bytes_from_escapes(cli, tmp_path: Path) -> None:
+    """`ls PATH` took only the typed form, `restore` preferred the listed one (so a name typed
+    exactly could restore another file), and --json printed `x\\xff` for both the byte and the
+    four characters."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in (b"x\xff", b"x\\xff", b"lit\\x41", b"plain\nnl"):
+        (source / os.fsdecode(name)).write_bytes(name)
+    cli("init")
+    cli("backup", source)
+    listing = json.loads(cli("ls", "latest", "--json").stdout)
+    exact = {bytes.fromhex(e["path_hex"]) if "path_hex" in e else e["path"].encode() for e in listing}
+    assert exact == {b"/x\xff", b"/x\\xff", b"/lit\\x41", b"/plain\nnl"}
+    for given, expected in (("lit\\x41", b"/lit\\x41"), ("lit\\\\x41", b"/lit\\x41"), ("plain\\nnl", b"/plain\nnl"),
+                            ("plain\nnl", b"/plain\nnl")):
+        shown = cli("ls", "latest", given, "--json").stdout
+        assert [e["path"].encode() for e in json.loads(shown)] == [expected], given
+    err = cli("ls", "latest", "x\\xff", check=2).stderr.decode()  # both the byte and the characters
+    assert "names two entries" in err, err
+    cli("ls", "latest", "x\\\\xff")  # the four characters, as `ls` shows them

@@ -16,6 +16,7 @@ from backend.tree import DIR, Node
 
 from ..context import AppContext
 from ..output import console, display_name, emit_json, human_bytes, json_option, line_name, parse_size, say
+from .snapshot_paths import snapshot_path
 
 
 @click.command()
@@ -118,6 +119,16 @@ def _listing(repo: Repository, node: Node, path: bytes) -> Iterator[tuple[bytes,
             stack.append(iter([(child_path, c) for c in repo.load_tree(child.subtree)]))
 
 
+def _exact(key: str, name: bytes) -> dict[str, str]:
+    """{key: hex of the bytes} for a name that is not UTF-8, whose text form is only for display
+    (`\\xff` there may be that byte or those four characters)."""
+    try:
+        name.decode()
+    except UnicodeDecodeError:
+        return {key: name.hex()}
+    return {}
+
+
 @click.command(name="ls")
 @click.argument("snapshot_ref", metavar="SNAPSHOT")
 @click.argument("path", required=False, default="")
@@ -127,18 +138,20 @@ def _listing(repo: Repository, node: Node, path: bytes) -> Iterator[tuple[bytes,
 def ls(app: AppContext, snapshot_ref: str, path: str, long_format: bool) -> None:
     """List the files of SNAPSHOT (an id prefix or `latest`), from PATH down.
 
-    Paths are relative to the backed-up folder. Names that are not valid UTF-8 are shown with \\xNN
-    escapes; --json gives them the same way.
+    Paths are relative to the backed-up folder, typed as they are or as a listing shows them.
+    A byte that is not UTF-8 shows as \\xNN, a newline as \\n, a backslash doubled; --json gives
+    each name as text, and a name that is not UTF-8 also as `path_hex`, its bytes.
     """
     with app.open_repository() as repo:
         snap = repo.resolve_snapshot(snapshot_ref)
-        rel = os.fsencode(path).strip(b"/")
+        rel = snapshot_path(repo, snap, path) if path.strip("/") else b""
         start = repo.find_node(snap, rel)
         entries = _listing(repo, start, rel)
         if app.json:
-            emit_json([{"path": "/" + display_name(p), "type": n.type, "mode": n.mode, "uid": n.uid,
-                        "gid": n.gid, "size": n.size, "mtime_ns": n.mtime_ns,
-                        **({"target": display_name(n.target)} if n.target else {})}
+            emit_json([{"path": "/" + display_name(p), **_exact("path_hex", b"/" + p), "type": n.type,
+                        "mode": n.mode, "uid": n.uid, "gid": n.gid, "size": n.size, "mtime_ns": n.mtime_ns,
+                        **({"target": display_name(n.target), **_exact("target_hex", n.target)}
+                           if n.target else {})}
                        for p, n in entries if p])
             return
         for p, n in entries:
