@@ -237,6 +237,19 @@ def test_unreachable_endpoint_fails_quickly_naming_it(s3_server: object) -> None
     assert not isinstance(raised.value, TransientStoreError)
 
 
+def test_a_server_that_never_answers_fails_within_the_retry_budget() -> None:
+    """One stalled request waited out its 20 s read timeout, whatever the budget (5 s there)."""
+    with socket.socket() as silent:  # connections are accepted by the kernel, nothing is ever read
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        store = S3Store("bucket", "repo", endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+                        credentials=("id", "secret"), retry_budget_s=2.0)
+        start = time.monotonic()
+        with pytest.raises(StoreError):
+            store.put("config", b"x")
+        assert time.monotonic() - start < 8.0
+
+
 @pytest.mark.s3
 def test_wrong_credentials_give_a_clear_error_at_once(s3_bucket) -> None:
     key_id, secret = s3_bucket.server.credentials

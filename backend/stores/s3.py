@@ -75,6 +75,10 @@ class S3Store:
         self._bucket_lock = threading.Lock()
         self._parts_pool = ThreadPoolExecutor(max_connections, thread_name_prefix="s3-parts")
         return_large_buffers_to_the_os()  # whole objects travel as bytes (stores/base.py)
+        # A request that hangs must not outlast the budget all retries share: with a budget of
+        # 5 s, one stalled request took the 20 s of its read timeout.
+        connect_timeout_s = min(connect_timeout_s, max(retry_budget_s, 1.0))
+        read_timeout_s = min(read_timeout_s, max(retry_budget_s, 1.0))
         try:
             self._session = (boto3.session.Session() if credentials is None else
                              boto3.session.Session(aws_access_key_id=credentials[0], aws_secret_access_key=credentials[1]))
