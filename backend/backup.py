@@ -379,7 +379,10 @@ class Backup:
         if node.is_hardlinked and link_key in self._hardlinks:
             blocks = self._hardlinks[link_key]
             node.xattrs = self.view.xattrs(job.fd, node.name, link_key)
-            self.stats.files_unchanged += 1
+            if previous is None:  # another name of a file read already: new here all the same
+                self.stats.files_new += 1
+            else:
+                self.stats.files_unchanged += 1
         elif previous is not None and (content == CLEAN or (content is None and _unchanged(previous, node))):
             node.blocks, node.xxh = previous.blocks, previous.xxh
             node.xattrs = self._xattrs(job, node, previous)

@@ -253,3 +253,15 @@ def test_ls_takes_a_name_typed_or_as_listed_and_json_tells_bytes_from_escapes(cl
     err = cli("ls", "latest", "x\\xff", check=2).stderr.decode()  # both the byte and the characters
     assert "names two entries" in err, err
     cli("ls", "latest", "x\\\\xff")  # the four characters, as `ls` shows them
+
+
+def test_tags_split_on_commas_and_a_hard_link_counts_as_new(cli, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a").write_text("a")
+    os.link(source / "a", source / "b")
+    cli("init")
+    stats = json.loads(cli("backup", source, "--tag", "x,y", "--tag", "z", "--json").stdout)["stats"]
+    assert (stats["files_new"], stats["files_unchanged"]) == (2, 0)  # it said "1 unchanged" of a first backup
+    assert json.loads(cli("snapshots", "--json").stdout)[0]["tags"] == ["x", "y", "z"]
+    assert "may not be empty" in cli("backup", source, "--tag", "", check=2).stderr.decode()

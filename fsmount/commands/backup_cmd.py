@@ -13,9 +13,17 @@ from ..output import BarProgress, emit_json, human_bytes, json_option, say
 from .repository_cmds import snapshot_doc
 
 
+def _tags(given: tuple[str, ...]) -> tuple[str, ...]:
+    tags = tuple(tag.strip() for value in given for tag in value.split(","))
+    if any(not tag for tag in tags):
+        raise click.BadParameter("a tag may not be empty", param_hint="--tag")
+    return tags
+
+
 @click.command()
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=str))
-@click.option("--tag", "tags", multiple=True, help="Tag the snapshot (repeatable).")
+@click.option("--tag", "tags", multiple=True, callback=lambda _ctx, _param, value: _tags(value),
+              help="Tag the snapshot (repeatable; `--tag a,b` gives two tags, as in restic).")
 @click.option("--name", help="A name for the snapshot, shown in listings and mounted snapshot folders.")
 @click.option("--host", help="Record this host name instead of this machine's.")
 @click.option("--parent", "parent_ref", metavar="SNAPSHOT",
