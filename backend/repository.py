@@ -132,9 +132,17 @@ class Repository:
         if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size & (block_size - 1):
             raise UsageError(f"block size must be a power of two from {MIN_BLOCK_SIZE // 1024} KiB "
                              f"to {MAX_BLOCK_SIZE // 1024 // 1024} MiB, not {block_size}")
+        from .replicas import REPOSITORY_PREFIXES
+
         store.create_if_missing()
         if store.exists("config"):
             raise RepositoryExists(f"a repository already exists at {store.location}")
+        # Without its config a repository cannot be opened, but its keys, packs and snapshots are
+        # still there: a new repository over them would mix two repositories' objects for good.
+        held = [prefix for prefix in REPOSITORY_PREFIXES if next(iter(store.list(prefix)), None) is not None]
+        if held:
+            raise RepositoryExists(f"{store.location} holds parts of a repository ({', '.join(held)}) but no "
+                                   "config; put its config back (from a replica or a copy) or init elsewhere")
         config = Config(FORMAT_VERSION, random_id(), block_size, pack_size)
         key = MasterKey.generate()
         wrapped = key.wrap(passphrase)

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from conftest import PASSPHRASE
 
 from backend.pack import pack_key
@@ -139,3 +140,27 @@ def test_a_damaged_key_object_is_named_and_another_key_still_opens(cli, tmp_path
     assert f"keys/{key.name}" in err and "damaged" in err, err
     (repo_path / "keys" / ("0" * 64)).write_bytes(original)  # a second, good copy of the key
     cli("snapshots")
+
+
+@pytest.mark.parametrize("kept", ["keys", "data", "index", "snapshots"])
+def test_init_refuses_a_location_holding_parts_of_a_repository(cli, tmp_path: Path, repo_path: Path,
+                                                              kept: str) -> None:
+    """With its config gone, `fsmount init` made a new repository on top of the old one's objects."""
+    backed_up_source(cli, tmp_path)
+    (repo_path / "config").unlink()
+    for prefix in {"keys", "data", "index", "snapshots"} - {kept}:
+        for path in sorted((repo_path / prefix).rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+
+    err = cli("init", check=1).stderr.decode()
+
+    assert "parts of a repository" in err and err.count("\n") == 1, err
+    assert not (repo_path / "config").exists()
+
+
+def test_init_takes_a_folder_with_other_files(cli, tmp_path: Path, repo_path: Path) -> None:
+    repo_path.mkdir()
+    (repo_path / "README").write_text("backups go here\n")
+    cli("init")
+    with Repository.open(LocalStore(repo_path), PASSPHRASE.encode()) as repo:
+        assert repo.snapshot_ids() == []
