@@ -14,6 +14,7 @@ The table is used only on the event loop thread.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import stat
@@ -25,6 +26,7 @@ import pyfuse3
 
 ROOT = pyfuse3.ROOT_INODE
 MAX_DIR_FDS = 2048
+_SEVERAL = object()  # see InodeTable._single_path
 
 
 @dataclass
@@ -168,25 +170,39 @@ class InodeTable:
         """(directory fd, name) through which inode `number` is reached; the root is (its fd, ".")."""
         if number == ROOT:
             return self.root_fd, b"."
+        parent, name = self._entry_of(number)
+        return self.dir_fd(parent), name
+
+    def _entry_of(self, number: int) -> tuple[int, bytes]:
+        """The (parent, name) through which a non-root inode is reached."""
         names = self[number].names
         if not names:
             raise pyfuse3.FUSEError(116)  # ESTALE: it has no name left (unlinked)
-        parent, name = min(names) if len(names) > 1 else next(iter(names))
-        return self.dir_fd(parent), name
+        return min(names) if len(names) > 1 else next(iter(names))
 
     def dir_fd(self, number: int) -> int:
-        if number == ROOT:
-            return self.root_fd
-        fd = self._dir_fds.get(number)
-        if fd is not None:
+        """The directory's O_PATH fd, opened (and cached) from its nearest ancestor that has one.
+
+        A loop, not a recursion through where(): a tree may be deeper than Python's recursion limit
+        (the daemon died of a RecursionError at a 980-deep `mkdir -p`)."""
+        to_open: list[tuple[int, bytes]] = []  # (inode, name in its parent), deepest first
+        while True:
+            fd = self.root_fd if number == ROOT else self._dir_fds.get(number)
+            if fd is not None:
+                break
+            if len(to_open) > len(self._by_number):
+                raise pyfuse3.FUSEError(errno.ELOOP)  # names that loop: a bug, never a hang
+            parent, name = self._entry_of(number)
+            to_open.append((number, name))
+            number = parent
+        if number != ROOT:
             self._dir_fds.move_to_end(number)
-            return fd
-        parent_fd, name = self.where(number)
-        fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
-        self._dir_fds[number] = fd
-        if len(self._dir_fds) > MAX_DIR_FDS:
-            _, evicted = self._dir_fds.popitem(last=False)
-            os.close(evicted)
+        for number, name in reversed(to_open):
+            fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            self._dir_fds[number] = fd  # the most recent: never the one evicted next
+            if len(self._dir_fds) > MAX_DIR_FDS:
+                _, evicted = self._dir_fds.popitem(last=False)
+                os.close(evicted)
         return fd
 
     def cached_dir_fd(self, number: int) -> int | None:
@@ -199,17 +215,59 @@ class InodeTable:
             os.close(fd)
 
     def paths(self, number: int) -> list[bytes]:
-        """Every current path of an inode relative to the source root (empty if unlinked)."""
-        if number == ROOT:
-            return [b""]
+        """Every current path of an inode relative to the source root (empty if unlinked).
+
+        Loops, not recursion: a tree may be deeper than Python's recursion limit (the daemon died
+        of a RecursionError at a 980-deep `mkdir -p`). Every write asks, so the usual case, where
+        each directory above has one name, is a walk up the chain."""
         inode = self._by_number.get(number)
-        if inode is None:
-            return []
+        if number == ROOT or inode is None:
+            return [b""] if number == ROOT else []
         found = []
         for parent, name in inode.names:
-            for parent_path in self.paths(parent):
+            parent_path = self._single_path(parent)
+            if parent_path is _SEVERAL:
+                return self._all_paths(number)
+            if parent_path is not None:
                 found.append(parent_path + b"/" + name if parent_path else name)
         return found
+
+    def _single_path(self, number: int) -> bytes | object | None:
+        """The one path of a directory, None if it has none, or _SEVERAL if a directory on the way
+        up has more than one name (a rename made beside the mount, seen through a new lookup)."""
+        names: list[bytes] = []
+        while number != ROOT:
+            inode = self._by_number.get(number)
+            if inode is None or not inode.names or len(names) > len(self._by_number):
+                return None  # forgotten, unlinked, or names that loop (a bug: no path, never a hang)
+            if len(inode.names) > 1:
+                return _SEVERAL
+            number, name = next(iter(inode.names))
+            names.append(name)
+        return b"/".join(reversed(names))
+
+    def _all_paths(self, number: int) -> list[bytes]:
+        """paths() where directories have several names: each inode's paths from the root down,
+        with a stack of its own."""
+        found: dict[int, list[bytes]] = {ROOT: [b""]}
+        pending, visiting = [number], set()
+        while pending:
+            current = pending[-1]
+            if current in found:
+                pending.pop()
+                continue
+            inode = self._by_number.get(current)
+            names = inode.names if inode is not None else set()
+            unknown = [parent for parent, _ in names if parent not in found and parent not in visiting]
+            if unknown:
+                visiting.add(current)
+                pending.extend(unknown)
+                continue
+            pending.pop()
+            visiting.discard(current)
+            found[current] = [parent_path + b"/" + name if parent_path else name
+                              for parent, name in names for parent_path in found.get(parent, ())]
+        return found[number]
 
     def path_of(self, parent: int, name: bytes) -> bytes:
         parents = self.paths(parent)

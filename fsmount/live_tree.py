@@ -87,13 +87,21 @@ def renameat2(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int) ->
 
 
 def _fuse_errors(method: Callable) -> Callable:
-    """Turn OSError into the FUSEError the kernel understands."""
+    """Turn OSError into the FUSEError the kernel understands, and a bug into EIO for that one
+    request: raised out of a handler, it ended pyfuse3's loop and the mount with it (a
+    RecursionError in a deep tree left "Transport endpoint is not connected" for everyone)."""
 
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+    async def wrapper(self: LiveTree, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await method(*args, **kwargs)
+            return await method(self, *args, **kwargs)
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("%s failed (an internal error; the request got EIO)", method.__name__)
+            self.changelog.require_full_scan(f"an internal error in {method.__name__}")  # it may have changed the source
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     wrapper.__name__ = method.__name__
     wrapper.__doc__ = method.__doc__

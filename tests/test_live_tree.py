@@ -564,3 +564,30 @@ def test_a_snapshot_is_not_live_mounted_and_a_snapshots_folder_of_ones_own_is_na
     finally:
         cli("umount", source)
     assert (source / ".snapshots" / "mine.txt").read_text() == "the user's own"
+
+
+def test_a_tree_deeper_than_pythons_recursion_limit_works_as_natively(cli, source: Path) -> None:
+    """`mkdir -p` 1000 levels deep killed the daemon (a RecursionError in working out the paths)
+    at ~980 levels, and the mount with it. Also reached again after the directory fds of every
+    level were evicted, and snapshotted and read back."""
+    from fsmount.live_inodes import MAX_DIR_FDS
+
+    levels = 1500  # a plain directory takes this too (the path stays under PATH_MAX)
+    try:
+        with live_mount(cli, source) as mnt:
+            deep = mnt / "deep" / Path(*["d"] * levels)
+            subprocess.run(["mkdir", "-p", deep], check=True)  # os.makedirs would recurse per level itself
+            (deep / "bottom.txt").write_text("at the bottom\n")
+            wide = mnt / "wide"
+            wide.mkdir()
+            for i in range(MAX_DIR_FDS + 100):  # a lookup in each opens its fd, evicting the deep chain's
+                (wide / f"w{i}").mkdir()
+                assert not (wide / f"w{i}" / "absent").exists()
+            with open(deep / "bottom.txt", "a") as f:  # reached again from the root, level by level
+                f.write("appended\n")
+            cli("snapshot", mnt, "--name", "deep")
+            frozen = mnt / ".snapshots" / "deep" / "deep" / Path(*["d"] * levels) / "bottom.txt"
+            assert frozen.read_text() == "at the bottom\nappended\n"
+            assert is_mounted(mnt)
+    finally:  # pytest's own clean-up of old temporary folders (shutil.rmtree) recurses per level
+        subprocess.run(["rm", "-rf", source / "deep"], check=False)
