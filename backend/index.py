@@ -9,7 +9,9 @@ associated data `INDEX_AAD`.
 Locally, `IndexCache` keeps the union of all index objects in SQLite under the XDG cache dir, so
 opening a repository costs one listing of `index/` plus the objects not seen before. If an index
 object disappeared (prune rewrote them) or the cache is unreadable, the cache is rebuilt from the
-store; a repository opened on a new machine builds it on first use.
+store; a repository opened on a new machine builds it on first use. The cache never reads an object
+again once it holds it, so damage done to an object later shows only to a reader that fetches it:
+`read_index_objects`, which verify and repair use on every object of the store.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ import sqlite3
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import msgpack
 import zstandard
 
 from .crypto import MasterKey, content_hash
 from .errors import IntegrityError, ObjectNotFound
-from .pack import BlobEntry, decode_entries, encode_entries
+from .pack import HEADER_AAD, HEADER_LENGTH, BlobEntry, decode_entries, encode_entries, pack_key
 from .stores import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,8 @@ log = logging.getLogger(__name__)
 INDEX_AAD = b"fsmount index"
 INDEX_VERSION = 1
 LOOKUP_BATCH = 256  # ids per `lookup_many` statement (old SQLite builds allow 999 parameters)
+READ_WORKERS = 8  # index objects or pack headers fetched at once: small, so a remote store's latency dominates
+HEADER_TAIL = 64 * 1024  # the end of a pack read for its header: ~1,400 blobs' records in one ranged read
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +67,97 @@ def decode_index(key: MasterKey, name: str, data: bytes) -> list[tuple[str, list
         return [(pack_id.hex(), decode_entries(table, what)) for pack_id, table in doc["packs"]]
     except (ValueError, KeyError, TypeError, zstandard.ZstdError) as exc:
         raise IntegrityError(f"{what} is malformed: {exc}") from exc
+
+
+@dataclass
+class IndexObjects:
+    """What the store's index objects say, each fetched and authenticated (`read_index_objects`)."""
+
+    readable: dict[str, list[tuple[str, list[BlobEntry]]]] = field(default_factory=dict)
+    damaged: dict[str, str] = field(default_factory=dict)  # name -> why it cannot be used
+
+    def pack_ids(self) -> set[str]:
+        """Every pack some readable index object names."""
+        return {pack_id for packs in self.readable.values() for pack_id, _ in packs}
+
+
+def read_index_objects(store: ObjectStore, key: MasterKey, names: Iterable[str] | None = None) -> IndexObjects:
+    """Fetch and open the index objects `names` (default: every one in the store), `READ_WORKERS` at
+    a time. One that fails its hash or authentication is `damaged`; one gone since it was listed
+    (prune, repair) is left out; any other store failure is raised, since it says nothing of the object."""
+    if names is None:
+        names = [k.removeprefix("index/") for k, _ in store.list("index/")]
+    names = sorted(names)
+
+    def load(name: str) -> tuple[str, list[tuple[str, list[BlobEntry]]] | None, str | None]:
+        try:
+            return name, decode_index(key, name, store.get(f"index/{name}")), None
+        except ObjectNotFound:
+            return name, None, None
+        except IntegrityError as exc:
+            return name, None, str(exc)
+
+    objects = IndexObjects()
+    if len(names) > 1:
+        with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="index-read") as pool:
+            results = list(pool.map(load, names))
+    else:
+        results = [load(name) for name in names]
+    for name, packs, why in results:
+        if packs is not None:
+            objects.readable[name] = packs
+        elif why is not None:
+            objects.damaged[name] = why
+    return objects
+
+
+def read_pack_header(store: ObjectStore, key: MasterKey, pack_id: str, size: int) -> list[BlobEntry]:
+    """A pack's entries from its own header, read with one ranged GET of its tail (two when the header
+    is longer than `HEADER_TAIL`): what the index is rebuilt from when no index object names the pack.
+    The checks of `pack.read_header`, which takes the whole pack."""
+    what = f"pack {pack_id}"
+    tail_start = max(0, size - HEADER_TAIL)
+    tail = store.get(pack_key(pack_id), tail_start, size - tail_start)
+    if len(tail) != size - tail_start or size < HEADER_LENGTH.size:
+        raise IntegrityError(f"{what} is truncated")
+    (header_length,) = HEADER_LENGTH.unpack_from(tail, len(tail) - HEADER_LENGTH.size)
+    body_end = size - HEADER_LENGTH.size - header_length
+    if body_end < 0:
+        raise IntegrityError(f"{what} has a header longer than the pack")
+    if body_end < tail_start:
+        tail = store.get(pack_key(pack_id), body_end, tail_start - body_end) + tail
+        tail_start = body_end
+    sealed = memoryview(tail)[body_end - tail_start : len(tail) - HEADER_LENGTH.size]
+    entries = decode_entries(key.unseal(sealed, HEADER_AAD, f"{what} header"), what)
+    for e in entries:
+        if e.offset + e.length > body_end:
+            raise IntegrityError(f"{what}: blob {e.blob_id.hex()} lies outside the pack body")
+    return entries
+
+
+def read_pack_headers(store: ObjectStore, key: MasterKey, sizes: dict[str, int]
+                      ) -> tuple[dict[str, list[BlobEntry]], dict[str, str]]:
+    """(entries, why unreadable) of the packs in `sizes` (id -> size), from their own headers,
+    `READ_WORKERS` at a time. A pack gone since it was listed is in neither."""
+    def load(pack_id: str) -> tuple[str, list[BlobEntry] | None, str | None]:
+        try:
+            return pack_id, read_pack_header(store, key, pack_id, sizes[pack_id]), None
+        except ObjectNotFound:
+            return pack_id, None, None
+        except IntegrityError as exc:
+            return pack_id, None, str(exc)
+
+    entries: dict[str, list[BlobEntry]] = {}
+    damaged: dict[str, str] = {}
+    if not sizes:
+        return entries, damaged
+    with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="pack-header") as pool:
+        for pack_id, found, why in pool.map(load, sorted(sizes)):
+            if found is not None:
+                entries[pack_id] = found
+            elif why is not None:
+                damaged[pack_id] = why
+    return entries, damaged
 
 
 _SCHEMA = """
@@ -149,14 +245,13 @@ class IndexCache:
             with self._lock:
                 self._db.executescript("DELETE FROM blobs; DELETE FROM packs; DELETE FROM index_objects;")
             known = set()
-        self.unreadable = {}
-        for name in sorted(in_store - known):
-            try:
-                self.add(name, decode_index(key, name, store.get(f"index/{name}")))
-            except (IntegrityError, ObjectNotFound) as exc:
-                # Not fatal: the blobs it lists look missing, which verify reports with their files.
-                log.warning("skipping index %s: %s", name, exc)
-                self.unreadable[name] = str(exc)
+        objects = read_index_objects(store, key, in_store - known)
+        for name, packs in objects.readable.items():
+            self.add(name, packs)
+        for name, why in objects.damaged.items():
+            # Not fatal: the blobs it lists look missing, which verify reports with their files.
+            log.warning("skipping index %s: %s", name, why)
+        self.unreadable = objects.damaged
 
     def add(self, name: str, packs: Iterable[tuple[str, list[BlobEntry]]]) -> None:
         """Record the content of index object `name` (idempotent)."""

@@ -5,9 +5,14 @@ name is in the index; every pack the index names is in the store. Data (`read_da
 pack is downloaded, its name checked against its content hash, its header checked against the
 index, and every blob in it opened, which checks authenticity and the blob id.
 
+Index: every index object in the store is fetched and opened, whatever the local cache holds (it
+read each object once, and damage since then shows only to a reader that fetches it: the next
+machine). Packs in the store that no readable index object names (their index object damaged or
+gone, or left by an interrupted backup) are counted, and their headers read: `verify --repair`
+indexes them from those; a pack whose header does not open is an error.
+
 When anything is missing or corrupt, a second walk names the damage as a user sees it: which
-snapshots and which files (or directory listings) depend on the bad objects. Packs in the store that
-no index mentions (left by an interrupted backup) are counted, not errors.
+snapshots and which files (or directory listings) depend on the bad objects.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from dataclasses import dataclass, field
 from .blob_reader import BlobReader
 from .crypto import content_hash
 from .errors import FsmountError, IntegrityError
+from .index import read_index_objects, read_pack_headers
 from .pack import TREE_BLOB, pack_key, read_header
 from .progress import Progress
+from .repair import packs_in_store, packs_not_indexed
 from .repository import Repository
 from .snapshot import Snapshot
 from .stores.base import ObjectStore
@@ -31,6 +38,7 @@ log = logging.getLogger(__name__)
 
 READ_WORKERS = 4
 TREE_WORKERS, TREE_BATCH = 8, 256
+REBUILD_ADVICE = "(`fsmount verify --repair` rebuilds the index from the packs' headers)"
 
 
 @dataclass
@@ -41,7 +49,7 @@ class VerifyReport:
     packs_read: int = 0
     bytes_read: int = 0
     blobs_read: int = 0
-    unreferenced_packs: int = 0
+    unindexed_packs: int = 0  # in the store, named by no readable index object
     packs_in_backlog: int = 0  # indexed, but still in a live mount's backlog on this machine
     errors: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)  # "snapshot <id>: <path>" a user would lose
@@ -64,18 +72,16 @@ class Verifier:
     def run(self) -> VerifyReport:
         repo, report = self.repo, self.report
         repo.sync_index()
-        for name, why in repo.index.unreadable.items():
-            report.errors.append(f"index {name}: {why}")
-        in_store = {key.rsplit("/", 1)[1]: size for key, size in repo.store.list("data/")}
+        in_store = packs_in_store(repo)
         # Packs a live mount still holds in its backlog are on their way, not missing.
         waiting = {key.rsplit("/", 1)[1] for key in repo.staged_keys("data/")} - in_store.keys()
         indexed = set(repo.index.pack_ids())
         report.packs = len(in_store)
         report.packs_in_backlog = len(waiting & indexed)
-        report.unreferenced_packs = len(in_store.keys() - indexed)
         for pack_id in sorted(indexed - in_store.keys() - waiting):
             report.errors.append(f"pack {pack_id} is missing from the store")
             self._mark_pack_bad(pack_id)
+        self._check_index_objects(in_store, indexed)
         snapshots = self._load_snapshots()
         self._check_trees(snapshots)
         if self.read_data:
@@ -85,6 +91,22 @@ class Verifier:
         return report
 
     # -- structure --------------------------------------------------------------------------------
+
+    def _check_index_objects(self, in_store: dict[str, int], cached: set[str]) -> None:
+        """Every index object of the store opens (the cache, which read each object once, may hold one
+        damaged since), and every pack is in one; the header of each pack in none is read, as
+        `verify --repair` would read it to index the pack."""
+        repo, report = self.repo, self.report
+        objects = read_index_objects(repo.store, repo.key)
+        for name, why in sorted(objects.damaged.items()):
+            report.errors.append(f"index {name}: {why} {REBUILD_ADVICE}")
+        unindexed = packs_not_indexed(objects, in_store)
+        if repo.staged_keys("index/"):  # the packs a live mount's index objects on their way name
+            unindexed = {p: size for p, size in unindexed.items() if p not in cached}
+        report.unindexed_packs = len(unindexed)
+        _, unreadable = read_pack_headers(repo.store, repo.key, unindexed)
+        for pack_id, why in sorted(unreadable.items()):
+            report.errors.append(f"pack {pack_id} is in no index, and its header cannot be read: {why}")
 
     def _mark_pack_bad(self, pack_id: str) -> None:
         self.bad_packs.add(pack_id)

@@ -20,8 +20,10 @@ if TYPE_CHECKING:
 @click.option("--read-data", is_flag=True, help="Download every pack and check every blob's hash.")
 @click.option("--repair", is_flag=True,
               help="First heal what can be healed: with replicas, rewrite every missing (and with "
-                   "--read-data, damaged) object from a replica with a good copy; then take packs that "
-                   "are gone everywhere out of the index, so that the next backup stores their data again.")
+                   "--read-data, damaged) object from a replica with a good copy; then rebuild the index: "
+                   "packs that are gone everywhere leave it, so that the next backup stores their data "
+                   "again, packs no readable index object names join it from their own headers, and "
+                   "damaged index objects are deleted.")
 @json_option
 @click.pass_obj
 def verify(app: AppContext, read_data: bool, repair: bool) -> None:
@@ -32,13 +34,13 @@ def verify(app: AppContext, read_data: bool, repair: bool) -> None:
     hashed. Problems name the damaged object and the snapshots and files that depend on it;
     the exit code is then 14. On replicas, each replica's own missing (and with --read-data,
     damaged) copies count too. With --repair, each replica is first compared with the others
-    and healed from a good copy, and packs lost everywhere are taken out of the index.
+    and healed from a good copy, then the index is rebuilt to name exactly the packs in the store.
     """
     if repair and len(app.locations()) > 1:
         _repair(app, read_data)
     with app.open_repository() as repo:
         if repair:
-            _drop_missing_packs(app, repo)
+            _repair_index(app, repo)
         report = run_verify(repo, read_data=read_data,
                             progress=BarProgress("verify", enabled=not app.quiet and not app.json))
         if not repair:
@@ -54,8 +56,8 @@ def verify(app: AppContext, read_data: bool, repair: bool) -> None:
             say(f"checked {report.snapshots} snapshots, {report.trees} trees, {report.packs} packs"
                 + (f", read {human_bytes(report.bytes_read)} in {report.packs_read} packs"
                    if read_data else "")
-                + (f"; {report.unreferenced_packs} unreferenced packs (left by interrupted backups)"
-                   if report.unreferenced_packs else "")
+                + (f"; {report.unindexed_packs} packs not indexed (`fsmount verify --repair` indexes them)"
+                   if report.unindexed_packs else "")
                 + (f"; {report.packs_in_backlog} packs still in a live mount's backlog (uploaded later)"
                    if report.packs_in_backlog else "")
                 + ("; no errors" if report.ok else f"; {len(report.errors)} errors"))
@@ -87,14 +89,23 @@ def _replica_errors(app: AppContext, store: object, read_data: bool) -> list[str
     return errors
 
 
-def _drop_missing_packs(app: AppContext, repo: Repository) -> None:
-    from backend.repair import drop_missing_packs
+def _repair_index(app: AppContext, repo: Repository) -> None:
+    from backend.repair import repair_index
 
-    fixed = drop_missing_packs(repo)
-    if fixed.missing_packs and not app.json:
+    fixed = repair_index(repo)
+    if app.json:
+        return
+    if fixed.missing_packs:
         say(f"took {fixed.missing_packs} missing packs ({fixed.blobs_dropped} blobs) out of the index: "
             "the next `fsmount backup` of the folder stores again what it still holds, and the snapshots "
             "that need only that are whole again; the rest stays damaged (listed below)")
+    if fixed.indexed_packs:
+        say(f"indexed {fixed.indexed_packs} packs ({fixed.blobs_indexed} blobs) that no readable index "
+            "object named, from their own headers")
+    if fixed.deleted_index_objects:
+        say(f"deleted {fixed.deleted_index_objects} damaged index objects")
+    if fixed.unreadable_packs:
+        say(f"could not index {len(fixed.unreadable_packs)} packs: their headers cannot be read (listed below)")
 
 
 def _repair(app: AppContext, read_data: bool) -> None:
