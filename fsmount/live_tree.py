@@ -523,11 +523,19 @@ class LiveTree(pyfuse3.Operations):
 
     @staticmethod
     def _open_flags(flags: int) -> int:
-        # With the writeback cache the kernel may read back pages of a write-only file and does
-        # O_APPEND itself (libfuse's passthrough_hp does the same).
+        """The flags the source file is opened with, for a caller's `flags`.
+
+        With the writeback cache the kernel may read back pages of a write-only file and does
+        O_APPEND itself (libfuse's passthrough_hp does the same). O_DIRECT stays with the kernel:
+        it sends such a caller's reads and writes straight to us, past the mount's page cache, in
+        buffers of Python's that no alignment rule holds for, and the source refused every one
+        with EINVAL (`dd oflag=direct`); a source that cannot do O_DIRECT at all (tmpfs) failed
+        the create itself after making the file. The source's page cache then holds what the
+        caller's bypassed, which costs nothing it was promised: O_DIRECT never meant durable
+        (fsync and O_SYNC do, and they pass through)."""
         if flags & os.O_ACCMODE == os.O_WRONLY:
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
-        return (flags & ~os.O_APPEND) | os.O_NOFOLLOW | os.O_CLOEXEC
+        return (flags & ~(os.O_APPEND | os.O_DIRECT)) | os.O_NOFOLLOW | os.O_CLOEXEC
 
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:

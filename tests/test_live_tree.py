@@ -591,3 +591,19 @@ def test_a_tree_deeper_than_pythons_recursion_limit_works_as_natively(cli, sourc
             assert is_mounted(mnt)
     finally:  # pytest's own clean-up of old temporary folders (shutil.rmtree) recurses per level
         subprocess.run(["rm", "-rf", source / "deep"], check=False)
+
+
+def test_o_direct_reads_and_writes_work_as_natively(cli, source: Path, tmp_path: Path) -> None:
+    """`dd oflag=direct` (a create) and `dd iflag=direct` (an open) failed with EINVAL: the source
+    file was opened O_DIRECT and the daemon's buffers are not aligned."""
+    data = os.urandom(2 << 20)
+    (tmp_path / "data.bin").write_bytes(data)
+    with live_mount(cli, source) as mnt:
+        subprocess.run(["dd", f"if={tmp_path / 'data.bin'}", f"of={mnt / 'direct.bin'}", "bs=1M", "oflag=direct"],
+                       check=True, capture_output=True)
+        read = subprocess.run(["dd", f"if={mnt / 'direct.bin'}", "bs=64k", "iflag=direct"],
+                              check=True, capture_output=True).stdout
+        assert read == data
+        cli("snapshot", mnt, "--name", "direct")
+        assert (mnt / ".snapshots" / "direct" / "direct.bin").read_bytes() == data
+    assert (source / "direct.bin").read_bytes() == data
