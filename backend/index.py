@@ -74,7 +74,7 @@ class IndexObjects:
     """What the store's index objects say, each fetched and authenticated (`read_index_objects`)."""
 
     readable: dict[str, list[tuple[str, list[BlobEntry]]]] = field(default_factory=dict)
-    damaged: dict[str, str] = field(default_factory=dict)  # name -> why it cannot be used
+    damaged: dict[str, str] = field(default_factory=dict)  # name -> why it cannot be used, naming it
 
     def pack_ids(self) -> set[str]:
         """Every pack some readable index object names."""
@@ -94,8 +94,8 @@ def read_index_objects(store: ObjectStore, key: MasterKey, names: Iterable[str] 
             return name, decode_index(key, name, store.get(f"index/{name}")), None
         except ObjectNotFound:
             return name, None, None
-        except IntegrityError as exc:
-            return name, None, str(exc)
+        except IntegrityError as exc:  # decode_index's messages name the object; a replicated store's name its key
+            return name, None, str(exc) if name in str(exc) else f"index {name}: {exc}"
 
     objects = IndexObjects()
     if len(names) > 1:
@@ -248,9 +248,9 @@ class IndexCache:
         objects = read_index_objects(store, key, in_store - known)
         for name, packs in objects.readable.items():
             self.add(name, packs)
-        for name, why in objects.damaged.items():
+        for why in objects.damaged.values():
             # Not fatal: the blobs it lists look missing, which verify reports with their files.
-            log.warning("skipping index %s: %s", name, why)
+            log.warning("%s; skipping it", why)
         self.unreadable = objects.damaged
 
     def add(self, name: str, packs: Iterable[tuple[str, list[BlobEntry]]]) -> None:

@@ -66,8 +66,8 @@ def repair_index(repo: Repository) -> IndexRepair:
     report = IndexRepair()
     in_store = packs_in_store(repo)
     objects = read_index_objects(repo.store, repo.key)
-    for name, why in objects.damaged.items():
-        log.warning("index %s is damaged (%s): rebuilding it from the packs' headers", name, why)
+    for why in objects.damaged.values():
+        log.warning("%s: rebuilding the index from the packs' headers", why)
     _drop_missing_packs(repo, objects, in_store, report)
     _index_unindexed_packs(repo, objects, in_store, report)
     for name in sorted(objects.damaged):

@@ -98,8 +98,8 @@ class Verifier:
         `verify --repair` would read it to index the pack."""
         repo, report = self.repo, self.report
         objects = read_index_objects(repo.store, repo.key)
-        for name, why in sorted(objects.damaged.items()):
-            report.errors.append(f"index {name}: {why} {REBUILD_ADVICE}")
+        for _, why in sorted(objects.damaged.items()):
+            report.errors.append(f"{why} {REBUILD_ADVICE}")
         unindexed = packs_not_indexed(objects, in_store)
         if repo.staged_keys("index/"):  # the packs a live mount's index objects on their way name
             unindexed = {p: size for p, size in unindexed.items() if p not in cached}
