@@ -18,14 +18,21 @@ Safety. Nothing outside the target is touched: every entry is opened relative to
 with O_NOFOLLOW, a symlink found where the snapshot has a directory or file is replaced, never
 followed, and a local file with other hard links is replaced rather than written through.
 A file that cannot be restored (for example a corrupt blob) is reported, a half-created copy is
-removed, and the rest of the restore goes on.
+removed, and the rest of the restore goes on. A file already there is either restored whole or
+left as it was: every block is fetched and authenticated before the first one is written (a large
+file's blocks wait in an unlinked spill file), and a file that replaces another entry is made
+under a temporary name and renamed over it once complete. Without `delete`, nothing holding data
+is removed: a directory where the snapshot has a file, or a file where it has a directory, is
+skipped and reported (`RestoreResult.skipped`).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -78,6 +85,20 @@ class RestoreStats:
 class RestoreResult:
     stats: RestoreStats
     errors: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # entries in the way, left alone without `delete`
+
+
+class EntryInTheWay(FsmountError):
+    """The target has an entry of another type where the snapshot has this one, and replacing it
+    would delete data the user did not ask to delete (that is what `delete` is for). The entry is
+    skipped, and the restore finishes with warnings."""
+
+    exit_code = 3
+
+
+class PartlyWritten(FsmountError):
+    """Writing a file in place failed after its first block was written (the disk failed, not
+    the repository): unlike any other failure, it leaves the file neither old nor restored."""
 
 
 @dataclass(eq=False)
@@ -102,9 +123,12 @@ class _OpenFile:
     node: Node
     path: bytes
     compare: bool
+    temp: bytes | None = None  # the name it is made under, renamed to node.name once complete
     pending: int = 1  # tasks not ended yet, plus one while the walker submits them
     failure: Exception | None = None
     end: int = 0  # where the last byte written so far ends
+    spill_fd: int | None = None  # in place: fetched blocks wait here until every one has come
+    staged: list[int] = field(default_factory=list)  # blocks in the spill file (and holes) to write
 
 
 @dataclass(eq=False)
@@ -116,7 +140,8 @@ class _SmallFile:
     path: bytes
     fd: int
     compare: bool
-    wanted: list[int] = field(default_factory=list)  # blocks to fetch
+    temp: bytes | None = None  # as in _OpenFile
+    wanted: list[int] = field(default_factory=list)  # blocks to write (to fetch, and holes in place)
     failure: Exception | None = None
 
 
@@ -135,6 +160,7 @@ class Restore:
         self.progress = progress or Progress()
         self.stats = RestoreStats()
         self.errors: list[str] = []
+        self.skipped: list[str] = []
         self._lock = threading.Lock()
         self._block_size = repo.block_size
         scale = 1 if on_local_disk(repo.store) else REMOTE_TASK_SCALE
@@ -178,7 +204,7 @@ class Restore:
             os.close(self._root_fd)
             self.progress.finish()
         self.stats.duration_ms = int((time.monotonic() - started) * 1000)
-        return RestoreResult(self.stats, self.errors)
+        return RestoreResult(self.stats, self.errors, self.skipped)
 
     # -- walking ----------------------------------------------------------------------------------
 
@@ -231,6 +257,8 @@ class Restore:
                 pass  # a socket is recreated by the program that listens on it, not by a restore
             else:
                 self._restore_special(job, node)
+        except EntryInTheWay as exc:
+            self._skip(path, str(exc))
         except FsmountError as exc:
             self._error(path, str(exc))
         except OSError as exc:
@@ -251,14 +279,11 @@ class Restore:
     def _folders_kept(self) -> set[tuple[int, int]]:
         """What `delete` must leave however absent from the snapshot (a backup leaves them out): a
         local repository (any replica) and the cache, and every folder between them and the target.
-        A target inside one of them is refused: the restore would write among its objects."""
+        A target inside one of them is refused (`check_target`)."""
+        check_target(self.repo, self.target)
         kept: set[tuple[int, int]] = set()
         target = os.path.realpath(self.target)
-        for folder in (*local_folders(self.repo.store), self.repo.cache_dir):
-            path = os.path.realpath(os.fsencode(folder)) if folder else b""
-            if path and is_within(target, path):
-                raise UsageError(f"cannot restore into {os.fsdecode(self.target)}: it is {os.fsdecode(path)} "
-                                 "(the repository or its cache) or inside it")
+        for path in _repository_folders(self.repo):
             while path != target and is_within(path, target):
                 try:
                     kept.add(key_of(os.stat(path, follow_symlinks=False)))
@@ -289,7 +314,25 @@ class Restore:
                 return open_dir(job.fd, name), True
             except FileExistsError:  # someone else is writing into the target: check from here on
                 job.fresh = False
+        try:
+            self._check_in_the_way(os.lstat(name, dir_fd=job.fd), DIR)
+        except FileNotFoundError:
+            pass
         return make_dir(job.fd, name), False
+
+    def _check_in_the_way(self, st: os.stat_result, node_type: str) -> None:
+        """Refuse, unless `delete`, to replace a local entry whose removal would delete data: a
+        directory where the snapshot has anything else, or a regular file where it has a directory
+        or a special file. A symlink, fifo or device in the way holds no data and is replaced."""
+        if self.delete:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            if node_type != DIR:
+                raise EntryInTheWay(f"a directory is where the snapshot has a {_KIND[node_type]}; "
+                                    "left as it is (--delete replaces it)")
+        elif stat.S_ISREG(st.st_mode) and node_type != FILE:
+            raise EntryInTheWay(f"a file is where the snapshot has a {_KIND[node_type]}; "
+                                "left as it is (--delete replaces it)")
 
     def _replace(self, dir_fd: int, name: bytes) -> None:
         try:
@@ -302,6 +345,8 @@ class Restore:
             st = os.lstat(node.name, dir_fd=job.fd)
         except FileNotFoundError:
             st = None
+        if st is not None:
+            self._check_in_the_way(st, node.type)
         if node.type == SYMLINK:
             same = st is not None and stat.S_ISLNK(st.st_mode) and os.readlink(node.name, dir_fd=job.fd) == node.target
             if not same:
@@ -325,13 +370,12 @@ class Restore:
         self.stats.others += 1
 
     def _restore_file(self, job: _DirJob, node: Node, path: bytes) -> None:
+        group = (node.dev, node.ino)
         if node.is_hardlinked:
-            group = (node.dev, node.ino)
             first = self._links.get(group)
             if first is not None:
                 self._link(job, node, first)
                 return
-            self._links[group] = path  # created now, below, so that later names can link to it
         elif node.block_count <= self._blocks_per_task:
             self._batch.append((job, node, path))
             with self._lock:
@@ -343,11 +387,13 @@ class Restore:
             return
         self._files_in_flight.acquire()
         try:
-            fd, compare = self._open_file(job, node)
+            fd, compare, temp = self._open_file(job, node)
         except BaseException:
             self._files_in_flight.release()
             raise
-        opened = _OpenFile(fd, job, node, path, compare)
+        if node.is_hardlinked:
+            self._links[group] = path  # created now (never under a temporary name): later names link to it
+        opened = _OpenFile(fd, job, node, path, compare, temp)
         with self._lock:
             job.pending += 1
             self._open.add(opened)
@@ -375,16 +421,27 @@ class Restore:
         if st is not None:
             if st.st_ino == os.lstat(first, dir_fd=self._root_fd).st_ino:
                 return  # already this link
+            self._check_in_the_way(st, FILE)
             self._replace(job.fd, name)
         os.link(first, name, src_dir_fd=self._root_fd, dst_dir_fd=job.fd, follow_symlinks=False)
         self.stats.files += 1
 
-    def _open_file(self, job: _DirJob, node: Node) -> tuple[int, bool]:
-        """An fd to write the file's content into, and whether it has old content to compare."""
+    def _open_file(self, job: _DirJob, node: Node) -> tuple[int, bool, bytes | None]:
+        """An fd to write the file's content into, whether it has old content to compare, and the
+        temporary name it is made under if it is to replace another entry once complete.
+
+        In place means in the same inode, for a file with no other name: only the blocks that
+        differ are written (a large file's delta stays a delta, and programs holding it open, or
+        a live mount tracking it, keep the same file). A file with other hard links is not written
+        through, since that would change its other names too, perhaps outside the target: it is
+        made anew under a temporary name and renamed over it, as is a file replacing a symlink or
+        special file, so that a failure leaves the entry there as it was. A directory in the way
+        can only be removed first (`delete`), and a snapshot's hard-linked file is made under its
+        own name, since its other names are linked to it at once."""
         name, dir_fd = node.name, job.fd
         if job.fresh:
             try:
-                return os.open(name, _CREATE, 0o600, dir_fd=dir_fd), False
+                return os.open(name, _CREATE, 0o600, dir_fd=dir_fd), False, None
             except FileExistsError:
                 pass
         try:
@@ -393,10 +450,19 @@ class Restore:
             st = None
         compare = st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
         if compare:
-            return os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd), True
-        if st is not None:
+            return os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd), True, None
+        if st is None:
+            return os.open(name, _CREATE, 0o600, dir_fd=dir_fd), False, None
+        self._check_in_the_way(st, FILE)
+        if stat.S_ISDIR(st.st_mode) or node.is_hardlinked:
             self._replace(dir_fd, name)
-        return os.open(name, _CREATE, 0o600, dir_fd=dir_fd), False
+            return os.open(name, _CREATE, 0o600, dir_fd=dir_fd), False, None
+        while True:
+            temp = b".fsmount-restore-" + os.urandom(8).hex().encode()
+            try:
+                return os.open(temp, _CREATE, 0o600, dir_fd=dir_fd), False, temp
+            except FileExistsError:
+                continue
 
     def _submit_batch(self) -> None:
         if self._batch:
@@ -412,19 +478,24 @@ class Restore:
         try:
             for job, node, path in batch:
                 try:
-                    fd, compare = self._open_file(job, node)
+                    fd, compare, temp = self._open_file(job, node)
+                except EntryInTheWay as exc:
+                    self._skip(path, str(exc))
+                    self._dir_done(job)
+                    continue
                 except _FAILURES as exc:
                     self._error(path, _message(exc))
                     self._dir_done(job)
                     continue
-                opened.append(_SmallFile(job, node, path, fd, compare))
+                opened.append(_SmallFile(job, node, path, fd, compare, temp))
             for small in opened:
                 try:
                     small.wanted = self._blocks_to_fetch(small.fd, small.node, 0, small.node.block_count,
                                                          small.compare)
                 except _FAILURES as exc:
                     small.failure = exc
-            wanted_ids = [small.node.block_id(i) for small in opened for i in small.wanted]
+            wanted_ids = [small.node.block_id(i) for small in opened for i in small.wanted
+                          if small.node.block_id(i) != HOLE]
             try:
                 fetched = self._blobs.fetch(DATA_BLOB, wanted_ids) if wanted_ids else {}
             except _FAILURES as exc:  # the store failed as a whole: every file of the batch fails
@@ -438,21 +509,29 @@ class Restore:
                         small.failure = exc
                 finished += 1
                 self._finish_file(small.fd, small.job, small.node, small.path, small.failure,
-                                  created=not small.compare, size_reached=end == small.node.size)
+                                  created=not small.compare, size_reached=end == small.node.size,
+                                  temp=small.temp)
         finally:
             for small in opened[finished:]:  # only after a bug: the restore stops, fds must not leak
                 os.close(small.fd)
             self._tasks_in_flight.release()
 
     def _restore_part(self, opened: _OpenFile, first: int, last: int) -> None:
-        """Blocks [first, last) of a file the walker opened."""
+        """Blocks [first, last) of a file the walker opened. In place they are only staged: the
+        task that finishes the file writes them, once every block has come and been checked."""
         try:
+            if opened.failure is not None:
+                return  # another part failed: the file is not restored, nothing more to fetch
             node, fd = opened.node, opened.fd
             wanted = self._blocks_to_fetch(fd, node, first, last, opened.compare)
-            fetched = self._blobs.fetch(DATA_BLOB, [node.block_id(i) for i in wanted]) if wanted else {}
-            end = self._write_blocks(fd, node, wanted, fetched, opened.compare)
-            with self._lock:
-                opened.end = max(opened.end, end)
+            ids = [node.block_id(i) for i in wanted if node.block_id(i) != HOLE]
+            fetched = self._blobs.fetch(DATA_BLOB, ids) if ids else {}
+            if opened.compare:
+                self._stage_blocks(opened, wanted, fetched)
+            else:
+                end = self._write_blocks(fd, node, wanted, fetched, False)
+                with self._lock:
+                    opened.end = max(opened.end, end)
         except _FAILURES as exc:
             with self._lock:
                 opened.failure = opened.failure or exc
@@ -461,7 +540,9 @@ class Restore:
             self._part_done(opened)
 
     def _blocks_to_fetch(self, fd: int, node: Node, first: int, last: int, compare: bool) -> list[int]:
-        """Of blocks [first, last), those to fetch: not holes and (in place) not already equal."""
+        """Of blocks [first, last), those to write: not holes (which a new file leaves unwritten,
+        but a file in place must be zeroed at) and, in place, not already equal. Nothing is
+        written here, so that a file in place stays as it was until every block has come."""
         wanted: list[int] = []
         done_bytes = unchanged = 0
         for i in range(first, last):
@@ -475,7 +556,7 @@ class Restore:
                     continue
             if node.block_id(i) == HOLE:
                 if compare:
-                    os.pwrite(fd, bytes(length), offset)
+                    wanted.append(i)
                 done_bytes += length
                 continue
             wanted.append(i)
@@ -487,28 +568,98 @@ class Restore:
         return wanted
 
     def _write_blocks(self, fd: int, node: Node, wanted: list[int], fetched: dict, compare: bool) -> int:
-        """Write the fetched blocks; returns where the last byte written ends (0: none)."""
-        written = end = 0
+        """Write the blocks `wanted` (fetched ones, and in place holes as zeros), every one checked
+        before the first is written; returns where the last byte written ends (0: none)."""
+        self._check_fetched(node, wanted, fetched)
+        written = end = blocks = 0
+        try:
+            for i in wanted:
+                offset = i * self._block_size
+                length = min(self._block_size, node.size - offset)
+                if node.block_id(i) == HOLE:  # only in place: progress counted it already
+                    os.pwrite(fd, bytes(length), offset)
+                    end = offset + length
+                    continue
+                data = fetched[node.block_id(i)]
+                if compare:
+                    os.pwrite(fd, data, offset)
+                    end = offset + length
+                else:
+                    end = max(end, _write_skipping_zero_pages(fd, data, offset))
+                written += length
+                blocks += 1
+        except OSError as exc:
+            if compare and (blocks or end):
+                raise PartlyWritten(f"{_message(exc)} while writing it; partly restored, restore it again") from exc
+            raise
+        if blocks:
+            self._count_written(blocks, written)
+            self.progress.advance(nbytes=written)
+        return end
+
+    def _check_fetched(self, node: Node, wanted: list[int], fetched: dict) -> None:
+        """Raise the failure of any block of `wanted` (unreadable, failing authentication, of the
+        wrong size), before anything of the file is written."""
         for i in wanted:
+            if node.block_id(i) == HOLE:
+                continue
             data = fetched[node.block_id(i)]
             if isinstance(data, Exception):
                 raise data
-            offset = i * self._block_size
-            length = min(self._block_size, node.size - offset)
+            length = min(self._block_size, node.size - i * self._block_size)
             if len(data) != length:
                 raise FsmountError(f"block {i} has {len(data)} bytes, the snapshot says {length}")
-            if compare:
-                os.pwrite(fd, data, offset)
-                end = offset + length
+
+    def _count_written(self, blocks: int, nbytes: int) -> None:
+        with self._lock:
+            self.stats.blocks_written += blocks
+            self.stats.bytes_written += nbytes
+
+    def _stage_blocks(self, opened: _OpenFile, wanted: list[int], fetched: dict) -> None:
+        """Keep a part's checked blocks of a file in place in its spill file, at their own offsets,
+        until the last part has come. The spill file is unlinked, in the file's own folder (so on
+        its file system: the copy back is a copy_file_range, a reflink where the file system can),
+        and holds only the blocks that differ: memory stays bounded however large the file."""
+        self._check_fetched(opened.node, wanted, fetched)
+        data_blocks = [i for i in wanted if opened.node.block_id(i) != HOLE]
+        staged = 0
+        if data_blocks:
+            spill_fd = self._spill_of(opened)
+            for i in data_blocks:
+                data = fetched[opened.node.block_id(i)]
+                os.pwrite(spill_fd, data, i * self._block_size)
+                staged += len(data)
+        with self._lock:
+            opened.staged.extend(wanted)
+        if staged:
+            self.progress.advance(nbytes=staged)
+
+    def _spill_of(self, opened: _OpenFile) -> int:
+        with self._lock:
+            if opened.spill_fd is None:
+                opened.spill_fd = _open_spill(opened.job.fd)
+            return opened.spill_fd
+
+    def _write_staged(self, opened: _OpenFile) -> None:
+        """Every part of a file in place has come and been checked: write the staged blocks into it,
+        each run of adjacent ones in one copy from the spill file."""
+        node, fd, size = opened.node, opened.fd, self._block_size
+        blocks = written = 0
+        data_blocks = []
+        for i in sorted(opened.staged):
+            if node.block_id(i) == HOLE:
+                os.pwrite(fd, bytes(min(size, node.size - i * size)), i * size)
             else:
-                end = max(end, _write_skipping_zero_pages(fd, data, offset))
+                data_blocks.append(i)
+        for first, last in _runs(data_blocks):
+            offset = first * size
+            length = min(last * size, node.size) - offset
+            assert opened.spill_fd is not None
+            _copy_range(opened.spill_fd, fd, offset, length)
+            blocks += last - first
             written += length
-        if wanted:
-            with self._lock:
-                self.stats.blocks_written += len(wanted)
-                self.stats.bytes_written += written
-            self.progress.advance(nbytes=written)
-        return end
+        if blocks:
+            self._count_written(blocks, written)
 
     # -- finishing --------------------------------------------------------------------------------
 
@@ -518,24 +669,41 @@ class Restore:
             if opened.pending:
                 return
             self._open.discard(opened)
+        failure = opened.failure
         try:
-            self._finish_file(opened.fd, opened.job, opened.node, opened.path, opened.failure,
-                              created=not opened.compare, size_reached=opened.end == opened.node.size)
+            if failure is None and opened.staged:
+                self._write_staged(opened)
+        except _FAILURES as exc:  # past the first write: the file is partly restored, and says so
+            failure = PartlyWritten(f"{_message(exc)} while writing it; partly restored, restore it again")
+        finally:
+            if opened.spill_fd is not None:
+                os.close(opened.spill_fd)
+        try:
+            self._finish_file(opened.fd, opened.job, opened.node, opened.path, failure,
+                              created=not opened.compare, size_reached=opened.end == opened.node.size,
+                              temp=opened.temp)
         finally:
             self._files_in_flight.release()
 
     def _finish_file(self, fd: int, job: _DirJob, node: Node, path: bytes, failure: Exception | None,
-                     created: bool, size_reached: bool = False) -> None:
+                     created: bool, size_reached: bool = False, temp: bytes | None = None) -> None:
         """Truncate, set metadata, close; or report the failure and remove a half-made copy.
-        A new file whose last byte was written has its size already and is not truncated."""
+        A new file whose last byte was written has its size already and is not truncated; one
+        made under a temporary name takes its own name only now, complete."""
         try:
             if failure is not None:
-                self._error(path, _message(failure))
+                if isinstance(failure, PartlyWritten):
+                    self._error(path, str(failure))
+                else:
+                    kept = " (not restored)" if created and temp is None else " (left as it was)"
+                    self._error(path, _message(failure) + kept)
                 if created:
-                    os.unlink(node.name, dir_fd=job.fd)
+                    os.unlink(temp or node.name, dir_fd=job.fd)
                 return
             if not (created and size_reached):
                 os.ftruncate(fd, node.size)
+            if temp is not None:
+                os.rename(temp, node.name, src_dir_fd=job.fd, dst_dir_fd=job.fd)
             apply_metadata(job.fd, node, fd, replace_xattrs=not created)
         except OSError as exc:
             self._error(path, _message(exc))
@@ -568,6 +736,75 @@ class Restore:
         log.error("%s", text)
         with self._lock:
             self.errors.append(text)
+
+    def _skip(self, path: bytes, message: str) -> None:
+        text = f"{os.fsdecode(path)}: {message}"
+        log.warning("%s", text)
+        with self._lock:
+            self.skipped.append(text)
+
+
+_KIND = {DIR: "directory", FILE: "file", SYMLINK: "symlink", FIFO: "fifo", CHARDEV: "device",
+         BLOCKDEV: "device", SOCKET: "socket"}
+
+
+def check_target(repo: Repository, target: bytes) -> None:
+    """Refuse a target that is a local repository (any replica) or the cache, or lies inside one:
+    the restore would write among its objects. The CLI checks it before it looks for a snapshot,
+    so that a target among the repository's objects is what the user hears about first."""
+    real = os.path.realpath(os.path.abspath(target))
+    for folder in _repository_folders(repo):
+        if is_within(real, folder):
+            raise UsageError(f"cannot restore into {os.fsdecode(os.path.abspath(target))}: it is "
+                             f"{os.fsdecode(folder)} (the repository or its cache) or inside it")
+
+
+def _repository_folders(repo: Repository) -> list[bytes]:
+    """The real paths of a local repository (each replica) and of the cache."""
+    return [os.path.realpath(os.fsencode(folder)) for folder in (*local_folders(repo.store), repo.cache_dir)
+            if folder]
+
+
+def _open_spill(dir_fd: int) -> int:
+    """An unlinked file for blocks waiting to be written: in the folder `dir_fd` (O_TMPFILE), or
+    where that cannot be (no O_TMPFILE there, a folder we may not write to), in the temporary
+    folder, never under a name in the user's folder."""
+    try:
+        return os.open(b".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    except OSError:
+        fd, name = tempfile.mkstemp(prefix="fsmount-spill-")
+        os.unlink(name)
+        return fd
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted block indices as [first, last) runs of adjacent ones."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    """Copy [offset, offset + length) of one file to the same offsets of another, in the kernel
+    where it can (copy_file_range), else through a buffer."""
+    end = offset + length
+    while offset < end:
+        try:
+            copied = os.copy_file_range(src_fd, dst_fd, end - offset, offset, offset)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            copied = 0
+        if copied <= 0:  # no kernel copy here (or a short source): through a buffer instead
+            data = os.pread(src_fd, min(end - offset, 1 << 20), offset)
+            if not data:
+                raise FsmountError(f"the spill file ends at {offset}, {end - offset} bytes early")
+            copied = os.pwrite(dst_fd, data, offset)
+        offset += copied
 
 
 def _default_workers(repo: Repository) -> int:

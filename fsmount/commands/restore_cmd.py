@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from backend.errors import UsageError
-from backend.restore import Restore
+from backend.restore import Restore, check_target
 
 from ..context import AppContext
 from ..output import BarProgress, emit_json, human_bytes, json_option, name_from_line, say
@@ -24,11 +24,15 @@ if TYPE_CHECKING:
 @click.option("--target", metavar="DIR", help="Restore into DIR (created if needed).")
 @click.option("--in-place", "in_place", metavar="DIR",
               help="Restore onto DIR, the original folder, rewriting only blocks that differ.")
-@click.option("--delete", is_flag=True, help="Remove files in the target that are not in the snapshot.")
+@click.option("--delete", is_flag=True,
+              help="Remove files in the target that are not in the snapshot, and replace entries of "
+                   "another type (a directory where the snapshot has a file, or a file where it has a directory).")
+@click.option("--from-other-folder", "from_other_folder", is_flag=True,
+              help="With --in-place: allow a snapshot (given by id) whose source is another folder than DIR.")
 @json_option
 @click.pass_obj
 def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: str | None,
-            in_place: str | None, delete: bool) -> int:
+            in_place: str | None, delete: bool, from_other_folder: bool) -> int:
     """Restore SNAPSHOT (an id prefix or `latest`) into a folder.
 
     \b
@@ -36,31 +40,68 @@ def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: 
       fsmount restore 1a2b3c4d --target ~/r docs/report.odt      one file (as ~/r/docs/report.odt)
       fsmount restore latest --in-place ~/projects --delete      put ~/projects back as it was
 
-    Files already in the target are compared block by block (XXH3) and only differing blocks are
-    rewritten. Nothing outside the target is touched; symlinks inside it are never followed.
-    Files that cannot be restored are reported and the exit code is 3.
+    With --in-place, `latest` is the newest snapshot of DIR itself, and a snapshot id of another
+    folder is refused unless --from-other-folder is given. Files already in the target are
+    compared block by block (XXH3) and only differing blocks are rewritten; a file is either
+    restored whole or left as it was. Nothing outside the target is touched; symlinks inside it
+    are never followed. Without --delete nothing is deleted: an entry of another type in the way
+    is left and reported. Files that cannot be restored or are skipped are reported and the exit
+    code is 3.
     """
     if (target is None) == (in_place is None):
         raise UsageError("give exactly one of --target DIR or --in-place DIR")
     destination = target if target is not None else in_place
     if not destination:
         raise UsageError("--target and --in-place need a folder")
+    if from_other_folder and in_place is None:
+        raise UsageError("--from-other-folder goes with --in-place")
     with app.open_repository() as repo:
-        snap = repo.resolve_snapshot(snapshot_ref)
+        check_target(repo, os.fsencode(destination))
+        if in_place is None:
+            snap = repo.resolve_snapshot(snapshot_ref)
+        else:
+            snap = _snapshot_of_folder(repo, snapshot_ref, os.fsencode(in_place), from_other_folder)
         progress = BarProgress("restore", enabled=not app.quiet and not app.json)
         result = Restore(repo, snap, os.fsencode(destination), paths=[_snapshot_path(repo, snap, p) for p in paths],
                          delete=delete, progress=progress).run()
     s = result.stats
     if app.json:
         emit_json({"snapshot": snap.id, "target": os.path.abspath(destination), "stats": vars(s),
-                   "errors": result.errors})
+                   "errors": result.errors, "skipped": result.skipped})
     elif not app.quiet:
         say(f"restored snapshot {snap.short_id} to {destination}: {s.files} files, {s.dirs} dirs; "
             f"wrote {human_bytes(s.bytes_written)}, {s.blocks_unchanged} blocks already matched"
             + (f", deleted {s.deleted}" if s.deleted else "")
             + f" in {s.duration_ms / 1000:.1f} s"
-            + (f"; {len(result.errors)} failed" if result.errors else ""))
-    return 3 if result.errors else 0
+            + (f"; {len(result.errors)} failed" if result.errors else "")
+            + (f"; {len(result.skipped)} skipped" if result.skipped else ""))
+    return 3 if result.errors or result.skipped else 0
+
+
+def _snapshot_of_folder(repo: Repository, ref: str, folder: bytes, from_other_folder: bool) -> Snapshot:
+    """The snapshot to put back onto `folder` in place. `latest` of the whole repository may be
+    another folder's (backed up later), and restoring that in place, above all with --delete,
+    overwrites the folder with something else: so `latest` is the newest snapshot of `folder`
+    itself, and a snapshot of another folder needs --from-other-folder. A backup records the
+    source's absolute path, which may go through a symlink, so both that and the real path count."""
+    names = {os.path.abspath(folder), os.path.realpath(folder)}
+    shown = os.fsdecode(os.path.abspath(folder))
+    if ref == "latest":
+        found = []
+        for name in names:
+            try:
+                found.append(repo.resolve_snapshot(ref, source=name))
+            except UsageError:  # none of this name; an IntegrityError (damaged snapshots) goes up
+                pass
+        if not found:
+            raise UsageError(f"no snapshot of {shown} in the repository (to put another folder's snapshot "
+                             "there, give its id and --from-other-folder)")
+        return max(found, key=lambda s: (s.time_ns, s.id))
+    snap = repo.resolve_snapshot(ref)
+    if not from_other_folder and snap.source not in names and os.path.realpath(snap.source) not in names:
+        raise UsageError(f"snapshot {snap.short_id} is of {os.fsdecode(snap.source)}, not of {shown}; "
+                         "add --from-other-folder to restore it there in place")
+    return snap
 
 
 def _snapshot_path(repo: Repository, snapshot: Snapshot, given: str) -> bytes:

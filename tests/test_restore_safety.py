@@ -1,0 +1,234 @@
+"""Restore never costs the user data they did not ask to lose: the right folder's snapshot, whole
+files or untouched ones, and nothing deleted without --delete. Each test is a defect a user found."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from test_integrity import flip_byte, locate_block
+from treecompare import differences
+
+BLOCK = 64 * 1024
+OLD_MTIME_NS = 1_000_000_000 * 1_000_000_000  # 2001: what "left as it was" must still show
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def snapshot_ids(cli) -> dict[str, str]:
+    """Source path -> id of its newest snapshot."""
+    return {s["source"]: s["id"] for s in json.loads(cli("snapshots", "--json").stdout)}
+
+
+@pytest.fixture
+def two_folders(cli, tmp_path: Path) -> tuple[Path, Path]:
+    """`projects` backed up, then `docs`: the repository's `latest` is the docs snapshot."""
+    projects = write_tree(tmp_path / "projects", {"main.py": b"print('projects')\n", "lib/util.py": b"x = 1\n"})
+    docs = write_tree(tmp_path / "docs", {"report.txt": b"a report\n"})
+    cli("init", "--block-size", "64K")
+    cli("backup", projects)
+    cli("backup", docs)
+    return projects, docs
+
+
+def test_in_place_latest_is_the_newest_snapshot_of_that_folder(cli, two_folders) -> None:
+    """It was the newest of any folder: docs went into projects, and --delete removed its files."""
+    projects, _ = two_folders
+    (projects / "main.py").write_bytes(b"edited since\n")
+
+    cli("restore", "latest", "--in-place", projects, "--delete")
+
+    assert (projects / "main.py").read_bytes() == b"print('projects')\n"
+    assert (projects / "lib" / "util.py").read_bytes() == b"x = 1\n"
+    assert not (projects / "report.txt").exists()
+
+
+def test_in_place_latest_of_a_folder_never_backed_up_is_refused(cli, two_folders, tmp_path: Path) -> None:
+    other = write_tree(tmp_path / "other", {"keep.txt": b"never backed up\n"})
+
+    err = cli("restore", "latest", "--in-place", other, "--delete", check=2).stderr.decode()
+
+    assert f"no snapshot of {other}" in err and len(err.splitlines()) == 1, err
+    assert os.listdir(other) == ["keep.txt"] and (other / "keep.txt").read_bytes() == b"never backed up\n"
+
+
+def test_in_place_snapshot_of_another_folder_needs_from_other_folder(cli, two_folders) -> None:
+    projects, docs = two_folders
+    docs_id = snapshot_ids(cli)[str(docs)]
+
+    err = cli("restore", docs_id[:8], "--in-place", projects, "--delete", check=2).stderr.decode()
+
+    assert str(docs) in err and str(projects) in err and "--from-other-folder" in err, err
+    assert len(err.splitlines()) == 1
+    assert (projects / "main.py").exists() and not (projects / "report.txt").exists()
+    assert "--from-other-folder" in cli("restore", "--help").stdout.decode()
+
+    cli("restore", docs_id[:8], "--in-place", projects, "--delete", "--from-other-folder")
+    assert differences(docs, projects) == []
+
+
+def test_in_place_through_a_symlink_finds_the_folder(cli, two_folders, tmp_path: Path) -> None:
+    """DIR is matched by its real path too: a folder named through a symlink finds its snapshots."""
+    projects, _ = two_folders
+    (tmp_path / "link").symlink_to(projects)
+    (projects / "main.py").write_bytes(b"edited since\n")
+
+    cli("restore", "latest", "--in-place", tmp_path / "link")
+
+    assert (projects / "main.py").read_bytes() == b"print('projects')\n"
+    assert not (projects / "report.txt").exists()
+
+
+def test_target_restores_still_take_the_repository_latest(cli, two_folders, tmp_path: Path) -> None:
+    _, docs = two_folders
+    cli("restore", "latest", "--target", tmp_path / "new")
+    assert differences(docs, tmp_path / "new") == []
+
+
+def test_a_target_among_the_repository_objects_is_named_before_any_snapshot(cli, two_folders,
+                                                                            repo_path: Path) -> None:
+    """With `latest` now the newest snapshot of DIR, a target inside the repository must still be
+    refused as such, not as a folder without snapshots."""
+    err = cli("restore", "latest", "--in-place", repo_path / "data", check=2).stderr.decode()
+    assert "(the repository or its cache) or inside it" in err, err
+
+
+# -- a damaged block: in place, the file is restored whole or left as it was ------------------------
+
+def scrambled(root: Path, names: list[str]) -> dict[str, bytes]:
+    """Overwrite every byte of the files (the same sizes) and date them back; returns the contents."""
+    local = {}
+    for name in names:
+        path = root / name
+        local[name] = os.urandom(path.stat().st_size)
+        path.write_bytes(local[name])
+        os.utime(path, ns=(OLD_MTIME_NS, OLD_MTIME_NS))
+    return local
+
+
+@pytest.mark.parametrize("name, blocks, damaged", [("big.bin", 20, 13), ("small.bin", 3, 2)])
+def test_in_place_file_with_a_damaged_block_is_left_as_it_was(cli, tmp_path: Path, repo_path: Path,
+                                                              name: str, blocks: int, damaged: int) -> None:
+    """Its good blocks were written, the damaged one kept the local data, the mtime said now: the
+    next backup stored the mix. Large files (tasks of 8 blocks) and small ones (batches) alike."""
+    source = write_tree(tmp_path / "src", {name: os.urandom(blocks * BLOCK - 100), "healthy.bin": os.urandom(BLOCK)})
+    cli("init", "--block-size", "64K")
+    cli("backup", source)
+    snapshot_id = snapshot_ids(cli)[str(source)]
+    pack, offset, length = locate_block(repo_path, snapshot_id, name.encode(), damaged)
+    flip_byte(pack, offset + length // 2)
+    local = scrambled(source, [name, "healthy.bin"])
+
+    err = cli("restore", "latest", "--in-place", source, check=3).stderr.decode()
+
+    assert (source / name).read_bytes() == local[name]
+    assert (source / name).stat().st_mtime_ns == OLD_MTIME_NS
+    assert name in err and "failed authentication" in err and "left as it was" in err, err
+    assert (source / "healthy.bin").read_bytes() != local["healthy.bin"]  # the rest is restored
+
+
+def test_a_hard_linked_local_file_with_a_damaged_block_keeps_its_name(cli, tmp_path: Path, repo_path: Path) -> None:
+    """A file with other hard links is replaced, not written through: the new copy must take the
+    name only once complete, or a failure leaves the name gone."""
+    source = write_tree(tmp_path / "src", {"big.bin": os.urandom(20 * BLOCK)})
+    cli("init", "--block-size", "64K")
+    cli("backup", source)
+    pack, offset, length = locate_block(repo_path, snapshot_ids(cli)[str(source)], b"big.bin", 5)
+    local = scrambled(source, ["big.bin"])
+    os.link(source / "big.bin", tmp_path / "other-name")
+    flip_byte(pack, offset + length // 2)
+
+    cli("restore", "latest", "--in-place", source, check=3)
+
+    assert (source / "big.bin").read_bytes() == local["big.bin"]
+    assert os.stat(source / "big.bin").st_ino == os.stat(tmp_path / "other-name").st_ino
+    assert [n for n in os.listdir(source) if n != "big.bin"] == []  # no temporary file left
+
+
+def test_a_hard_linked_local_file_is_replaced_not_written_through(cli, tmp_path: Path) -> None:
+    source = write_tree(tmp_path / "src", {"big.bin": os.urandom(20 * BLOCK), "small.txt": b"small\n"})
+    snapshot = {name: (source / name).read_bytes() for name in ("big.bin", "small.txt")}
+    cli("init", "--block-size", "64K")
+    cli("backup", source)
+    local = scrambled(source, ["big.bin", "small.txt"])
+    for name in local:
+        os.link(source / name, tmp_path / f"outside-{name}")
+
+    cli("restore", "latest", "--in-place", source)
+
+    for name in local:
+        assert (source / name).read_bytes() == snapshot[name]
+        assert (tmp_path / f"outside-{name}").read_bytes() == local[name]
+    assert sorted(os.listdir(source)) == ["big.bin", "small.txt"]
+
+
+def test_in_place_restore_of_a_large_file_that_differs_everywhere(cli, tmp_path: Path) -> None:
+    """The staged path end to end: every block differs, holes included, and the file was longer."""
+    data = bytearray(os.urandom(40 * BLOCK + 123))
+    data[5 * BLOCK:9 * BLOCK] = bytes(4 * BLOCK)  # holes in the snapshot, data locally
+    source = write_tree(tmp_path / "src", {"big.bin": bytes(data)})
+    cli("init", "--block-size", "64K")
+    cli("backup", source)
+    (source / "big.bin").write_bytes(os.urandom(45 * BLOCK))
+
+    out = json.loads(cli("--json", "restore", "latest", "--in-place", source).stdout)
+
+    assert (source / "big.bin").read_bytes() == bytes(data)
+    assert out["stats"]["blocks_written"] == 37  # 41 blocks, 4 of them holes
+    assert out["stats"]["bytes_written"] == 36 * BLOCK + 123
+
+
+# -- another type in the way: without --delete, skipped, never deleted -------------------------------
+
+def in_the_way(local: Path, kind: str) -> None:
+    if kind == "directory":
+        write_tree(local, {"precious.txt": b"the user's work\n"})
+    else:
+        local.write_bytes(b"the user's work\n")
+
+
+@pytest.mark.parametrize("snapshot_has, local_has", [("file", "directory"), ("symlink", "directory"),
+                                                     ("directory", "file"), ("symlink", "file")])
+def test_an_entry_of_another_type_is_kept_without_delete(cli, tmp_path: Path, snapshot_has: str,
+                                                         local_has: str) -> None:
+    """A directory where the snapshot had a file was deleted, contents and all, without --delete."""
+    source = write_tree(tmp_path / "src", {"other.txt": b"restored\n"})
+    entry = source / "entry"
+    if snapshot_has == "file":
+        entry.write_bytes(b"snapshot file\n")
+    elif snapshot_has == "symlink":
+        entry.symlink_to("other.txt")
+    else:
+        write_tree(entry, {"inside.txt": b"snapshot file\n"})
+    cli("init", "--block-size", "64K")
+    cli("backup", source)
+    cli("restore", "latest", "--target", tmp_path / "as-backed-up")
+    (source / "other.txt").write_bytes(b"changed\n")
+    if snapshot_has == "directory":
+        (entry / "inside.txt").unlink()
+        entry.rmdir()
+    else:
+        entry.unlink()
+    if local_has == "directory":
+        write_tree(entry, {"precious.txt": b"the user's work\n"})
+    else:
+        entry.write_bytes(b"the user's work\n")
+
+    proc = cli("--json", "restore", "latest", "--in-place", source, check=3)
+
+    err = proc.stderr.decode()
+    assert "entry" in err and f"a {local_has} is where the snapshot has a {snapshot_has}" in err, err
+    assert json.loads(proc.stdout)["skipped"] and not json.loads(proc.stdout)["errors"]
+    assert (source / "other.txt").read_bytes() == b"restored\n"  # everything else is restored
+    kept = entry / "precious.txt" if local_has == "directory" else entry
+    assert kept.read_bytes() == b"the user's work\n"
+
+    cli("restore", "latest", "--in-place", source, "--delete")
+    assert differences(tmp_path / "as-backed-up", source) == []
