@@ -11,7 +11,8 @@ Durability order, which makes a crash at any point leave a valid repository:
   1. packs are put (each complete or absent, by the store's contract);
   2. an index object describing only uploaded packs is put, then added to the local cache;
   3. only then (`flush()` returned) may the caller write a snapshot that references the blobs.
-Packs without an index after a crash are unreferenced and harmless (prune removes them).
+Packs without an index after a crash are harmless: `verify` lists them, and `verify --repair` indexes them
+from their own headers.
 
 A failed upload is raised once (by the next `save()` or `flush()`) and forgotten, and its blobs are
 no longer counted as stored, so a long-running writer (the live mount's) recovers when the store does.

@@ -30,7 +30,7 @@ import zstandard
 
 from .crypto import MasterKey, content_hash
 from .errors import IntegrityError, ObjectNotFound
-from .pack import HEADER_AAD, HEADER_LENGTH, BlobEntry, decode_entries, encode_entries, pack_key
+from .pack import BlobEntry, decode_entries, encode_entries, header_start, pack_key, read_header
 from .stores import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -113,26 +113,15 @@ def read_index_objects(store: ObjectStore, key: MasterKey, names: Iterable[str] 
 
 def read_pack_header(store: ObjectStore, key: MasterKey, pack_id: str, size: int) -> list[BlobEntry]:
     """A pack's entries from its own header, read with one ranged GET of its tail (two when the header
-    is longer than `HEADER_TAIL`): what the index is rebuilt from when no index object names the pack.
-    The checks of `pack.read_header`, which takes the whole pack."""
-    what = f"pack {pack_id}"
+    is longer than `HEADER_TAIL`): what the index is rebuilt from when no index object names the pack."""
     tail_start = max(0, size - HEADER_TAIL)
     tail = store.get(pack_key(pack_id), tail_start, size - tail_start)
-    if len(tail) != size - tail_start or size < HEADER_LENGTH.size:
-        raise IntegrityError(f"{what} is truncated")
-    (header_length,) = HEADER_LENGTH.unpack_from(tail, len(tail) - HEADER_LENGTH.size)
-    body_end = size - HEADER_LENGTH.size - header_length
-    if body_end < 0:
-        raise IntegrityError(f"{what} has a header longer than the pack")
-    if body_end < tail_start:
-        tail = store.get(pack_key(pack_id), body_end, tail_start - body_end) + tail
-        tail_start = body_end
-    sealed = memoryview(tail)[body_end - tail_start : len(tail) - HEADER_LENGTH.size]
-    entries = decode_entries(key.unseal(sealed, HEADER_AAD, f"{what} header"), what)
-    for e in entries:
-        if e.offset + e.length > body_end:
-            raise IntegrityError(f"{what}: blob {e.blob_id.hex()} lies outside the pack body")
-    return entries
+    if len(tail) != size - tail_start:
+        raise IntegrityError(f"pack {pack_id} is truncated")
+    start = header_start(tail, size, pack_id)
+    if start < tail_start:
+        tail = store.get(pack_key(pack_id), start, tail_start - start) + tail
+    return read_header(key, tail, pack_id, size)
 
 
 def read_pack_headers(store: ObjectStore, key: MasterKey, sizes: dict[str, int]
@@ -173,7 +162,7 @@ CREATE TABLE IF NOT EXISTS index_objects (name TEXT PRIMARY KEY);
 class _ThreadReader:
     """One thread's read connection, held only by that thread (see `IndexCache._reader`)."""
 
-    __slots__ = ("db", "__weakref__")
+    __slots__ = ("__weakref__", "db")
 
     def __init__(self, db: sqlite3.Connection):
         self.db = db

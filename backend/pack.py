@@ -92,16 +92,30 @@ class PackWriter:
         return pack_id, data, entries
 
 
-def read_header(key: MasterKey, pack: bytes | bytearray, pack_id: str) -> list[BlobEntry]:
-    """The entries of a whole pack, from its own header."""
+def header_start(tail: bytes | bytearray, size: int, pack_id: str) -> int:
+    """Where a pack's sealed header begins, from the pack's last bytes `tail` (at least its
+    length field) and the pack's size."""
     what = f"pack {pack_id}"
-    if len(pack) < HEADER_LENGTH.size:
+    if len(tail) < HEADER_LENGTH.size or size < len(tail):
         raise IntegrityError(f"{what} is truncated")
-    (header_length,) = HEADER_LENGTH.unpack_from(pack, len(pack) - HEADER_LENGTH.size)
-    start = len(pack) - HEADER_LENGTH.size - header_length
+    (header_length,) = HEADER_LENGTH.unpack_from(tail, len(tail) - HEADER_LENGTH.size)
+    start = size - HEADER_LENGTH.size - header_length
     if start < 0:
         raise IntegrityError(f"{what} has a header longer than the pack")
-    plain = key.unseal(memoryview(pack)[start : len(pack) - HEADER_LENGTH.size], HEADER_AAD, f"{what} header")
+    return start
+
+
+def read_header(key: MasterKey, pack: bytes | bytearray, pack_id: str, size: int | None = None) -> list[BlobEntry]:
+    """The entries of a pack, from its own header: `pack` is the whole pack, or, given the pack's
+    `size`, its last bytes from `header_start` on (a ranged read of its tail is enough)."""
+    what = f"pack {pack_id}"
+    size = len(pack) if size is None else size
+    start = header_start(pack, size, pack_id)
+    given_from = size - len(pack)
+    if start < given_from:
+        raise ValueError(f"{what}: its header begins before the bytes given")
+    plain = key.unseal(memoryview(pack)[start - given_from : len(pack) - HEADER_LENGTH.size], HEADER_AAD,
+                       f"{what} header")
     entries = decode_entries(plain, what)
     for e in entries:
         if e.offset + e.length > start:

@@ -30,12 +30,14 @@ from .errors import (
     ObjectNotFound,
     RepositoryExists,
     RepositoryNotFound,
+    StoreError,
     UnsupportedFormat,
     UsageError,
     WrongPassword,
 )
 from .index import IndexCache
 from .pack import DATA_BLOB, TREE_BLOB, pack_key
+from .replicas import REPOSITORY_PREFIXES
 from .snapshot import Snapshot
 from .stores import ObjectStore, on_local_disk
 from .stores.backlog import BacklogStore, staged_keys
@@ -100,6 +102,11 @@ def check_replicas_hold_one_repository(store: ObjectStore) -> None:
                              f"({first[1][:8]}); replicas must be copies of one repository")
 
 
+def _parts_held(store: ObjectStore) -> list[str]:
+    """The kinds of repository object (`keys/`, `data/`...) a location holds, `config` aside."""
+    return [prefix for prefix in REPOSITORY_PREFIXES if next(iter(store.list(prefix)), None) is not None]
+
+
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "fsmount")
@@ -132,14 +139,12 @@ class Repository:
         if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size & (block_size - 1):
             raise UsageError(f"block size must be a power of two from {MIN_BLOCK_SIZE // 1024} KiB "
                              f"to {MAX_BLOCK_SIZE // 1024 // 1024} MiB, not {block_size}")
-        from .replicas import REPOSITORY_PREFIXES
-
         store.create_if_missing()
         if store.exists("config"):
             raise RepositoryExists(f"a repository already exists at {store.location}")
         # Without its config a repository cannot be opened, but its keys, packs and snapshots are
         # still there: a new repository over them would mix two repositories' objects for good.
-        held = [prefix for prefix in REPOSITORY_PREFIXES if next(iter(store.list(prefix)), None) is not None]
+        held = _parts_held(store)
         if held:
             raise RepositoryExists(f"{store.location} holds parts of a repository ({', '.join(held)}) but no "
                                    "config; put its config back (from a replica or a copy) or init elsewhere")
@@ -158,6 +163,13 @@ class Repository:
         try:
             config = Config.decode(store.get("config"))
         except ObjectNotFound:
+            try:
+                held = _parts_held(store)
+            except StoreError:  # no folder or bucket at all
+                held = []
+            if held:
+                raise RepositoryNotFound(f"{store.location} holds parts of a repository ({', '.join(held)}) but "
+                                         "no config: put its config back, from a replica or a copy") from None
             raise RepositoryNotFound(f"no repository at {store.location} (run `fsmount init` first)") from None
         check_replicas_hold_one_repository(store)
         key = open_master_key(store, passphrase)

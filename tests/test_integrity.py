@@ -156,6 +156,9 @@ def test_init_refuses_a_location_holding_parts_of_a_repository(cli, tmp_path: Pa
 
     assert "parts of a repository" in err and err.count("\n") == 1, err
     assert not (repo_path / "config").exists()
+    # and every other command says the same, where it told the user to run `fsmount init`
+    err = cli("snapshots", check=10).stderr.decode()
+    assert "parts of a repository" in err and "fsmount init" not in err, err
 
 
 def test_init_takes_a_folder_with_other_files(cli, tmp_path: Path, repo_path: Path) -> None:
