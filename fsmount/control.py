@@ -9,12 +9,15 @@ control_server.py (it needs trio, which the client need not pay to import).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import socket
 
 from backend.errors import FsmountError, UsageError
+
+from .mountpoint import enclosing_mount, is_stale
 
 MAX_LINE = 1 << 20
 
@@ -34,7 +37,22 @@ def runtime_dir() -> str:
 
 def mount_id(mountpoint: str | bytes) -> str:
     """A short stable name for a mountpoint, used for its socket and log file."""
-    return hashlib.sha256(os.path.realpath(os.fsencode(mountpoint))).hexdigest()[:16]
+    try:
+        real = os.path.realpath(os.fsencode(mountpoint))
+    except OSError as exc:  # a path in a mount whose daemon is gone (ENOTCONN), on some Pythons
+        if exc.errno == errno.ENOTCONN:
+            raise dead_mount_error(mountpoint) from None
+        raise UsageError(f"{os.fsdecode(mountpoint)}: {exc.strerror}") from None
+    return hashlib.sha256(real).hexdigest()[:16]
+
+
+def dead_mount_error(path: str | bytes) -> FsmountError:
+    """The error for a path in a mount whose daemon died (kill -9, a crash): every request there
+    fails with ENOTCONN until the mount is cleared. It names the mount, not the path (`.`)."""
+    found = enclosing_mount(os.path.abspath(os.fsencode(path)))
+    where = os.fsdecode(found[0] if found else path)
+    return FsmountError(f"{where} is a dead mount: its fsmount daemon is gone (killed or crashed); clear it "
+                        f"with `fsmount umount {where}` (or `fusermount3 -uz {where}`), then mount again")
 
 
 def socket_path(mountpoint: str | bytes) -> str:
@@ -50,6 +68,8 @@ def request(mountpoint: str | bytes, doc: dict, *, timeout: float | None = 30.0)
         try:
             sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
+            if is_stale(os.fsencode(mountpoint)):
+                raise dead_mount_error(mountpoint) from None
             raise UsageError(f"{os.fsdecode(mountpoint)} is not a running fsmount live mount") from None
         sock.sendall(json.dumps(doc).encode() + b"\n")
         with sock.makefile("rb") as reply:

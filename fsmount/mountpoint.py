@@ -68,11 +68,18 @@ def type_of_mount(path: bytes) -> str | None:
 
 def type_of_enclosing_mount(path: bytes) -> str | None:
     """The type of the file system that `path` (a real path) lies in: the deepest mount above it."""
-    best, kind = -1, None
+    found = enclosing_mount(path)
+    return found[1] if found else None
+
+
+def enclosing_mount(path: bytes) -> tuple[bytes, str] | None:
+    """(mountpoint, type) of the deepest mount above `path`, an absolute path: read from
+    mountinfo, so it works for a path inside a mount whose daemon is gone."""
+    found = None
     for where, _, fstype in _mounts():
-        if is_within(path, where) and len(where) >= best:  # >=: of mounts stacked there, the last
-            best, kind = len(where), fstype
-    return kind
+        if is_within(path, where) and (found is None or len(where) >= len(found[0])):  # >=: stacked, the last
+            found = (where, fstype)
+    return found
 
 
 def write_back(path: bytes | str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import IN_CI
-from live_mount import is_mounted, live_mount, sigterm_as_it_mounts
+from live_mount import force_unmount, is_mounted, live_mount, sigterm_as_it_mounts
 from treecompare import assert_listing_agrees_with_stat, differences
 
 
@@ -403,6 +403,52 @@ def test_mount_again_after_the_daemon_was_killed(cli, source: Path, tmp_path: Pa
         cli("snapshot", mnt)
         assert same_tree(mnt, restore_latest(cli, tmp_path, "after-crash")) == []
         assert (tmp_path / "after-crash" / "notes.md").read_text().endswith("appended\n")
+
+
+def test_a_dead_mount_is_named_and_umount_clears_it_saying_no_final_snapshot_was_taken(cli, source: Path) -> None:
+    """After kill -9 of the daemon, `snapshot .` and `status .` from a shell inside printed a
+    traceback (ENOTCONN from realpath) or "Directory '.' does not exist", and `umount` said only
+    "unmounted", exit 0, as if the final snapshot had been taken."""
+    out = cli("mount", source).stdout.decode()
+    pid = int(re.search(r"daemon pid (\d+)", out).group(1))  # type: ignore[union-attr]
+    try:
+        (source / "after-the-last-snapshot.txt").write_text("only the next mount's scan finds this")
+        with contextlib.chdir(source):  # a shell inside; once the mount is dead, no one can cd in
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while not is_stale(source):
+                assert time.monotonic() < deadline, "the mount never went stale"
+                time.sleep(0.05)
+            for command in ("snapshot", "status"):
+                err = fsmount_script(cli, command, ".", check=1).stderr.decode()
+                assert "is a dead mount" in err and f"fsmount umount {source}" in err, err
+                assert len(err.splitlines()) == 1, err
+            proc = fsmount_script(cli, "umount", ".", check=3)  # the shell inside would make a plain unmount fail
+        assert b"no final snapshot was taken" in proc.stderr and b"warning:" in proc.stderr, proc.stderr
+        assert not is_mounted(source)
+    finally:
+        if is_mounted(source):
+            force_unmount(source)
+    with live_mount(cli, source) as mnt:
+        cli("snapshot", mnt)
+    assert "/after-the-last-snapshot.txt" in [e["path"] for e in json.loads(cli("ls", "latest", "--json").stdout)]
+
+
+def fsmount_script(cli, *args: str, check: int) -> subprocess.CompletedProcess:
+    """`fsmount ARGS` through its console script, as a user runs it: `python -m` puts the current
+    directory on sys.path, and in a dead mount it then fails before it starts."""
+    script = os.path.join(os.path.dirname(sys.executable), "fsmount")
+    proc = subprocess.run([script, *args], env=cli.env, capture_output=True)
+    assert b"Traceback" not in proc.stderr and proc.returncode == check, (proc.returncode, proc.stderr)
+    return proc
+
+
+def is_stale(path: Path) -> bool:
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
 
 
 def test_damaged_changelog_never_stops_a_mount(cli, source: Path, isolated_cache: Path) -> None:

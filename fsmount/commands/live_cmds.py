@@ -113,7 +113,7 @@ def _check_source(source: str) -> None:
 
 
 @click.command()
-@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.argument("mountpoint", type=click.Path(path_type=str))  # checked by _check_mount_folder
 @click.option("--name", help="A name for the snapshot (shown in .snapshots/ and `fsmount snapshots`).")
 @json_option
 @click.pass_obj
@@ -128,6 +128,7 @@ def snapshot(app: AppContext, mountpoint: str, name: str | None) -> None:
     # against an fsync through the mount while `mkdir .snapshots/NAME` waited for the snapshot.
     from ..mountpoint import write_back
 
+    _check_mount_folder(mountpoint)
     if name is not None and not name.isprintable():  # control characters, bytes that are not UTF-8
         raise UsageError(f"a snapshot name must be printable UTF-8 text, not {name.encode(errors='surrogateescape')!r}")
     write_back(mountpoint)  # not a live mount, or a dead one: the request below says which
@@ -141,11 +142,12 @@ def snapshot(app: AppContext, mountpoint: str, name: str | None) -> None:
 
 
 @click.command()
-@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.argument("mountpoint", type=click.Path(path_type=str))  # checked by _check_mount_folder
 @json_option
 @click.pass_obj
 def status(app: AppContext, mountpoint: str) -> None:
     """Show what a live mount has pending and how its snapshots are going."""
+    _check_mount_folder(mountpoint)
     reply = _ask(mountpoint, {"op": "status"})
     if app.json:
         emit_json(reply)
@@ -184,6 +186,22 @@ def status(app: AppContext, mountpoint: str) -> None:
         lines.append(f"error        {reply['last_error']}")
     for line in lines:
         say(line)
+
+
+def _check_mount_folder(mountpoint: str) -> None:
+    """MOUNTPOINT must be a folder. In a mount whose daemon died every stat fails (ENOTCONN),
+    which click's own check reported as "does not exist" and realpath as a traceback."""
+    from .. import control
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise UsageError(f"{mountpoint}: no such folder") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise control.dead_mount_error(mountpoint) from None
+        raise UsageError(f"{mountpoint}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{mountpoint}: not a folder")
 
 
 def _count(n: int, noun: str) -> str:
@@ -289,7 +307,7 @@ def _warn_if_cwd_is_underneath(target: str) -> None:
                    "snapshot and the backlog stay on local disk, and the next mount of the folder "
                    "uploads them.")
 @click.pass_obj
-def umount(app: AppContext, mountpoint: str, lazy: bool) -> None:
+def umount(app: AppContext, mountpoint: str, lazy: bool) -> int:
     """Unmount a live mount, after its final snapshot is stored, or a snapshot mount.
 
     A live mount takes a final snapshot and uploads it, with whatever else waits in its backlog,
@@ -297,13 +315,17 @@ def umount(app: AppContext, mountpoint: str, lazy: bool) -> None:
     snapshots stay on local disk for the next mount and the exit code says so (15).
     A mount that a program still uses (an open file, a shell in it, a copy running) is not
     unmounted (exit 1) unless --lazy; a live mount detached so first has the kernel write back
-    what it caches, and what the program writes afterwards is lost.
+    what it caches, and what the program writes afterwards is lost. A mount whose daemon died is
+    cleared (exit 3 for a live mount: it took no final snapshot).
     """
-    if unmount_live(mountpoint, app, lazy=lazy):
-        return
     import subprocess
 
-    from ..mountpoint import mounted_at
+    from ..mountpoint import is_stale, mounted_at
+
+    if is_stale(os.fsencode(mountpoint)):
+        return _clear_dead_mount(mountpoint, app)
+    if unmount_live(mountpoint, app, lazy=lazy):
+        return 0
 
     if not mounted_at(os.path.realpath(os.fsencode(mountpoint))):
         raise UsageError(f"{mountpoint} is not mounted")
@@ -316,6 +338,32 @@ def umount(app: AppContext, mountpoint: str, lazy: bool) -> None:
         raise FsmountError(message)
     if not app.quiet:
         say(f"unmounted {mountpoint}")
+    return 0
+
+
+def _clear_dead_mount(path: str, app: AppContext) -> int:
+    """Detach a mount whose daemon died (kill -9, a crash), saying what that cost a live mount.
+
+    Lazily (`fusermount3 -uz`): nothing is left to write back through a dead connection, and a
+    shell still inside, the usual way to find a mount dead, would make a plain unmount fail."""
+    import subprocess
+
+    from ..mountpoint import enclosing_mount
+
+    found = enclosing_mount(os.path.abspath(os.fsencode(path)))
+    if found is None:
+        raise UsageError(f"{path} is not mounted")
+    where, kind = os.fsdecode(found[0]), found[1]
+    live = kind == "fuse.fsmount"  # mount-snapshots' is fuse.fsmount-snapshots: it had nothing to save
+    if live:
+        say(f"warning: the daemon of {where} had died: no final snapshot was taken; the next mount of the "
+            "folder scans it and picks up the changes", err=True)
+    proc = subprocess.run(["fusermount3", "-uz", where], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise FsmountError(proc.stderr.strip().removeprefix("fusermount3: ") or f"cannot unmount {where}")
+    if not app.quiet:
+        say(f"unmounted {where} (its daemon was gone)")
+    return 3 if live else 0
 
 
 COMMANDS = [mount, snapshot, status, umount]
