@@ -334,7 +334,8 @@ class Repository:
         return found
 
     def resolve_snapshot(self, ref: str, *, host: str | None = None, source: bytes | None = None) -> Snapshot:
-        """A snapshot by id prefix, or `latest` (optionally the latest of one host and source)."""
+        """A snapshot by id prefix, by name (`.snapshots/NAME`), or `latest` (optionally the
+        latest of one host and source)."""
         if ref == "latest":
             candidates = [s for s in self.snapshots()
                           if (host is None or s.host == host) and (source is None or s.source == source)]
@@ -345,14 +346,22 @@ class Repository:
                 raise UsageError("the repository has no snapshots yet" if host is None and source is None
                                  else "no snapshot matches that host and source")
             return candidates[-1]
-        if len(ref) < 4 or any(c not in "0123456789abcdef" for c in ref):
-            raise UsageError(f"{ref!r} is not a snapshot id (give at least 4 hex digits, or `latest`)")
-        matches = [i for i in self.snapshot_ids() if i.startswith(ref)]
-        if not matches:
-            raise UsageError(f"no snapshot with id {ref}")
+        is_id = len(ref) >= 4 and all(c in "0123456789abcdef" for c in ref)
+        matches = [i for i in self.snapshot_ids() if i.startswith(ref)] if is_id else []
         if len(matches) > 1:
             raise UsageError(f"snapshot id {ref} is ambiguous ({len(matches)} snapshots match)")
-        return self.load_snapshot(matches[0])
+        if matches:
+            return self.load_snapshot(matches[0])
+        named = [s for s in self.snapshots() if s.name == ref]
+        if len(named) > 1:
+            raise UsageError(f"{len(named)} snapshots are named {ref!r}: give one's id "
+                             f"({', '.join(s.short_id for s in named)})")
+        if named:
+            return named[0]
+        if is_id:
+            raise UsageError(f"no snapshot with id {ref} (nor one named so)")
+        raise UsageError(f"{ref!r} is not a snapshot id nor name (give at least 4 hex digits of an id, a "
+                         "snapshot's name, or `latest`; `fsmount snapshots` lists them)")
 
     def find_node(self, snapshot: Snapshot, path: bytes) -> Node:
         """The node at `path` (relative, `/`-separated bytes) in a snapshot; b"" is the root."""

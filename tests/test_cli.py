@@ -265,3 +265,16 @@ def test_tags_split_on_commas_and_a_hard_link_counts_as_new(cli, tmp_path: Path)
     assert (stats["files_new"], stats["files_unchanged"]) == (2, 0)  # it said "1 unchanged" of a first backup
     assert json.loads(cli("snapshots", "--json").stdout)[0]["tags"] == ["x", "y", "z"]
     assert "may not be empty" in cli("backup", source, "--tag", "", check=2).stderr.decode()
+
+
+def test_a_snapshot_is_found_by_its_name(cli, tmp_path: Path) -> None:
+    """`.snapshots/NAME` and `fsmount snapshots` show names, and `ls` / `restore` refused them."""
+    source = make_source(tmp_path / "src")
+    cli("init")
+    cli("backup", source, "--name", "before-refactor")
+    cli("backup", source, "--name", "twice")
+    cli("backup", source, "--name", "twice")
+    assert b"/hello.txt" in cli("ls", "before-refactor").stdout
+    err = cli("ls", "twice", check=2).stderr.decode()
+    assert "2 snapshots are named 'twice'" in err, err
+    assert "not a snapshot id nor name" in cli("ls", "no-such", check=2).stderr.decode()

@@ -136,7 +136,7 @@ def _exact(key: str, name: bytes) -> dict[str, str]:
 @json_option
 @click.pass_obj
 def ls(app: AppContext, snapshot_ref: str, path: str, long_format: bool) -> None:
-    """List the files of SNAPSHOT (an id prefix or `latest`), from PATH down.
+    """List the files of SNAPSHOT (an id prefix, a name or `latest`), from PATH down.
 
     Paths are relative to the backed-up folder, typed as they are or as a listing shows them.
     A byte that is not UTF-8 shows as \\xNN, a newline as \\n, a backslash doubled; --json gives
