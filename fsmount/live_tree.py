@@ -44,6 +44,7 @@ from .live_inodes import ROOT, InodeTable
 log = logging.getLogger(__name__)
 
 SNAPSHOTS_DIR = b".snapshots"
+POSIX_ACL_ACCESS = b"system.posix_acl_access"  # its entries are the mode's bits (see _drop_attributes_if_acl)
 TIMEOUT_S = 300.0  # entry/attribute cache: nothing but this mount changes the source
 THREAD_THRESHOLD = 256 * 1024  # writes of this size and more go to a worker thread
 FALLOCATE_BLOCKS_MARKED = 64  # a larger fallocate marks its file whole (see fallocate)
@@ -713,6 +714,7 @@ class LiveTree(pyfuse3.Operations):
         os.setxattr(self._xattr_target(inode), name, value, follow_symlinks=False)
         for path in self._paths(inode):
             self.changelog.mark_metadata(path)
+        await self._drop_attributes_if_acl(inode, name)
 
     @_fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -727,3 +729,19 @@ class LiveTree(pyfuse3.Operations):
             raise
         for path in self._paths(inode):
             self.changelog.mark_metadata(path)
+        await self._drop_attributes_if_acl(inode, name)
+
+    async def _drop_attributes_if_acl(self, inode: int, name: bytes) -> None:
+        """After an access ACL changed, have the kernel drop the inode's attributes before we reply.
+
+        The ACL holds the mode's bits, so the source changed the mode, but the kernel asks for no
+        attributes after an xattr change and showed (and enforced, with default_permissions) the
+        old mode for the attribute timeout: after `setfacl -m o::---`, others could still read the
+        file. From a worker thread, as pyfuse3 asks with the writeback cache; for attributes only
+        the kernel has no page to write back, but the loop stays free to serve whatever it asks."""
+        if name != POSIX_ACL_ACCESS:
+            return
+        try:
+            await self._in_thread(pyfuse3.invalidate_inode, inode, True)
+        except OSError as exc:  # ENOENT: the kernel holds no such inode, so no attributes either
+            log.debug("no attributes dropped for inode %d: %s", inode, exc)

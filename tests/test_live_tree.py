@@ -653,3 +653,25 @@ def test_o_direct_reads_and_writes_work_as_natively(cli, source: Path, tmp_path:
         cli("snapshot", mnt, "--name", "direct")
         assert (mnt / ".snapshots" / "direct" / "direct.bin").read_bytes() == data
     assert (source / "direct.bin").read_bytes() == data
+
+
+def test_an_acl_that_changes_the_mode_is_seen_and_enforced_at_once(cli, source: Path, public_dir: Path) -> None:
+    """After `setfacl -m o::---` the mount showed the old mode (644 over a 640 file), and let
+    others read the file, for the kernel's attribute timeout (300 s)."""
+    shared = public_dir / "shared"
+    shutil.copytree(source, shared)
+    with live_mount(cli, shared) as mnt:
+        secret = mnt / "secret.txt"
+        secret.write_text("for the owner and the group")
+        secret.chmod(0o644)
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o644  # the kernel holds the attributes now
+        assert as_nobody(f"cat {secret}").returncode == 0
+        subprocess.run(["setfacl", "-m", "o::---", secret], check=True)
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o640
+        denied = as_nobody(f"cat {secret}")
+        assert denied.returncode != 0 and b"Permission denied" in denied.stderr
+        subprocess.run(["setfacl", "-m", "u:65534:r,m::r", secret], check=True)  # an extended ACL
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o640  # the group bits show the mask
+        os.removexattr(secret, "system.posix_acl_access")
+        shown = stat.S_IMODE(secret.stat().st_mode)
+    assert shown == stat.S_IMODE(os.stat(shared / "secret.txt").st_mode) == 0o640  # as the folder has it
