@@ -12,7 +12,8 @@ blocks of neighbouring files (which a backup stores next to each other) come in 
 (blob_reader.py) and file creation runs in parallel. A larger file is opened by the walker and
 filled by tasks of `BLOCKS_PER_TASK` adjacent blocks; whichever task ends last truncates it, sets
 its metadata and closes it. A directory counts what is still pending inside it; the last of those
-to finish sets the directory's metadata, so it always comes after everything in it.
+to finish sets the directory's metadata (the target folder's own is the snapshot's root node), so
+it always comes after everything in it.
 
 Safety. Nothing outside the target is touched: every entry is opened relative to its directory fd
 with O_NOFOLLOW, a symlink found where the snapshot has a directory or file is replaced, never
@@ -28,6 +29,7 @@ skipped and reported (`RestoreResult.skipped`).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -107,7 +109,7 @@ class _DirJob:
     path: bytes
     nodes: list[Node]
     selection: str
-    node: Node | None  # None for the target root, whose own metadata is left alone
+    node: Node | None  # None for the target root, which takes the snapshot's root node (`_finish_root`)
     parent: _DirJob | None
     fresh: bool = False  # made by this restore, so empty: entries need no check before creation
     position: int = 0
@@ -719,7 +721,8 @@ class Restore:
                 if job.pending:
                     return
                 self._open.discard(job)
-            if job.parent is None:  # the target root: its own metadata is left alone
+            if job.parent is None:  # the target root: last of all, as any directory
+                self._finish_root()
                 self._done.set()
                 return
             try:
@@ -730,6 +733,19 @@ class Restore:
             finally:
                 os.close(job.fd)
             job = job.parent
+
+    def _finish_root(self) -> None:
+        """Give the target folder the source folder's own metadata (mode, owner as root, xattrs,
+        times), as a directory of the snapshot gets its node's: a folder backed up as 0700
+        must not come back readable by all. Snapshots from before `Snapshot.root` have none, and
+        the target keeps its own then."""
+        root = self.snapshot.root
+        if root is None:
+            return
+        try:
+            apply_metadata(self._root_fd, dataclasses.replace(root, name=b"."), self._root_fd, replace_xattrs=True)
+        except OSError as exc:
+            self._error(self.target, _message(exc))
 
     def _error(self, path: bytes, message: str) -> None:
         text = f"{os.fsdecode(path)}: {message}"

@@ -232,3 +232,26 @@ def test_an_entry_of_another_type_is_kept_without_delete(cli, tmp_path: Path, sn
 
     cli("restore", "latest", "--in-place", source, "--delete")
     assert differences(tmp_path / "as-backed-up", source) == []
+
+
+# -- the source folder's own metadata --------------------------------------------------------------
+
+def test_the_target_folder_takes_the_source_folders_metadata(cli, tmp_path: Path) -> None:
+    """A folder backed up as 0700 came back with whatever mode the target had (0755 when made)."""
+    source = write_tree(tmp_path / "src", {"secret.txt": b"mine\n"})
+    os.setxattr(source, "user.origin", b"the folder itself")
+    source.chmod(0o700)
+    os.utime(source, ns=(OLD_MTIME_NS, OLD_MTIME_NS))
+    cli("init", "--block-size", "64K")
+    cli("backup", source)
+
+    cli("restore", "latest", "--target", tmp_path / "new")
+    source.chmod(0o755)
+    os.removexattr(source, "user.origin")
+    os.setxattr(source, "user.added", b"since the backup")
+    cli("restore", "latest", "--in-place", source)
+
+    for folder in (tmp_path / "new", source):
+        st = folder.stat()
+        assert (oct(st.st_mode & 0o7777), st.st_mtime_ns) == (oct(0o700), OLD_MTIME_NS), folder
+        assert os.listxattr(folder) == ["user.origin"] and os.getxattr(folder, "user.origin") == b"the folder itself"
