@@ -82,6 +82,53 @@ def enclosing_mount(path: bytes) -> tuple[bytes, str] | None:
     return found
 
 
+def processes_inside(folder: bytes, *, ignore: frozenset[int] = frozenset()) -> dict[str, list[tuple[int, str]]]:
+    """Processes that have their current directory (`cwd`), root directory (`root`) or an open
+    file (`fd`) inside `folder`, a real path: {kind: [(pid, command), ...]}, from /proc.
+
+    Best effort: a process that exits meanwhile, or that we may not look at, is left out, and so
+    are `ignore` and this process. Reads only links (some 20 ms for 300 descriptors here)."""
+    found: dict[str, list[tuple[int, str]]] = {"cwd": [], "root": [], "fd": []}
+    skip = ignore | {os.getpid()}
+    try:
+        entries = [entry.name for entry in os.scandir(b"/proc") if entry.name.isdigit()]
+    except OSError:
+        return found
+    for name in entries:
+        pid = int(name)
+        if pid in skip:
+            continue
+        kinds = [kind for kind in ("cwd", "root") if _links_inside(b"/proc/%s/%s" % (name, kind.encode()), folder)]
+        if _any_fd_inside(b"/proc/%s/fd" % name, folder):
+            kinds.append("fd")
+        for kind in kinds:
+            found[kind].append((pid, _command(name)))
+    return found
+
+
+def _links_inside(link: bytes, folder: bytes) -> bool:
+    try:
+        return is_within(os.readlink(link), folder)
+    except OSError:  # gone, or not ours to look at
+        return False
+
+
+def _any_fd_inside(fd_dir: bytes, folder: bytes) -> bool:
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return False
+    return any(_links_inside(fd_dir + b"/" + fd, folder) for fd in fds)
+
+
+def _command(pid: bytes) -> str:
+    try:
+        with open(b"/proc/%s/comm" % pid, "rb") as f:
+            return f.read().strip().decode(errors="replace") or "?"
+    except OSError:
+        return "?"
+
+
 def write_back(path: bytes | str) -> None:
     """syncfs(2) on the file system at `path`: the kernel sends a FUSE daemon what its writeback
     cache holds. In a daemon, never from its event loop's thread, which must serve those writes.

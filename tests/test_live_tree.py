@@ -602,6 +602,8 @@ def test_a_snapshot_is_not_live_mounted_and_a_snapshots_folder_of_ones_own_is_na
     err = cli("mount", source).stderr.decode()
     assert ".snapshots is hidden while mounted" in err and len(err.splitlines()) == 1, err
     try:
+        err = cli("mount", source, check=2).stderr.decode()  # said the folder was hidden, then that it was mounted
+        assert "already" in err and len(err.splitlines()) == 1, err
         cli("snapshot", source, "--name", "s1")
         err = cli("snapshot", source, "--name", b"bad\xff", check=2).stderr.decode()
         assert "printable UTF-8" in err, err  # was "bad request: 'utf-8' codec can't encode ..."
@@ -675,3 +677,39 @@ def test_an_acl_that_changes_the_mode_is_seen_and_enforced_at_once(cli, source: 
         os.removexattr(secret, "system.posix_acl_access")
         shown = stat.S_IMODE(secret.stat().st_mode)
     assert shown == stat.S_IMODE(os.stat(shared / "secret.txt").st_mode) == 0o640  # as the folder has it
+
+
+HOLDER = """
+import os, sys, time
+f = open(sys.argv[1], "a")  # opened before the mount: it keeps writing to the folder underneath
+os.write(int(sys.argv[2]), b"open\\n")
+time.sleep(60)
+"""
+
+
+def test_mount_names_the_programs_whose_writes_would_bypass_it(cli, source: Path) -> None:
+    """A shell whose cwd was inside the folder, or a file opened before the mount, writes to the
+    folder underneath: those edits reach only the next mount's full scan, and nothing said so."""
+    ready_r, ready_w = os.pipe()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, source / "notes.md", str(ready_w)], pass_fds=(ready_w,))
+    sitter = subprocess.Popen(["sleep", "60"], cwd=source / "src")
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 10) == b"open\n"
+        err = cli("mount", source).stderr.decode()
+        try:
+            lines = err.splitlines()
+            assert len(lines) == 2, err
+            cwd_line = next(line for line in lines if "current directory" in line)
+            fd_line = next(line for line in lines if "files open" in line)
+            assert f"sleep (pid {sitter.pid})" in cwd_line and "cd ." in cwd_line, err
+            assert f"(pid {holder.pid})" in fd_line and "reopen" in fd_line and "bypasses the mount" in fd_line, err
+        finally:
+            cli("umount", source)
+    finally:
+        for process in (holder, sitter):
+            process.kill()
+            process.wait()
+        os.close(ready_r)
+    assert "bypasses" not in cli("mount", source).stderr.decode()  # nobody holds anything there now
+    cli("umount", source)

@@ -67,6 +67,8 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
     source = os.path.realpath(source)  # as the messages, the log and the daemon name it
     target = os.path.realpath(mountpoint) if mountpoint else source
     _check_writable_source(source)
+    # Found now, said once mounted: a mount that fails (already mounted...) says only why.
+    warnings = [] if background.is_daemon() else [*_hidden_snapshots(source), *_bypassing_programs(source, target)]
     if not foreground:
         log_path = os.path.join(control.runtime_dir(), control.mount_id(target) + ".log")
         argv = [*(arg for loc in app.locations() for arg in ("-r", loc)), "mount", "-f", source, target]
@@ -81,6 +83,8 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
         if not app.quiet:
             say(f"mounted {source} at {target} (daemon pid {pid}, log {log_path})")
             _warn_if_cwd_is_underneath(target)
+        for warning in warnings:
+            say(warning, err=True)
         return
     from ..live_daemon import LiveMount, source_id
 
@@ -92,6 +96,8 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
             if not app.quiet:
                 say(f"mounted {source} at {target}; Ctrl-C or `fsmount umount {target}` unmounts")
                 _warn_if_cwd_is_underneath(target)
+            for warning in warnings:
+                say(warning, err=True)
 
         live.run(ready)
     if live.final_error:
@@ -269,7 +275,7 @@ def _show_final_upload(mountpoint: str, unmounted: Future, lazy: bool) -> None:
 
 
 def _check_writable_source(source: str) -> None:
-    """Refuse a folder nothing could be written to; warn of a `.snapshots` of the user's own."""
+    """Refuse a folder nothing could be written to."""
     try:
         read_only = os.statvfs(source).f_flag & os.ST_RDONLY
     except OSError:
@@ -281,20 +287,57 @@ def _check_writable_source(source: str) -> None:
     if read_only or in_snapshots:
         raise UsageError(f"cannot mount {source}: it is read-only (a snapshot, a read-only disk); "
                          "back it up with `fsmount backup` instead")
-    if os.path.lexists(os.path.join(source, ".snapshots")) and not background.is_daemon():
-        say(f"warning: {source}/.snapshots is hidden while mounted: the mount shows its snapshots there "
-            "(the folder is still backed up; rename it to see it)", err=True)
+
+
+def _hidden_snapshots(source: str) -> list[str]:
+    """The warning for a `.snapshots` of the user's own, which the mount's would hide."""
+    if not os.path.lexists(os.path.join(source, ".snapshots")):
+        return []
+    return [f"warning: {source}/.snapshots is hidden while mounted: the mount shows its snapshots there "
+            "(the folder is still backed up; rename it to see it)"]
+
+
+BYPASSING = {  # kind of hold (mountpoint.processes_inside) -> what it has there, and what ends it
+    "cwd": ("their current directory", "they change directory (`cd .` will do)"),
+    "root": ("their root directory", "they are restarted"),
+    "fd": ("files open", "they reopen their files"),
+}
+
+
+def _bypassing_programs(source: str, target: str) -> list[str]:
+    """Warnings naming the programs that hold something inside the folder before it is mounted
+    over: they keep the folder underneath, so what they write there goes past the mount, into
+    no snapshot until the next mount's scan. A shell inside by its own `cd`, or a file opened
+    before the mount (an editor, a log), is how a user gets there without noticing."""
+    if source != target:
+        return []  # the source stays where it is, beside the mount: writes there always go past it
+    from ..mountpoint import processes_inside
+
+    ignore = {os.getppid()} if _cwd_is_underneath(target) else set()  # the shell: the `cd .` note is for it
+    found = processes_inside(os.fsencode(source), ignore=frozenset(ignore))
+    warnings = []
+    for kind, (what, until) in BYPASSING.items():
+        if found[kind]:
+            named = ", ".join(f"{command} (pid {pid})" for pid, command in found[kind][:4])
+            more = f" and {len(found[kind]) - 4} more" if len(found[kind]) > 4 else ""
+            warnings.append(f"warning: programs with {what} in {source}: {named}{more}; what they write "
+                            "there bypasses the mount (no snapshot has it until the next mount's scan) "
+                            f"until {until}")
+    return warnings
+
+
+def _cwd_is_underneath(target: str) -> bool:
+    try:
+        return is_within(os.getcwd(), target)  # the directory underneath, if we were in it before the mount
+    except OSError:
+        return False
 
 
 def _warn_if_cwd_is_underneath(target: str) -> None:
     """A shell that was in the folder before it was mounted over stays in the folder underneath:
     what it writes by relative path goes past the mount, and no snapshot sees it until the next
     mount's scan. Say so while that shell (our parent) can still `cd .`."""
-    try:
-        cwd = os.getcwd()  # the directory underneath, if we were in it before the mount
-    except OSError:
-        return
-    if is_within(cwd, target):
+    if _cwd_is_underneath(target):
         say("note: this shell's current directory is still the folder underneath the mount; "
             "run `cd .` so that its work goes through the mount", err=True)
 
