@@ -51,7 +51,11 @@ MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 64 * 1024, 4 * 1024 * 1024
 DEFAULT_PACK_SIZE = 16 * 1024 * 1024
 BACKLOGS_DIR = "backlog"  # in the repository's cache dir: one backlog per live mount
 DEFAULT_BACKLOG_LIMIT = 4 << 30
-TREE_CACHE_NODES = 100_000  # decoded tree entries kept in memory (~30 MiB), whatever the tree sizes
+# Decoded trees kept in memory, weighed by their entries and their files' block lists: a tree
+# holding one 1 TiB sparse file lists 8M blocks (400 MB), and counted as one entry it stayed
+# cached, so a live mount's memory grew by that much for good.
+TREE_CACHE_BYTES = 40 * 1024 * 1024  # ~100k entries of small files, what it held before
+_NODE_BYTES = 300  # what a decoded entry costs beyond its block list
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,10 @@ def check_replicas_hold_one_repository(store: ObjectStore) -> None:
                              f"({first[1][:8]}); replicas must be copies of one repository")
 
 
+def _weight(nodes: list[Node]) -> int:
+    return sum(_NODE_BYTES + len(n.blocks) + len(n.xxh) for n in nodes)
+
+
 def _parts_held(store: ObjectStore) -> list[str]:
     """The kinds of repository object (`keys/`, `data/`...) a location holds, `config` aside."""
     return [prefix for prefix in REPOSITORY_PREFIXES if next(iter(store.list(prefix)), None) is not None]
@@ -128,7 +136,7 @@ class Repository:
         self.writer = BlobWriter(store, key, self.index, config.pack_size, **uploads)
         self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
         self._trees_lock = threading.Lock()
-        self._cached_nodes = 0
+        self._cached_bytes = 0
         self.damaged_snapshots: list[str] = []  # ids `snapshots()` could not read, last time it ran
 
     # -- opening ----------------------------------------------------------------------------------
@@ -286,11 +294,14 @@ class Repository:
             if tree_id in self._trees:
                 self._trees.move_to_end(tree_id)
                 return
+            weight = _weight(nodes)
+            if weight > TREE_CACHE_BYTES:
+                return  # read again when needed rather than held for good
             self._trees[tree_id] = nodes
-            self._cached_nodes += len(nodes)
-            while self._cached_nodes > TREE_CACHE_NODES and len(self._trees) > 1:
+            self._cached_bytes += weight
+            while self._cached_bytes > TREE_CACHE_BYTES:
                 _, evicted = self._trees.popitem(last=False)
-                self._cached_nodes -= len(evicted)
+                self._cached_bytes -= _weight(evicted)
 
     def cached_tree(self, tree_id: bytes) -> list[Node] | None:
         """The nodes of a tree if the cache holds them (read-only), without loading anything."""

@@ -309,3 +309,18 @@ def test_a_failed_backup_leaves_the_repository_usable(repo_path: Path, tmp_path:
         result = backup(repo, source)
         restore(repo, result.snapshot, tmp_path / "restored")
     assert differences(source, tmp_path / "restored") == []
+
+
+def test_the_tree_cache_is_bounded_by_what_its_trees_hold(repo) -> None:
+    """It counted entries: a tree holding one huge sparse file (8M block ids for 1 TiB) stayed
+    cached as one entry, and a live mount's memory grew by 400 MB for good."""
+    from backend.repository import TREE_CACHE_BYTES
+    from backend.tree import FILE, HOLE, Node
+
+    blocks = TREE_CACHE_BYTES // len(HOLE) + 1
+    huge = Node(name=b"sparse", type=FILE, size=blocks * TEST_BLOCK_SIZE, blocks=HOLE * blocks, xxh=bytes(16) * blocks)
+    small = Node(name=b"small", type=FILE, size=1)
+    huge_tree, small_tree = repo.save_tree([huge]), repo.save_tree([small])
+    assert repo.cached_tree(huge_tree) is None and repo.cached_tree(small_tree) is not None
+    repo.flush()
+    assert repo.load_tree(huge_tree)[0].blocks == huge.blocks  # read again when needed
