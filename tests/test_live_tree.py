@@ -176,7 +176,8 @@ def test_no_change_snapshot_costs_nothing(cli, source: Path) -> None:
 
 def test_edits_while_unmounted_are_found_at_the_next_mount(cli, source: Path, tmp_path: Path) -> None:
     with live_mount(cli, source):
-        pass
+        said = json.loads(cli("umount", source, "--json").stdout)  # (--json printed plain text)
+        assert said["kind"] == "live" and said["final_snapshot"] == snapshots(cli)[-1]["id"]
     (source / "notes.md").write_text("edited behind fsmount's back\n")
     (source / "added-offline.txt").write_text("new\n")
     with live_mount(cli, source) as mnt:

@@ -239,6 +239,18 @@ def test_concurrent_readers_of_one_large_file(cli, repo, mounted: Path, tmp_path
     assert failures == []
 
 
+def test_mount_and_umount_speak_json(cli, repo, tmp_path: Path) -> None:
+    """`--json` printed plain text on stdout for both."""
+    (tmp_path / "snaps").mkdir()
+    mounted = json.loads(cli("--json", "mount-snapshots", tmp_path / "snaps").stdout)
+    try:
+        assert mounted["mountpoint"] == str(tmp_path / "snaps") and mounted["pid"] > 0
+        assert json.loads(cli("umount", tmp_path / "snaps", "--json").stdout)["kind"] == "snapshots"
+    finally:
+        if is_mounted(tmp_path / "snaps"):
+            subprocess.run(["fusermount3", "-uz", tmp_path / "snaps"], check=False)
+
+
 def test_mountpoint_errors_are_clear(cli, repo, tmp_path: Path) -> None:
     proc = cli("mount-snapshots", tmp_path / "missing", check=2)
     assert b"does not exist" in proc.stderr

@@ -244,7 +244,10 @@ def unmount_live(mountpoint: str, app: AppContext, *, lazy: bool = False) -> boo
         raise StoreError(f"unmounted {mountpoint}; {human_bytes(backlog['bytes'])} of snapshots could not be "
                          f"uploaded ({reply.get('backlog_error')}); they stay on local disk and the next "
                          f"mount of this folder uploads them")
-    if not app.quiet:
+    if app.json:
+        emit_json({"mountpoint": os.path.abspath(mountpoint), "kind": "live", "final_snapshot": final,
+                   "backlog_objects": backlog["objects"], "backlog_bytes": backlog["bytes"]})
+    elif not app.quiet:
         said = f"final snapshot {final[:8]}" if final else "no final snapshot (the next mount catches up)"
         if backlog["objects"]:
             said += (f"; {human_bytes(backlog['bytes'])} of snapshots wait on local disk for the next mount "
@@ -349,6 +352,7 @@ def _warn_if_cwd_is_underneath(target: str) -> None:
                    "kernel write back what it caches, and does not wait for the upload: the final "
                    "snapshot and the backlog stay on local disk, and the next mount of the folder "
                    "uploads them.")
+@json_option
 @click.pass_obj
 def umount(app: AppContext, mountpoint: str, lazy: bool) -> int:
     """Unmount a live mount, after its final snapshot is stored, or a snapshot mount.
@@ -379,7 +383,9 @@ def umount(app: AppContext, mountpoint: str, lazy: bool) -> int:
         if "busy" in message:
             message += " (a program still uses it: close it, or detach it now with `fsmount umount --lazy`)"
         raise FsmountError(message)
-    if not app.quiet:
+    if app.json:
+        emit_json({"mountpoint": os.path.abspath(mountpoint), "kind": "snapshots"})
+    elif not app.quiet:
         say(f"unmounted {mountpoint}")
     return 0
 
@@ -404,7 +410,10 @@ def _clear_dead_mount(path: str, app: AppContext) -> int:
     proc = subprocess.run(["fusermount3", "-uz", where], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise FsmountError(proc.stderr.strip().removeprefix("fusermount3: ") or f"cannot unmount {where}")
-    if not app.quiet:
+    if app.json:
+        emit_json({"mountpoint": where, "kind": "live" if live else "snapshots", "daemon_was_gone": True,
+                   "final_snapshot": None})
+    elif not app.quiet:
         say(f"unmounted {where} (its daemon was gone)")
     return 3 if live else 0
 
