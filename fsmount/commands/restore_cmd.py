@@ -28,19 +28,19 @@ if TYPE_CHECKING:
               help="Remove files in the target that are not in the snapshot, and replace entries of "
                    "another type (a directory where the snapshot has a file, or a file where it has a directory).")
 @click.option("--from-other-folder", "from_other_folder", is_flag=True,
-              help="With --in-place: allow a snapshot (given by id) whose source is another folder than DIR.")
+              help="With --in-place: allow a snapshot (by id or name) whose source is another folder than DIR.")
 @json_option
 @click.pass_obj
 def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: str | None,
             in_place: str | None, delete: bool, from_other_folder: bool) -> int:
-    """Restore SNAPSHOT (an id prefix or `latest`) into a folder.
+    """Restore SNAPSHOT (an id prefix, a snapshot's name, or `latest`) into a folder.
 
     \b
       fsmount restore latest --target ~/restored                 everything, to a new folder
       fsmount restore 1a2b3c4d --target ~/r docs/report.odt      one file (as ~/r/docs/report.odt)
       fsmount restore latest --in-place ~/projects --delete      put ~/projects back as it was
 
-    With --in-place, `latest` is the newest snapshot of DIR itself, and a snapshot id of another
+    With --in-place, `latest` is the newest snapshot of DIR itself, and a snapshot of another
     folder is refused unless --from-other-folder is given. Files already in the target are
     compared block by block (XXH3) and only differing blocks are rewritten; a file is either
     restored whole or left as it was. Nothing outside the target is touched; symlinks inside it
@@ -95,7 +95,7 @@ def _snapshot_of_folder(repo: Repository, ref: str, folder: bytes, from_other_fo
                 pass
         if not found:
             raise UsageError(f"no snapshot of {shown} in the repository (to put another folder's snapshot "
-                             "there, give its id and --from-other-folder)")
+                             "there, give its id or name and --from-other-folder)")
         return max(found, key=lambda s: (s.time_ns, s.id))
     snap = repo.resolve_snapshot(ref)
     if not from_other_folder and snap.source not in names and os.path.realpath(snap.source) not in names:
