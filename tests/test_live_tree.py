@@ -335,7 +335,7 @@ def public_dir():
 
 def as_nobody(script: str) -> subprocess.CompletedProcess:
     return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", script],
-                          capture_output=True)
+                          capture_output=True, check=False)
 
 
 def test_ownership_and_permissions_are_native(cli, source: Path, public_dir: Path) -> None:
@@ -439,7 +439,7 @@ def fsmount_script(cli, *args: str, check: int) -> subprocess.CompletedProcess:
     """`fsmount ARGS` through its console script, as a user runs it: `python -m` puts the current
     directory on sys.path, and in a dead mount it then fails before it starts."""
     script = os.path.join(os.path.dirname(sys.executable), "fsmount")
-    proc = subprocess.run([script, *args], env=cli.env, capture_output=True)
+    proc = subprocess.run([script, *args], env=cli.env, capture_output=True, check=False)
     assert b"Traceback" not in proc.stderr and proc.returncode == check, (proc.returncode, proc.stderr)
     return proc
 

@@ -21,10 +21,10 @@ import botocore.awsrequest
 import botocore.exceptions
 import pytest
 
+import backend.stores.replicated as replicated_module
 from backend.errors import IntegrityError, ObjectNotFound, StoreError, TransientStoreError
 from backend.stores import LocalStore, ObjectStore, open_store
 from backend.stores.faulty import FaultyStore
-import backend.stores.replicated as replicated_module
 from backend.stores.replicated import MissingObject, ReplicatedStore
 from backend.stores.retry import RetryingStore, RetryPolicy
 from backend.stores.s3 import S3Store

@@ -296,8 +296,8 @@ def _hidden_snapshots(source: str) -> list[str]:
     """The warning for a `.snapshots` of the user's own, which the mount's would hide."""
     if not os.path.lexists(os.path.join(source, ".snapshots")):
         return []
-    return [f"warning: {source}/.snapshots is hidden while mounted: the mount shows its snapshots there "
-            "(the folder is still backed up; rename it to see it)"]
+    return [(f"warning: {source}/.snapshots is hidden while mounted: the mount shows its snapshots there "
+             "(the folder is still backed up; rename it to see it)")]
 
 
 BYPASSING = {  # kind of hold (mountpoint.processes_inside) -> what it has there, and what ends it

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import stat as statmod
 from collections.abc import Iterator
 
@@ -138,7 +137,7 @@ def _exact(key: str, name: bytes) -> dict[str, str]:
 def ls(app: AppContext, snapshot_ref: str, path: str, long_format: bool) -> None:
     """List the files of SNAPSHOT (an id prefix, a name or `latest`), from PATH down.
 
-    Paths are relative to the backed-up folder, typed as they are or as a listing shows them.
+    Paths are relative to the backed-up folder, as a listing shows them or typed as they are.
     A byte that is not UTF-8 shows as \\xNN, a newline as \\n, a backslash doubled; --json gives
     each name as text, and a name that is not UTF-8 also as `path_hex`, its bytes.
     """

@@ -11,7 +11,8 @@ from backend.errors import UsageError
 from backend.restore import Restore, check_target
 
 from ..context import AppContext
-from ..output import BarProgress, emit_json, human_bytes, json_option, name_from_line, say
+from ..output import BarProgress, emit_json, human_bytes, json_option, say
+from .snapshot_paths import snapshot_path
 
 if TYPE_CHECKING:
     from backend.repository import Repository
@@ -62,7 +63,7 @@ def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: 
         else:
             snap = _snapshot_of_folder(repo, snapshot_ref, os.fsencode(in_place), from_other_folder)
         progress = BarProgress("restore", enabled=not app.quiet and not app.json)
-        result = Restore(repo, snap, os.fsencode(destination), paths=[_snapshot_path(repo, snap, p) for p in paths],
+        result = Restore(repo, snap, os.fsencode(destination), paths=[snapshot_path(repo, snap, p) for p in paths],
                          delete=delete, progress=progress).run()
     s = result.stats
     if app.json:
@@ -102,21 +103,6 @@ def _snapshot_of_folder(repo: Repository, ref: str, folder: bytes, from_other_fo
         raise UsageError(f"snapshot {snap.short_id} is of {os.fsdecode(snap.source)}, not of {shown}; "
                          "add --from-other-folder to restore it there in place")
     return snap
-
-
-def _snapshot_path(repo: Repository, snapshot: Snapshot, given: str) -> bytes:
-    """PATH as `fsmount ls` shows it (`\\xNN` for a byte that is not UTF-8, `\\n` for a newline,
-    `\\\\` for a backslash), which is what a user copies from a listing; else PATH as given."""
-    raw = os.fsencode(given)
-    if "\\" not in given:
-        return raw
-    unescaped = name_from_line(given)
-    try:
-        repo.find_node(snapshot, unescaped)
-        return unescaped
-    except UsageError:
-        repo.find_node(snapshot, raw)  # neither: the error names the path
-        return raw
 
 
 COMMANDS = [restore]

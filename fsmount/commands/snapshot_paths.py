@@ -1,9 +1,10 @@
-"""A path inside a snapshot as a user gives it: typed as it is, or copied from `fsmount ls`.
+"""A path inside a snapshot as a user gives it: copied from `fsmount ls`, or typed as it is.
 
 `ls` shows a byte that is not UTF-8 as `\\xNN`, a newline as `\\n` and doubles a backslash, so
-that no two names print alike (`output.line_name`). A user may give either form: the name typed
-as it is (a shell's `$'\\xff'` gives any byte) or the line copied from a listing. Where both read
-as existing, different entries, the path is ambiguous and refused rather than guessed.
+that no two names print alike (`output.line_name`): a path is read that way first, since that
+form names one entry whatever else the folder holds. A path that reads as nothing that way is
+taken as typed (a shell's `$'\\xff'` gives any byte), so a name with a backslash in it may also be
+typed as it is.
 """
 
 from __future__ import annotations
@@ -14,29 +15,19 @@ from backend.errors import UsageError
 from backend.repository import Repository
 from backend.snapshot import Snapshot
 
-from ..output import line_name, name_from_line
+from ..output import name_from_line
 
 
 def snapshot_path(repo: Repository, snapshot: Snapshot, given: str) -> bytes:
     """The path inside `snapshot` that `given` names (relative, no leading `/`); UsageError
-    naming it if it is not there, or if it names two entries."""
+    naming it if it is not there."""
     typed = os.fsencode(given).strip(b"/")
-    if "\\" not in given:
-        repo.find_node(snapshot, typed)  # the error names the path
-        return typed
-    listed = name_from_line(given).strip(b"/")
-    found = [path for path in dict.fromkeys((typed, listed)) if _exists(repo, snapshot, path)]
-    if len(found) == 2:
-        raise UsageError(f"{given!r} names two entries: {line_name(typed)} as typed and "
-                         f"{line_name(listed)} as `fsmount ls` shows names; give it as `ls` shows it")
-    if not found:
-        repo.find_node(snapshot, typed)
-    return found[0]
-
-
-def _exists(repo: Repository, snapshot: Snapshot, path: bytes) -> bool:
-    try:
-        repo.find_node(snapshot, path)
-    except UsageError:
-        return False
-    return True
+    if "\\" in given:
+        listed = name_from_line(given).strip(b"/")
+        try:
+            repo.find_node(snapshot, listed)
+            return listed
+        except UsageError:
+            pass
+    repo.find_node(snapshot, typed)  # the error names the path
+    return typed
