@@ -149,6 +149,7 @@ class Backup:
         self._hardlinks: dict[tuple[int, int], list[Pending]] = {}
         self._failure: BaseException | None = None
         self._excluded = self._excluded_dirs()
+        self._parent_whole = False  # set by `run`
 
     def _excluded_dirs(self) -> set[tuple[int, int]]:
         """A local repository (any of its replicas) or the cache inside the source must not back
@@ -178,6 +179,11 @@ class Backup:
             raise UsageError(f"cannot open source {os.fsdecode(self.source)}: {exc.strerror}") from exc
         log.info("backing up %s (%s)", os.fsdecode(self.source),
                  f"parent snapshot {self.parent.short_id}" if self.parent else "no parent snapshot: reading every file")
+        # The index cache records each snapshot whose every blob it knew, until it sees index
+        # objects removed (a repair, another machine's): a parent it vouches for needs no check
+        # of its blocks, which cost a no-change backup of 40k small files 20-30% more time.
+        generation = self.repo.index.generation()
+        self._parent_whole = self.parent is not None and self.repo.index.is_whole(self.parent.id, generation)
         self.progress.start()
         self._started_ns = self._time_ns or time.time_ns()
         try:
@@ -204,6 +210,10 @@ class Backup:
             stats=vars(stats) | {"files": total_files, "size": total_size}, root=root,
         )
         self.repo.save_snapshot(snapshot)
+        # A change-driven backup reuses the subtrees nothing was written to without looking inside:
+        # whole only if its parent was.
+        if self.changes is None or self._parent_whole or self.parent is None:
+            self.repo.index.record_whole(snapshot.id, generation)
         return BackupResult(snapshot, stats, self.warnings)
 
     def _root_node(self, root_fd: int) -> Node:
@@ -274,7 +284,10 @@ class Backup:
         """`nodes` without the files some of whose blocks the index no longer knows, so that they
         are read again rather than reused. A pack that was lost and taken out of the index (`verify
         --repair`) would otherwise stay missing from every later snapshot, as restic's archiver
-        also checks. One index query per directory (per 256 blocks)."""
+        also checks. One index query per directory (per 256 blocks), unless the index cache
+        vouches for the parent (see `run`)."""
+        if self._parent_whole:
+            return nodes
         ids = [b for n in nodes if n.type == FILE for b in n.block_ids() if b != HOLE]
         if not ids:
             return nodes
@@ -493,7 +506,8 @@ class Backup:
                     files, size = files + node.files_below, size + node.bytes_below
                 nodes.append(node)
             if parent_tree and nodes and len(nodes) == len(parent_nodes) and all(
-                    node == parent_nodes.get(node.name) for node in nodes) and self.repo.writer.contains(parent_tree):
+                    node == parent_nodes.get(node.name) for node in nodes) and (
+                    self._parent_whole or self.repo.writer.contains(parent_tree)):
                 return parent_tree, files, size
             return self.repo.save_tree(nodes), files, size
         except BaseException as exc:

@@ -156,6 +156,9 @@ CREATE TABLE IF NOT EXISTS blobs (
     offset INTEGER NOT NULL, length INTEGER NOT NULL, raw_length INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS index_objects (name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS whole_snapshots (snapshot_id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS generation (only INTEGER PRIMARY KEY CHECK (only = 0), value INTEGER NOT NULL);
+INSERT OR IGNORE INTO generation VALUES (0, 0);
 """
 
 
@@ -232,7 +235,9 @@ class IndexCache:
         if known - in_store - set(staged):
             log.info("index objects were removed from the repository; rebuilding the index cache")
             with self._lock:
-                self._db.executescript("DELETE FROM blobs; DELETE FROM packs; DELETE FROM index_objects;")
+                self._db.executescript("BEGIN IMMEDIATE; DELETE FROM blobs; DELETE FROM packs; DELETE FROM index_objects;"
+                                       " DELETE FROM whole_snapshots; UPDATE generation SET value = value + 1;"
+                                       " COMMIT;")
             known = set()
         objects = read_index_objects(store, key, in_store - known)
         for name, packs in objects.readable.items():
@@ -282,6 +287,26 @@ class IndexCache:
 
     def contains(self, blob_id: bytes) -> bool:
         return self._reader().execute("SELECT 1 FROM blobs WHERE blob_id=?", (blob_id,)).fetchone() is not None
+
+    # -- snapshots known whole: what lets a backup trust its parent without asking for every block
+
+    def generation(self) -> int:
+        """How many times the cache saw index objects removed (blobs it knew may be gone since)."""
+        return self._reader().execute("SELECT value FROM generation").fetchone()[0]
+
+    def is_whole(self, snapshot_id: str, generation: int) -> bool:
+        """Whether every blob of the snapshot was known to the index when it was recorded, and
+        nothing was removed since (`generation` is still the current one)."""
+        row = self._reader().execute(
+            "SELECT 1 FROM whole_snapshots, generation WHERE snapshot_id=? AND value=?", (snapshot_id, generation))
+        return row.fetchone() is not None
+
+    def record_whole(self, snapshot_id: str, generation: int) -> None:
+        """Record a snapshot all of whose blobs the index knew during `generation`, if that is
+        still the current one."""
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO whole_snapshots SELECT ? FROM generation WHERE value=?",
+                             (snapshot_id, generation))
 
     def known(self, blob_ids: list[bytes]) -> set[bytes]:
         """Those of `blob_ids` the index knows, one query per `LOOKUP_BATCH` ids."""

@@ -324,3 +324,21 @@ def test_the_tree_cache_is_bounded_by_what_its_trees_hold(repo) -> None:
     assert repo.cached_tree(huge_tree) is None and repo.cached_tree(small_tree) is not None
     repo.flush()
     assert repo.load_tree(huge_tree)[0].blocks == huge.blocks  # read again when needed
+
+
+def test_a_parent_is_trusted_whole_only_until_index_objects_are_removed(repo, tmp_path: Path, repo_path: Path) -> None:
+    """A backup checks its parent's blocks against the index only when the index cache cannot vouch
+    for the parent: after a repair took lost packs out, it must read those files again."""
+    from backend.repair import repair_index
+
+    source = make_source(tmp_path / "src", files=3)
+    first = backup(repo, source)
+    assert repo.index.is_whole(first.snapshot.id, repo.index.generation())
+    for pack in (repo_path / "data").rglob("*"):
+        if pack.is_file():
+            pack.unlink()
+    repair_index(repo)  # the lost packs leave the index: the cache rebuilds, and vouches for nothing
+    assert not repo.index.is_whole(first.snapshot.id, repo.index.generation())
+    second = backup(repo, source)
+    assert second.stats.bytes_read == first.stats.bytes_read  # read again, not reused
+    assert repo.index.is_whole(second.snapshot.id, repo.index.generation())
