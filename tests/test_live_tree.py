@@ -21,6 +21,8 @@ from conftest import IN_CI
 from live_mount import force_unmount, is_mounted, live_mount, sigterm_as_it_mounts
 from treecompare import assert_listing_agrees_with_stat, differences
 
+from fsmount.mountpoint import is_stale
+
 
 @pytest.fixture
 def source(tmp_path: Path, cli) -> Path:
@@ -417,7 +419,7 @@ def test_a_dead_mount_is_named_and_umount_clears_it_saying_no_final_snapshot_was
         with contextlib.chdir(source):  # a shell inside; once the mount is dead, no one can cd in
             os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 10
-            while not is_stale(source):
+            while not is_stale(bytes(source)):
                 assert time.monotonic() < deadline, "the mount never went stale"
                 time.sleep(0.05)
             for command in ("snapshot", "status"):
@@ -442,14 +444,6 @@ def fsmount_script(cli, *args: str, check: int) -> subprocess.CompletedProcess:
     proc = subprocess.run([script, *args], env=cli.env, capture_output=True, check=False)
     assert b"Traceback" not in proc.stderr and proc.returncode == check, (proc.returncode, proc.stderr)
     return proc
-
-
-def is_stale(path: Path) -> bool:
-    try:
-        os.statvfs(path)
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return False
 
 
 def test_damaged_changelog_never_stops_a_mount(cli, source: Path, isolated_cache: Path) -> None:

@@ -106,16 +106,23 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
 
 def _check_source(source: str) -> None:
     """SOURCE must be a folder, or a folder left mounted by a daemon that died (the mount clears it)."""
+    _is_live_folder(source)
+
+
+def _is_live_folder(path: str) -> bool:
+    """Whether `path`, a folder, answers: False for a mount whose daemon died (every stat there
+    fails with ENOTCONN). A UsageError if it is missing or not a folder."""
     try:
-        st = os.stat(source)
+        st = os.stat(path)
     except FileNotFoundError:
-        raise UsageError(f"{source}: no such folder") from None
+        raise UsageError(f"{path}: no such folder") from None
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
-            return  # a dead daemon's mount: `fsmount mount` detects and clears it
-        raise UsageError(f"{source}: {exc.strerror}") from None
+            return False
+        raise UsageError(f"{path}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"{source}: not a folder")
+        raise UsageError(f"{path}: not a folder")
+    return True
 
 
 @click.command()
@@ -195,19 +202,11 @@ def status(app: AppContext, mountpoint: str) -> None:
 
 
 def _check_mount_folder(mountpoint: str) -> None:
-    """MOUNTPOINT must be a folder. In a mount whose daemon died every stat fails (ENOTCONN),
-    which click's own check reported as "does not exist" and realpath as a traceback."""
+    """MOUNTPOINT must be a folder that answers. A dead mount was reported by click's own check as
+    "does not exist", and by realpath as a traceback."""
     from .. import control
-    try:
-        st = os.stat(mountpoint)
-    except FileNotFoundError:
-        raise UsageError(f"{mountpoint}: no such folder") from None
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            raise control.dead_mount_error(mountpoint) from None
-        raise UsageError(f"{mountpoint}: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"{mountpoint}: not a folder")
+    if not _is_live_folder(mountpoint):
+        raise control.dead_mount_error(mountpoint)
 
 
 def _count(n: int, noun: str) -> str:
