@@ -80,6 +80,8 @@ class RestoreStats:
     blocks_written: int = 0
     blocks_unchanged: int = 0
     deleted: int = 0
+    failed: int = 0  # entries not restored (their messages: `RestoreResult.errors`, the first ones)
+    skipped: int = 0  # entries in the way, left alone
     duration_ms: int = 0
 
 
@@ -748,17 +750,29 @@ class Restore:
             self._error(self.target, _message(exc))
 
     def _error(self, path: bytes, message: str) -> None:
-        text = f"{os.fsdecode(path)}: {message}"
-        log.error("%s", text)
         with self._lock:
-            self.errors.append(text)
+            self.stats.failed += 1
+            self._report(self.errors, self.stats.failed, f"{os.fsdecode(path)}: {message}", logging.ERROR)
 
     def _skip(self, path: bytes, message: str) -> None:
-        text = f"{os.fsdecode(path)}: {message}"
-        log.warning("%s", text)
         with self._lock:
-            self.skipped.append(text)
+            self.stats.skipped += 1
+            self._report(self.skipped, self.stats.skipped, f"{os.fsdecode(path)}: {message}", logging.WARNING)
 
+    @staticmethod
+    def _report(kept: list[str], count: int, text: str, level: int) -> None:
+        """Log and keep the first messages of a kind; count the rest. On a full disk every file
+        after the first failed and said so, 3,249 lines for a small folder."""
+        if count <= MAX_MESSAGES_KEPT:
+            kept.append(text)
+        if count <= MAX_MESSAGES_SHOWN:
+            log.log(level, "%s", text)
+        elif count == MAX_MESSAGES_SHOWN + 1:
+            log.log(level, "more of these are not shown one by one; the summary counts them")
+
+
+MAX_MESSAGES_SHOWN = 20  # failures (and skips) logged one by one; the rest are counted
+MAX_MESSAGES_KEPT = 1000  # of them kept in RestoreResult, whatever the restore's size
 
 _KIND = {DIR: "directory", FILE: "file", SYMLINK: "symlink", FIFO: "fifo", CHARDEV: "device",
          BLOCKDEV: "device", SOCKET: "socket"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,21 @@ def test_the_target_folder_takes_the_source_folders_metadata(cli, tmp_path: Path
         st = folder.stat()
         assert (oct(st.st_mode & 0o7777), st.st_mtime_ns) == (oct(0o700), OLD_MTIME_NS), folder
         assert os.listxattr(folder) == ["user.origin"] and os.getxattr(folder, "user.origin") == b"the folder itself"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+def test_a_full_target_disk_is_said_in_a_few_lines_and_counted(cli, tmp_path: Path) -> None:
+    """Every file after the disk filled failed with a line of its own: 3,249 lines for a small folder."""
+    source = write_tree(tmp_path / "src", {f"f{i:03}": os.urandom(20_000) for i in range(300)})
+    cli("init")
+    cli("backup", source)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", small], check=True)
+    try:
+        proc = cli("restore", "latest", "--target", small / "r", "--json", check=3)
+    finally:
+        subprocess.run(["umount", "-l", small], check=False)
+    stats = json.loads(proc.stdout)["stats"]
+    assert stats["failed"] > 200 and stats["files"] + stats["failed"] >= 300, stats
+    assert len(proc.stderr.decode().splitlines()) <= 25, proc.stderr.decode()

@@ -74,9 +74,9 @@ def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: 
             f"wrote {human_bytes(s.bytes_written)}, {s.blocks_unchanged} blocks already matched"
             + (f", deleted {s.deleted}" if s.deleted else "")
             + f" in {s.duration_ms / 1000:.1f} s"
-            + (f"; {len(result.errors)} failed" if result.errors else "")
-            + (f"; {len(result.skipped)} skipped" if result.skipped else ""))
-    return 3 if result.errors or result.skipped else 0
+            + (f"; {s.failed} failed" if s.failed else "")
+            + (f"; {s.skipped} skipped" if s.skipped else ""))
+    return 3 if s.failed or s.skipped else 0
 
 
 def _snapshot_of_folder(repo: Repository, ref: str, folder: bytes, from_other_folder: bool) -> Snapshot:
