@@ -438,16 +438,18 @@ class Backup:
         blocks: list[Pending] = []
         next_data: int | None = 0
         offset = 0
-        while offset < file.size:  # which a read cuts short if the file shrinks meanwhile
-            length = min(block_size, file.size - offset)
+        while offset < file.size:  # which a read or a seek cuts short if the file shrinks meanwhile
             i = offset // block_size
             if i < reusable and i not in written:
                 assert previous is not None
                 blocks.append(_Known((previous.block_id(i), previous.block_xxh(i))))
-                offset += length
+                offset += min(block_size, file.size - offset)
                 continue
             if next_data is not None and next_data < offset:
                 next_data = file.next_data(offset)
+                if offset >= file.size:
+                    break
+            length = min(block_size, file.size - offset)
             if next_data is None or next_data >= offset + length:  # a hole: nothing to read
                 xxh = self._zero_xxh if length == block_size else xxhash.xxh3_128_digest(bytes(length))
                 blocks.append(_Known((HOLE, xxh)))

@@ -39,7 +39,8 @@ class SourceFile(Protocol):
         """Up to `length` bytes; fewer only where the file now ends (`size` is then cut there)."""
 
     def next_data(self, offset: int) -> int | None:
-        """The next offset at or after `offset` that may hold data, or None if only holes remain."""
+        """The next offset at or after `offset` that may hold data, or None if only holes remain
+        (`size` is cut where the file now ends if it shrank meanwhile)."""
 
     def finish(self) -> str | None:
         """Called after the last read: a warning if the reads may not agree with one another (the
@@ -150,7 +151,13 @@ class LiveFile:
         return data
 
     def next_data(self, offset: int) -> int | None:
-        return seek_data(self.fd, offset)
+        found = seek_data(self.fd, offset)
+        if found is None:  # only holes left, or the file was cut short meanwhile: then it ends now
+            now = os.fstat(self.fd).st_size
+            if now < self.size:
+                self.size = max(now, offset)  # what was read before the cut is kept
+                self._shrank = True
+        return found
 
     def finish(self) -> str | None:
         if self._shrank:
