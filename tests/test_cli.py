@@ -276,3 +276,23 @@ def test_a_snapshot_is_found_by_its_name(cli, tmp_path: Path) -> None:
     err = cli("ls", "twice", check=2).stderr.decode()
     assert "2 snapshots are named 'twice'" in err, err
     assert "not a snapshot id nor name" in cli("ls", "no-such", check=2).stderr.decode()
+
+
+def test_names_ls_would_read_otherwise_are_refused_and_a_second_use_warned(cli, tmp_path: Path) -> None:
+    source = make_source(tmp_path / "src")
+    cli("init")
+    for name in ("latest", "beef", "0123abcd"):
+        assert "would be read as" in cli("backup", source, "--name", name, check=2).stderr.decode()
+    cli("backup", source, "--name", "daily")
+    assert "named 'daily' already" in cli("backup", source, "--name", "daily").stderr.decode()
+
+
+def test_a_folder_backed_up_through_a_symlink_is_recorded_by_its_real_path(cli, tmp_path: Path) -> None:
+    """`backup link` and `backup real` were two folders: no parent for each other, and
+    `restore latest --in-place real` took an older snapshot."""
+    source = make_source(tmp_path / "real")
+    os.symlink(source, tmp_path / "link")
+    cli("init")
+    cli("backup", tmp_path / "link")
+    again = json.loads(cli("backup", source, "--json").stdout)
+    assert again["source"] == str(source) and again["parent"] is not None

@@ -274,3 +274,15 @@ def test_a_full_target_disk_is_said_in_a_few_lines_and_counted(cli, tmp_path: Pa
     stats = json.loads(proc.stdout)["stats"]
     assert stats["failed"] > 200 and stats["files"] + stats["failed"] >= 300, stats
     assert len(proc.stderr.decode().splitlines()) <= 25, proc.stderr.decode()
+
+
+def test_in_place_latest_is_this_machine_s_when_it_has_one(cli, tmp_path: Path) -> None:
+    """It was the newest of any host: another machine's snapshot of the same path replaced the folder."""
+    folder = write_tree(tmp_path / "hd", {"f": b"mine\n"})
+    cli("init")
+    cli("backup", folder)
+    (folder / "f").write_bytes(b"theirs\n")
+    cli("backup", folder, "--host", "laptop")
+    (folder / "f").write_bytes(b"now\n")
+    cli("restore", "latest", "--in-place", folder)
+    assert (folder / "f").read_bytes() == b"mine\n"

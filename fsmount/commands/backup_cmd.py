@@ -20,11 +20,23 @@ def _tags(given: tuple[str, ...]) -> tuple[str, ...]:
     return tags
 
 
+def _name(name: str | None) -> str | None:
+    """Refuse a name that `ls` and `restore` would read as something else."""
+    if name is None:
+        return None
+    if name == "latest" or (len(name) >= 4 and all(c in "0123456789abcdef" for c in name)):
+        raise click.BadParameter(f"{name!r} would be read as {'`latest`' if name == 'latest' else 'an id'}",
+                                 param_hint="--name")
+    return name
+
+
 @click.command()
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.option("--tag", "tags", multiple=True, callback=lambda _ctx, _param, value: _tags(value),
               help="Tag the snapshot (repeatable; `--tag a,b` gives two tags, as in restic).")
-@click.option("--name", help="A name for the snapshot, shown in listings and mounted snapshot folders.")
+@click.option("--name", callback=lambda _ctx, _param, value: _name(value),
+              help="A name for the snapshot, shown in listings and mounted snapshot folders; `ls`, "
+                   "`restore` and `--parent` take it in place of an id.")
 @click.option("--host", help="Record this host name instead of this machine's.")
 @click.option("--parent", "parent_ref", metavar="SNAPSHOT",
               help="Compare against this snapshot instead of the latest of the same host and folder.")
@@ -41,13 +53,18 @@ def backup(app: AppContext, source: str, tags: tuple[str, ...], name: str | None
     the exit code is then 3.
     """
     with app.open_repository() as repo:
+        if name is not None and any(s.name == name for s in repo.snapshots()):
+            say(f"warning: another snapshot is named {name!r} already: `ls` and `restore` will want an id",
+                err=True)
         parent: object = "auto"
         if force:
             parent = None
         elif parent_ref:
             parent = repo.resolve_snapshot(parent_ref)
         progress = BarProgress("backup", enabled=not app.quiet and not app.json)
-        result = Backup(repo, os.fsencode(source), host=host, tags=list(tags), name=name,
+        # The real path, so that a folder backed up through a symlink is the same folder (its
+        # parent snapshot, `restore --in-place`).
+        result = Backup(repo, os.path.realpath(os.fsencode(source)), host=host, tags=list(tags), name=name,
                         parent=parent, progress=progress).run()  # type: ignore[arg-type]
     s = result.stats
     if app.json:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 from typing import TYPE_CHECKING
 
 import click
 
-from backend.errors import UsageError
+from backend.errors import IntegrityError, UsageError
 from backend.restore import Restore, check_target
 
 from ..context import AppContext
@@ -45,9 +46,10 @@ def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: 
     folder is refused unless --from-other-folder is given. Files already in the target are
     compared block by block (XXH3) and only differing blocks are rewritten; a file is either
     restored whole or left as it was. Nothing outside the target is touched; symlinks inside it
-    are never followed. Without --delete nothing is deleted: an entry of another type in the way
-    is left and reported. Files that cannot be restored or are skipped are reported and the exit
-    code is 3.
+    are never followed. Without --delete nothing that holds data is deleted: a file or folder
+    where the snapshot has something else is left and reported (a symlink, fifo or device in
+    the way holds none, and is replaced). Files that cannot be restored or are skipped are
+    reported and the exit code is 3.
     """
     if (target is None) == (in_place is None):
         raise UsageError("give exactly one of --target DIR or --in-place DIR")
@@ -83,21 +85,23 @@ def _snapshot_of_folder(repo: Repository, ref: str, folder: bytes, from_other_fo
     """The snapshot to put back onto `folder` in place. `latest` of the whole repository may be
     another folder's (backed up later), and restoring that in place, above all with --delete,
     overwrites the folder with something else: so `latest` is the newest snapshot of `folder`
-    itself, and a snapshot of another folder needs --from-other-folder. A backup records the
-    source's absolute path, which may go through a symlink, so both that and the real path count."""
+    itself, this machine's if it has one (as `backup` picks its parent), and a snapshot of another
+    folder needs --from-other-folder. Older backups recorded the source's path as given, which
+    may go through a symlink, so both that and the real path count."""
     names = {os.path.abspath(folder), os.path.realpath(folder)}
     shown = os.fsdecode(os.path.abspath(folder))
     if ref == "latest":
-        found = []
-        for name in names:
-            try:
-                found.append(repo.resolve_snapshot(ref, source=name))
-            except UsageError:  # none of this name; an IntegrityError (damaged snapshots) goes up
-                pass
+        found = [s for s in repo.snapshots() if s.source in names]
+        if not found and repo.damaged_snapshots:
+            raise IntegrityError(f"no readable snapshot of {shown}: {len(repo.damaged_snapshots)} snapshots "
+                                 "are damaged (`fsmount verify` says more)")
         if not found:
+            hint = ("give its id or name and --from-other-folder" if not from_other_folder
+                    else "--from-other-folder takes an id or a name, not `latest`")
             raise UsageError(f"no snapshot of {shown} in the repository (to put another folder's snapshot "
-                             "there, give its id or name and --from-other-folder)")
-        return max(found, key=lambda s: (s.time_ns, s.id))
+                             f"there, {hint})")
+        here = [s for s in found if s.host == socket.gethostname()]
+        return max(here or found, key=lambda s: (s.time_ns, s.id))
     snap = repo.resolve_snapshot(ref)
     if not from_other_folder and snap.source not in names and os.path.realpath(snap.source) not in names:
         raise UsageError(f"snapshot {snap.short_id} is of {os.fsdecode(snap.source)}, not of {shown}; "
