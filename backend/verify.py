@@ -49,7 +49,7 @@ class VerifyReport:
     packs_read: int = 0
     bytes_read: int = 0
     blobs_read: int = 0
-    unindexed_packs: int = 0  # in the store, named by no readable index object
+    unindexed_packs: int = 0  # in the store, named by no readable index object, header readable
     packs_in_backlog: int = 0  # indexed, but still in a live mount's backlog on this machine
     errors: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)  # "snapshot <id>: <path>" a user would lose
@@ -103,8 +103,8 @@ class Verifier:
         unindexed = packs_not_indexed(objects, in_store)
         if repo.staged_keys("index/"):  # the packs a live mount's index objects on their way name
             unindexed = {p: size for p, size in unindexed.items() if p not in cached}
-        report.unindexed_packs = len(unindexed)
         _, unreadable = read_pack_headers(repo.store, repo.key, unindexed)
+        report.unindexed_packs = len(unindexed) - len(unreadable)  # those --repair can index
         for pack_id, why in sorted(unreadable.items()):
             report.errors.append(f"pack {pack_id} is in no index, and its header cannot be read: {why}")
 

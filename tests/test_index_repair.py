@@ -99,6 +99,7 @@ def test_a_pack_whose_header_is_damaged_stays_reported(cli, tmp_path: Path, repo
     assert f"pack {bad.name}" in out and "header" in out, out
     out = cli("verify", check=14).stdout.decode()
     assert f"pack {bad.name}" in out, out
+    assert "not indexed" not in out, out  # it went on advising the --repair that cannot index it
     # every other pack is indexed again: the trees load, and only big.bin's blocks are missing
     assert "whole snapshot unreadable" not in out and "damaged: snapshot" in out and "big.bin" in out, out
 
