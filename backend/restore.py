@@ -191,7 +191,8 @@ class Restore:
             os.makedirs(self.target, exist_ok=True)
             self._root_fd = os.open(self.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            raise UsageError(f"cannot use {os.fsdecode(self.target)} as restore target: {exc.strerror}") from exc
+            why = "it is not a folder" if exc.errno in (errno.EEXIST, errno.ENOTDIR) else exc.strerror
+            raise UsageError(f"cannot use {os.fsdecode(self.target)} as restore target: {why}") from exc
         self.progress.start(total_bytes=None if self.paths else self.snapshot.stats.get("size"))
         try:
             root_nodes = self.repo.load_tree(self.snapshot.tree)

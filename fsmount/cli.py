@@ -73,7 +73,7 @@ def main(ctx: click.Context, repos: tuple[str, ...], profiles: tuple[str, ...], 
     Every command accepts --help.
     """
     logging.basicConfig(level=logging.WARNING, handlers=[_StderrHandler()], force=True)
-    set_verbosity(verbose)
+    set_verbosity(0 if quiet else verbose)  # -q wins over -v
     locations = [*repos, *(f"profile:{name}" for name in profiles)]
     ctx.obj = AppContext(locations, password_file, cache_dir, json_output, quiet, degraded)
     ctx.call_on_close(ctx.obj.record_degraded_writes)

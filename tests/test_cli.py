@@ -296,3 +296,17 @@ def test_a_folder_backed_up_through_a_symlink_is_recorded_by_its_real_path(cli, 
     cli("backup", tmp_path / "link")
     again = json.loads(cli("backup", source, "--json").stdout)
     assert again["source"] == str(source) and again["parent"] is not None
+
+
+def test_small_path_and_flag_forms(cli, tmp_path: Path) -> None:
+    """`ls latest ./hello.txt` printed `/./hello.txt`; `-v -q` still printed the info lines;
+    `--target` a plain file said "File exists"."""
+    source = make_source(tmp_path / "src")
+    cli("init")
+    cli("backup", source)
+    assert cli("ls", "latest", "./sub//").stdout.decode().splitlines()[0] == "/sub/"
+    for flags in (("-v", "-q"), ("-q", "-v")):
+        assert cli("backup", source, *flags).stderr == b"", flags
+    (tmp_path / "a-file").write_text("")
+    err = cli("restore", "latest", "--target", tmp_path / "a-file", check=2).stderr.decode()
+    assert "not a folder" in err, err

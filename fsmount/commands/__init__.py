@@ -38,11 +38,14 @@ class LazyGroup(click.Group):
 
 def _set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if value:
+        from ..cli import set_verbosity
+
         ctx.find_root().obj.quiet = True
+        set_verbosity(0)  # -q wins over -v, whichever comes first
 
 
-def _set_verbose(_ctx: click.Context, _param: click.Parameter, value: int) -> None:
-    if value:
+def _set_verbose(ctx: click.Context, _param: click.Parameter, value: int) -> None:
+    if value and not ctx.find_root().obj.quiet:
         from ..cli import set_verbosity
 
         set_verbosity(value)

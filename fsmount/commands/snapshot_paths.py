@@ -21,9 +21,9 @@ from ..output import name_from_line
 def snapshot_path(repo: Repository, snapshot: Snapshot, given: str) -> bytes:
     """The path inside `snapshot` that `given` names (relative, no leading `/`); UsageError
     naming it if it is not there."""
-    typed = os.fsencode(given).strip(b"/")
+    typed = _normal(os.fsencode(given))
     if "\\" in given:
-        listed = name_from_line(given).strip(b"/")
+        listed = _normal(name_from_line(given))
         try:
             repo.find_node(snapshot, listed)
             return listed
@@ -31,3 +31,8 @@ def snapshot_path(repo: Repository, snapshot: Snapshot, given: str) -> bytes:
             pass
     repo.find_node(snapshot, typed)  # the error names the path
     return typed
+
+
+def _normal(path: bytes) -> bytes:
+    """`path` without empty or `.` components: `./docs//a` is `docs/a` (`ls` printed `/./docs`)."""
+    return b"/".join(part for part in path.split(b"/") if part and part != b".")
