@@ -65,9 +65,15 @@ class ReplicaState:
         return doc
 
 
-def check_replicas(replicas: Sequence[ObjectStore], *, read_data: bool = False, repair: bool = False,
-                   progress: Progress | None = None) -> list[ReplicaState]:
-    """Each replica's state against the union of all; healed in place when `repair` is set."""
+METADATA_PREFIXES = ("index/", "snapshots/", "keys/")
+
+
+def check_replicas(replicas: Sequence[ObjectStore], *, read_data: bool = False, read_metadata: bool = False,
+                   repair: bool = False, progress: Progress | None = None) -> list[ReplicaState]:
+    """Each replica's state against the union of all; healed in place when `repair` is set.
+    Every copy is read and checked with `read_data`; with `read_metadata`, those of the index,
+    the snapshots and the keys (small: verify reads them anyway, and reading through the
+    replicas hides a damaged copy, since reads go on to a good one)."""
     progress = progress or Progress()
     states = [ReplicaState(r.location) for r in replicas]
     listings: list[dict[str, int]] = []
@@ -86,16 +92,17 @@ def check_replicas(replicas: Sequence[ObjectStore], *, read_data: bool = False, 
     for state, listing in zip(states, listings):
         if state.reachable:
             state.missing = sorted(every.keys() - listing.keys())
-    if read_data:
-        _find_damage(replicas, states, listings, progress)
+    if read_data or read_metadata:
+        _find_damage(replicas, states, listings, progress, everything=read_data)
     if repair:
         _heal(replicas, states, listings, progress)
     return states
 
 
 def _find_damage(replicas: Sequence[ObjectStore], states: list[ReplicaState], listings: list[dict[str, int]],
-                 progress: Progress) -> None:
-    jobs = [(i, key) for i, listing in enumerate(listings) for key in sorted(listing)]
+                 progress: Progress, *, everything: bool) -> None:
+    jobs = [(i, key) for i, listing in enumerate(listings) for key in sorted(listing)
+            if everything or key.startswith(METADATA_PREFIXES)]
     progress.start(total_bytes=sum(listings[i][key] for i, key in jobs))
 
     def check(job: tuple[int, str]) -> tuple[int, str, bool]:

@@ -434,3 +434,22 @@ def test_a_delete_source_stopped_part_way_is_finished_by_running_it_again(cli, t
     assert list(repo_path.iterdir()) == []  # no empty data/, index/... left behind
     cli("-r", tmp_path / "moved", "verify", "--read-data")
     cli("migrate", "--to", tmp_path / "moved", "--delete-source", check=10)  # nothing left: no repository
+
+
+def test_a_damaged_index_copy_in_one_replica_is_found_and_healed_without_read_data(cli, tmp_path: Path,
+                                                                                  two_replicas) -> None:
+    """Reads go on to the good copy, so plain `verify` said "no errors" and `--repair` healed
+    nothing; only --read-data saw it. Index, snapshot and key objects are small: always checked."""
+    a, b = two_replicas
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "f").write_bytes(os.urandom(50_000))
+    run(cli, "init")
+    run(cli, "backup", source)
+    damaged = next(p for p in (a / "index").rglob("*") if p.is_file())
+    flip_byte(damaged, 30)
+    out = run(cli, "verify", check=14).stdout.decode()
+    assert f"replica {a}" in out and "damaged" in out, out
+    run(cli, "verify", "--repair")
+    run(cli, "verify")
+    assert damaged.read_bytes() == (b / damaged.relative_to(a)).read_bytes()

@@ -78,7 +78,7 @@ def _replica_errors(app: AppContext, store: object, read_data: bool) -> list[str
     if not replicas:
         return []
     errors = []
-    for state in check_replicas(replicas, read_data=read_data,
+    for state in check_replicas(replicas, read_data=read_data, read_metadata=True,
                                 progress=BarProgress("replicas", enabled=not app.quiet and not app.json)):
         if not state.reachable:
             errors.append(f"replica {state.location} cannot be reached: {state.error}")
@@ -115,7 +115,7 @@ def _repair(app: AppContext, read_data: bool) -> None:
     store = app.open_store()
     try:
         assert isinstance(store, ReplicatedStore)
-        states = check_replicas(store.replicas, read_data=read_data, repair=True,
+        states = check_replicas(store.replicas, read_data=read_data, read_metadata=True, repair=True,
                                 progress=BarProgress("repair", enabled=not app.quiet and not app.json))
     finally:
         store.close()
