@@ -17,6 +17,15 @@ PASSPHRASE = "correct horse battery staple"
 TEST_BLOCK_SIZE = 64 * 1024
 IN_CI = bool(os.environ.get("CI"))
 
+
+def require_root(why: str) -> None:
+    """Skip a test that needs root (to mount a tmpfs, to act as another user) outside CI; in CI,
+    which runs as root, fail it rather than count a skip as a pass."""
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail(f"{why}: CI runs as root")
+        pytest.skip(why)
+
 # The suite starts `python -m fsmount` about a thousand times. Where PYTHONDONTWRITEBYTECODE is set,
 # each start would compile fsmount and backend from source again (a tenth of the suite's CPU time):
 # their bytecode goes to a cache in the venv instead, and the source tree stays free of __pycache__.

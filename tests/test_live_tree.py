@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI
+from conftest import require_root
 from live_mount import force_unmount, is_mounted, live_mount, sigterm_as_it_mounts
 from treecompare import assert_listing_agrees_with_stat, differences
 
@@ -571,10 +571,7 @@ def test_a_repository_deleted_while_mounted_is_reported_not_made_again(cli, sour
 def test_a_folder_that_is_a_file_system_of_its_own_can_be_mounted_over(cli, tmp_path: Path) -> None:
     """A partition, a USB disk or a tmpfs mounted at the folder: it was refused as "already a
     mountpoint (unmount it first)", advice that would have hidden the user's files."""
-    if os.geteuid() != 0:
-        if IN_CI:
-            pytest.fail("this test mounts a tmpfs: CI runs as root")
-        pytest.skip("mounting a tmpfs needs root")
+    require_root("mounting a tmpfs needs root")
     cli("init")
     folder = tmp_path / "usb"
     folder.mkdir()

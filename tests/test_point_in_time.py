@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, TEST_BLOCK_SIZE
+from conftest import TEST_BLOCK_SIZE, require_root
 from live_mount import force_unmount, is_mounted, live_mount
 from treecompare import differences
 
@@ -388,10 +388,7 @@ def test_every_restart_after_kill_9_snapshots_the_source_as_it_is(cli, tmp_path:
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """A 16 MiB file system of its own (tmpfs), for a disk that fills up."""
-    if os.geteuid() != 0:
-        if IN_CI:
-            pytest.fail("the full-disk test needs root to mount a small tmpfs (CI runs as root)")
-        pytest.skip("needs root to mount a small tmpfs")
+    require_root("the full-disk test needs root to mount a small tmpfs")
     disk = tmp_path / "small"
     disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)

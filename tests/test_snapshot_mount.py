@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyfuse3
 import pytest
-from conftest import TEST_BLOCK_SIZE
+from conftest import TEST_BLOCK_SIZE, require_root
 from hypothesis import HealthCheck, given, settings
 from live_mount import is_mounted, require_fuse, sigterm_as_it_mounts, snapshot_mount
 from test_integrity import flip_byte, locate_block
@@ -129,10 +129,10 @@ def test_a_snapshot_folder_has_the_source_folder_s_own_metadata(cli, repo, tmp_p
     assert differences(source, tmp_path / "copy") == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount and another user to read")
 def test_other_users_cannot_read_the_mount_unless_allowed(cli, repo, tmp_path: Path) -> None:
     """Mounted by root, every snapshot was readable by every user (allow_other), although the
     folders above the backed-up folder had kept them out."""
+    require_root("reading as another user needs root")
     source = tmp_path / "src"
     source.mkdir()
     (source / "f").write_text("x\n")
