@@ -21,9 +21,10 @@ import os
 import sqlite3
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import msgpack
 import zstandard
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 INDEX_AAD = b"fsmount index"
 INDEX_VERSION = 1
 LOOKUP_BATCH = 256  # ids per `lookup_many` statement (old SQLite builds allow 999 parameters)
+T = TypeVar("T")
 READ_WORKERS = 8  # index objects or pack headers fetched at once: small, so a remote store's latency dominates
 HEADER_TAIL = 64 * 1024  # the end of a pack read for its header: ~1,400 blobs' records in one ranged read
 
@@ -87,28 +89,8 @@ def read_index_objects(store: ObjectStore, key: MasterKey, names: Iterable[str] 
     (prune, repair) is left out; any other store failure is raised, since it says nothing of the object."""
     if names is None:
         names = [k.removeprefix("index/") for k, _ in store.list("index/")]
-    names = sorted(names)
-
-    def load(name: str) -> tuple[str, list[tuple[str, list[BlobEntry]]] | None, str | None]:
-        try:
-            return name, decode_index(key, name, store.get(f"index/{name}")), None
-        except ObjectNotFound:
-            return name, None, None
-        except IntegrityError as exc:  # decode_index's messages name the object; a replicated store's name its key
-            return name, None, str(exc) if name in str(exc) else f"index {name}: {exc}"
-
-    objects = IndexObjects()
-    if len(names) > 1:
-        with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="index-read") as pool:
-            results = list(pool.map(load, names))
-    else:
-        results = [load(name) for name in names]
-    for name, packs, why in results:
-        if packs is not None:
-            objects.readable[name] = packs
-        elif why is not None:
-            objects.damaged[name] = why
-    return objects
+    readable, damaged = _fetch_each("index", names, lambda name: decode_index(key, name, store.get(f"index/{name}")))
+    return IndexObjects(readable, damaged)
 
 
 def read_pack_header(store: ObjectStore, key: MasterKey, pack_id: str, size: int) -> list[BlobEntry]:
@@ -128,25 +110,35 @@ def read_pack_headers(store: ObjectStore, key: MasterKey, sizes: dict[str, int]
                       ) -> tuple[dict[str, list[BlobEntry]], dict[str, str]]:
     """(entries, why unreadable) of the packs in `sizes` (id -> size), from their own headers,
     `READ_WORKERS` at a time. A pack gone since it was listed is in neither."""
-    def load(pack_id: str) -> tuple[str, list[BlobEntry] | None, str | None]:
-        try:
-            return pack_id, read_pack_header(store, key, pack_id, sizes[pack_id]), None
-        except ObjectNotFound:
-            return pack_id, None, None
-        except IntegrityError as exc:
-            return pack_id, None, str(exc)
+    return _fetch_each("pack", sizes, lambda pack_id: read_pack_header(store, key, pack_id, sizes[pack_id]))
 
-    entries: dict[str, list[BlobEntry]] = {}
-    damaged: dict[str, str] = {}
-    if not sizes:
-        return entries, damaged
-    with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="pack-header") as pool:
-        for pack_id, found, why in pool.map(load, sorted(sizes)):
-            if found is not None:
-                entries[pack_id] = found
-            elif why is not None:
-                damaged[pack_id] = why
-    return entries, damaged
+
+def _fetch_each(kind: str, names: Iterable[str], load: Callable[[str], T]) -> tuple[dict[str, T], dict[str, str]]:
+    """(what `load` gave, why it failed) for each of `names`, `READ_WORKERS` at a time: an object
+    that fails its checks (IntegrityError) is in the second, one gone since it was listed in
+    neither; any other failure is raised."""
+    def attempt(name: str) -> tuple[str, T | None, str | None]:
+        try:
+            return name, load(name), None
+        except ObjectNotFound:
+            return name, None, None
+        except IntegrityError as exc:  # our messages name the object; a replicated store's name its key
+            return name, None, str(exc) if name in str(exc) else f"{kind} {name}: {exc}"
+
+    ordered = sorted(names)
+    if len(ordered) > 1:
+        with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix=f"{kind}-read") as pool:
+            results = list(pool.map(attempt, ordered))
+    else:
+        results = [attempt(name) for name in ordered]
+    found: dict[str, T] = {}
+    failed: dict[str, str] = {}
+    for name, value, why in results:
+        if value is not None:
+            found[name] = value
+        elif why is not None:
+            failed[name] = why
+    return found, failed
 
 
 _SCHEMA = """
