@@ -38,7 +38,7 @@ from .errors import (
 from .index import IndexCache
 from .pack import DATA_BLOB, TREE_BLOB, pack_key
 from .replicas import REPOSITORY_PREFIXES
-from .snapshot import Snapshot
+from .snapshot import Snapshot, looks_like_id
 from .stores import ObjectStore, on_local_disk
 from .stores.backlog import BacklogStore, staged_keys
 from .tree import Node, decode_tree, encode_tree
@@ -357,7 +357,7 @@ class Repository:
                 raise UsageError("the repository has no snapshots yet" if host is None and source is None
                                  else "no snapshot matches that host and source")
             return candidates[-1]
-        is_id = len(ref) >= 4 and all(c in "0123456789abcdef" for c in ref)
+        is_id = looks_like_id(ref)
         matches = [i for i in self.snapshot_ids() if i.startswith(ref)] if is_id else []
         if len(matches) > 1:
             raise UsageError(f"snapshot id {ref} is ambiguous ({len(matches)} snapshots match)")

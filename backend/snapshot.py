@@ -23,12 +23,56 @@ import msgpack
 import zstandard
 
 from .crypto import MasterKey, content_hash
-from .errors import IntegrityError
+from .errors import IntegrityError, UsageError
 from .tree import Node
 
 SNAPSHOT_AAD = b"fsmount snapshot"
 SNAPSHOT_VERSION = 1
 LABEL_BYTES = 240  # of the 255 a name may have: room for the "-<short id>" that tells twins apart
+LATEST = "latest"
+
+
+def looks_like_id(ref: str) -> bool:
+    """Whether `ls`, `restore` and `--parent` read `ref` as an id prefix (before any name)."""
+    return len(ref) >= 4 and all(c in "0123456789abcdef" for c in ref)
+
+
+class BadName(UsageError):
+    """A name, host or tag that `check_name` or `check_text` refuses. `reason` says which rule,
+    for the FUSE adapter's errno: "text", "reserved" (`latest`), "form" or "too long"."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_text(what: str, text: str) -> str:
+    """`text` if it is printable UTF-8 (no control characters, no bytes that are not UTF-8, which
+    reach us as lone surrogates and no snapshot object can hold); else BadName naming `what`."""
+    if not text.isprintable():
+        raise BadName(f"{what} must be printable UTF-8 text, not {text.encode(errors='surrogateescape')!r}", "text")
+    return text
+
+
+def check_name(name: str) -> str:
+    """`name` if a snapshot may take it: `backup --name`, `snapshot --name` and
+    `mkdir MOUNT/.snapshots/NAME` all ask here. A name must read back as itself wherever it is
+    used: printable UTF-8 text, not empty, not `latest` nor what reads as an id, and a folder
+    name of the snapshot mounts as it is (no `/`, not `.` or `..`, at most LABEL_BYTES bytes,
+    which leaves room for the `-<short id>` that tells two snapshots of one name apart)."""
+    check_text("a snapshot name", name)
+    if not name:
+        raise BadName("a snapshot name may not be empty", "form")
+    if name == LATEST:
+        raise BadName("a snapshot may not be named `latest`: it would be read as the newest snapshot", "reserved")
+    if looks_like_id(name):
+        raise BadName(f"a snapshot may not be named {name!r}: it would be read as an id", "form")
+    if "/" in name or name in (".", ".."):
+        raise BadName(f"a snapshot name is a folder name: not {name!r}", "form")
+    if len(name.encode()) > LABEL_BYTES:
+        raise BadName(f"a snapshot name may have at most {LABEL_BYTES} bytes, not {len(name.encode())}",
+                      "too long")
+    return name
 
 
 @dataclass
@@ -54,8 +98,9 @@ class Snapshot:
 
     def label(self) -> str:
         """The folder name a snapshot gets in a mounted snapshot tree: its name, or else its time.
-        Always a name a folder can have, whatever the snapshot was named: no `/`, not `.` nor
-        `..` (which a listing would hide behind the real ones), short enough to take a suffix."""
+        `check_name` lets only names through that are their own label; older snapshots may have
+        others, which are mapped to a name a folder can have: no `/`, not `.` nor `..` (which a
+        listing would hide behind the real ones), short enough to take a suffix."""
         label = (self.name or self.time.strftime("%Y-%m-%dT%H:%M:%S")).replace("/", "_")
         if label in (".", ".."):
             label = label.replace(".", "_")

@@ -37,7 +37,7 @@ import trio
 
 from backend.errors import FsmountError
 from backend.repository import Repository
-from backend.snapshot import Snapshot
+from backend.snapshot import BadName, Snapshot, check_name
 from backend.tree import DIR, FILE, HOLE, SYMLINK, Node
 
 from .snapshot_reader import SnapshotReader
@@ -50,6 +50,7 @@ LATEST = b"latest"
 SIBLINGS_AHEAD = 16  # files of a folder fetched ahead of one being read
 IMMUTABLE_TIMEOUT_S = 3600.0
 ROOT_TIMEOUT_S = 1.0
+_NAME_ERRNO = {"reserved": errno.EEXIST, "too long": errno.ENAMETOOLONG}  # BadName.reason; else EINVAL
 
 
 def _number(*parts: bytes) -> int:
@@ -400,12 +401,14 @@ class SnapshotTree:
         if parent_number != self.root_number or self.on_mkdir is None:
             raise pyfuse3.FUSEError(errno.EROFS)
         await self.refresh(force=True)
-        if name in self._labels or name == LATEST:
+        if name in self._labels:
             raise pyfuse3.FUSEError(errno.EEXIST)
         try:
-            label = name.decode()
+            label = check_name(name.decode())
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.EINVAL) from None
+        except BadName as exc:
+            raise pyfuse3.FUSEError(_NAME_ERRNO.get(exc.reason, errno.EINVAL)) from None
         try:
             snapshot = await self.on_mkdir(label)
         except FsmountError as exc:

@@ -7,9 +7,11 @@ import os
 import click
 
 from backend.backup import Backup
+from backend.snapshot import check_text
 
 from ..context import AppContext
 from ..output import BarProgress, emit_json, human_bytes, json_option, say
+from .names import host_option, snapshot_name_option
 from .repository_cmds import snapshot_doc
 
 
@@ -17,27 +19,17 @@ def _tags(given: tuple[str, ...]) -> tuple[str, ...]:
     tags = tuple(tag.strip() for value in given for tag in value.split(","))
     if any(not tag for tag in tags):
         raise click.BadParameter("a tag may not be empty", param_hint="--tag")
-    return tags
-
-
-def _name(name: str | None) -> str | None:
-    """Refuse a name that `ls` and `restore` would read as something else."""
-    if name is None:
-        return None
-    if name == "latest" or (len(name) >= 4 and all(c in "0123456789abcdef" for c in name)):
-        raise click.BadParameter(f"{name!r} would be read as {'`latest`' if name == 'latest' else 'an id'}",
-                                 param_hint="--name")
-    return name
+    return tuple(check_text("a tag", tag) for tag in tags)
 
 
 @click.command()
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.option("--tag", "tags", multiple=True, callback=lambda _ctx, _param, value: _tags(value),
               help="Tag the snapshot (repeatable; `--tag a,b` gives two tags, as in restic).")
-@click.option("--name", callback=lambda _ctx, _param, value: _name(value),
+@click.option("--name", callback=snapshot_name_option,
               help="A name for the snapshot, shown in listings and mounted snapshot folders; `ls`, "
                    "`restore` and `--parent` take it in place of an id.")
-@click.option("--host", help="Record this host name instead of this machine's.")
+@click.option("--host", callback=host_option, help="Record this host name instead of this machine's.")
 @click.option("--parent", "parent_ref", metavar="SNAPSHOT",
               help="Compare against this snapshot instead of the latest of the same host and folder.")
 @click.option("--force", is_flag=True, help="Read every file again, even ones whose metadata did not change.")

@@ -18,6 +18,7 @@ from backend.fsnode import is_within
 from .. import background
 from ..context import AppContext
 from ..output import console, emit_json, human_bytes, json_option, parse_size, say
+from .names import host_option, snapshot_name_option
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -36,7 +37,7 @@ def parse_duration(text: str) -> float:
 @click.argument("mountpoint", required=False, type=click.Path(path_type=str))
 @click.option("--every", metavar="DURATION", help="Also take a snapshot every DURATION (e.g. 15m, 1h).")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground (logs go to the terminal).")
-@click.option("--host", help="Record this host name in snapshots instead of this machine's.")
+@click.option("--host", callback=host_option, help="Record this host name in snapshots instead of this machine's.")
 @click.option("--backlog-limit", default="4G", show_default=True, metavar="SIZE",
               help="Local disk that snapshots may take while the store cannot take them.")
 @click.pass_obj
@@ -127,7 +128,8 @@ def _is_live_folder(path: str) -> bool:
 
 @click.command()
 @click.argument("mountpoint", type=click.Path(path_type=str))  # checked by _check_mount_folder
-@click.option("--name", help="A name for the snapshot (shown in .snapshots/ and `fsmount snapshots`).")
+@click.option("--name", callback=snapshot_name_option,
+              help="A name for the snapshot (shown in .snapshots/ and `fsmount snapshots`).")
 @json_option
 @click.pass_obj
 def snapshot(app: AppContext, mountpoint: str, name: str | None) -> None:
@@ -142,8 +144,6 @@ def snapshot(app: AppContext, mountpoint: str, name: str | None) -> None:
     from ..mountpoint import write_back
 
     _check_mount_folder(mountpoint)
-    if name is not None and not name.isprintable():  # control characters, bytes that are not UTF-8
-        raise UsageError(f"a snapshot name must be printable UTF-8 text, not {name.encode(errors='surrogateescape')!r}")
     write_back(mountpoint)  # not a live mount, or a dead one: the request below says which
     reply = _ask(mountpoint, {"op": "snapshot", "name": name}, timeout=None)
     if app.json:
