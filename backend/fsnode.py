@@ -44,7 +44,7 @@ def node_from_stat(name: bytes, st: os.stat_result) -> Node:
         mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,  # atime: not recorded, see tree.py
         size=st.st_size if node_type in (FILE, SYMLINK) else 0,
         dev=st.st_dev, ino=st.st_ino, nlink=st.st_nlink,
-        rdev=st.st_rdev if node_type in ("c", "b") else 0,
+        rdev=st.st_rdev if node_type in ("c", "b") else 0, st_blocks=st.st_blocks,
     )
 
 

@@ -21,6 +21,8 @@ A tree blob (type `TREE_BLOB`) is msgpack `{"v": 1, "nodes": [node, ...]}`, node
 | `h` | XXH3-128 of each block, 16 bytes each back to back, same order as `b` |
 | `st` | directories: 32-byte id of the subtree's tree blob |
 | `nf`, `ns` | directories: number of regular files and sum of their sizes in the whole subtree |
+| `bk` | `st_blocks` on the source (512-byte units allocated; 0 is a value, absent = not recorded, as in
+  trees written before it); only the snapshot mount uses it, restore leaves allocation to the file system |
 
 Block *i* of a file covers bytes `[i * block_size, (i + 1) * block_size)` (the repository's block
 size, from `config`); the last block may be short. Entries of files with `nl > 1` that share
@@ -84,6 +86,7 @@ class Node:
     subtree: bytes = b""
     files_below: int = 0
     bytes_below: int = 0
+    st_blocks: int | None = None  # as the source's stat said; None in trees written before it
 
     @property
     def block_count(self) -> int:
@@ -117,6 +120,8 @@ class Node:
                 doc[key] = value
         if self.nlink != 1:
             doc["nl"] = self.nlink
+        if self.st_blocks is not None:
+            doc["bk"] = self.st_blocks
         return doc
 
     @classmethod
@@ -127,7 +132,7 @@ class Node:
         return cls(doc["n"], doc["t"], get("m", 0), get("u", 0), get("g", 0), get("mt", 0), get("at", 0),
                    get("ct", 0), get("sz", 0), get("dev", 0), get("ino", 0), get("nl", 1), get("rdev", 0),
                    get("tg", b""), get("x") or {}, get("b", b""), get("h", b""), get("st", b""), get("nf", 0),
-                   get("ns", 0))
+                   get("ns", 0), get("bk"))
 
 
 def encode_tree(nodes: list[Node]) -> bytes:

@@ -249,7 +249,10 @@ class SnapshotTree:
         return attr
 
     def _allocated(self, node: Node) -> int:
-        """Bytes a file occupies: its stored blocks, holes excluded, in 4 KiB units."""
+        """Bytes an entry occupies: what the source's stat said, else (trees written before that
+        was recorded) a file's stored blocks, holes excluded, in 4 KiB units."""
+        if node.st_blocks is not None:
+            return node.st_blocks * 512
         if node.type != FILE:
             return 0
         block_size, total = self.repo.block_size, 0
