@@ -80,14 +80,41 @@ def human_bytes(n: float) -> str:
 
 
 def emit_json(doc: Any) -> None:
-    json.dump(doc, sys.stdout, indent=2, default=_json_default)
+    """`doc` as JSON on stdout. Paths go in through `json_path`; any other text holding bytes that
+    are not UTF-8 (a message naming such a file) gets them as \\xNN, never as a lone surrogate,
+    which strict JSON parsers reject."""
+    json.dump(_valid_text(doc), sys.stdout, indent=2, default=_json_default)
     sys.stdout.write("\n")
+
+
+def _valid_text(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return display_name(value.encode(errors="surrogateescape"))
+        return value
+    if isinstance(value, dict):
+        return {key: _valid_text(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_valid_text(item) for item in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:
     if isinstance(value, bytes):
-        return value.decode("utf-8", errors="surrogateescape").encode("utf-8", "backslashreplace").decode()
+        return display_name(value)
     raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def json_path(key: str, path: bytes | str) -> dict[str, str]:
+    """A path for JSON output: `{key: text}`, the text as plain output shows it (`line_name`: a
+    byte that is not UTF-8 as \\xNN, a control character escaped, a backslash doubled), which
+    `ls` and `restore` take back; and, when that text is not the path's own bytes, `{key_hex: the
+    bytes in hex}` too. Every --json output that names a path says it so."""
+    raw = os.fsencode(path)
+    text = line_name(raw)
+    return {key: text} if text.encode() == raw else {key: text, f"{key}_hex": raw.hex()}
 
 
 def display_name(name: bytes) -> str:

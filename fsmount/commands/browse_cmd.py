@@ -9,7 +9,7 @@ import click
 
 from .. import background
 from ..context import AppContext
-from ..output import emit_json, json_option, parse_size, say
+from ..output import emit_json, json_option, json_path, parse_size, say
 
 
 @click.command("mount-snapshots")
@@ -51,7 +51,7 @@ def mount_snapshots(app: AppContext, mountpoint: str, foreground: bool, cache_si
             argv = ["--cache-dir", app.cache_dir, *argv]
         pid = background.start(argv, log_path, app.passphrase())
         if app.json:
-            emit_json({"mountpoint": os.path.abspath(mountpoint), "pid": pid, "log": log_path})
+            emit_json({**json_path("mountpoint", os.path.abspath(mountpoint)), "pid": pid, **json_path("log", log_path)})
         elif not app.quiet:
             say(f"snapshots mounted at {mountpoint} (daemon pid {pid}, log {log_path})")
         return
@@ -63,7 +63,7 @@ def mount_snapshots(app: AppContext, mountpoint: str, foreground: bool, cache_si
         def ready() -> None:
             background.report_ready()
             if app.json:
-                emit_json({"mountpoint": os.path.abspath(mountpoint), "pid": os.getpid()})
+                emit_json({**json_path("mountpoint", os.path.abspath(mountpoint)), "pid": os.getpid()})
                 sys.stdout.flush()
             elif not app.quiet:
                 say(f"snapshots mounted at {mountpoint}; Ctrl-C or `fsmount umount {mountpoint}` unmounts")

@@ -17,7 +17,7 @@ from backend.fsnode import is_within
 
 from .. import background
 from ..context import AppContext
-from ..output import console, emit_json, human_bytes, json_option, parse_size, say
+from ..output import console, emit_json, human_bytes, json_option, json_path, line_name, parse_size, say
 from .names import host_option, snapshot_name_option
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
@@ -40,6 +40,7 @@ def parse_duration(text: str) -> float:
 @click.option("--host", callback=host_option, help="Record this host name in snapshots instead of this machine's.")
 @click.option("--backlog-limit", default="4G", show_default=True, metavar="SIZE",
               help="Local disk that snapshots may take while the store cannot take them.")
+@json_option
 @click.pass_obj
 def mount(app: AppContext, source: str, mountpoint: str | None, every: str | None, foreground: bool,
           host: str | None, backlog_limit: str) -> None:
@@ -81,8 +82,12 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
             argv += ["--host", host]
         argv += ["--backlog-limit", backlog_limit]
         pid = background.start(argv, log_path, app.passphrase())
-        if not app.quiet:
+        if app.json:
+            emit_json({**json_path("mountpoint", target), **json_path("source", source), "pid": pid,
+                       **json_path("log", log_path)})
+        elif not app.quiet:
             say(f"mounted {source} at {target} (daemon pid {pid}, log {log_path})")
+        if not app.quiet:
             _warn_if_cwd_is_underneath(target)
         for warning in warnings:
             say(warning, err=True)
@@ -94,8 +99,12 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
 
         def ready() -> None:
             background.report_ready()
-            if not app.quiet:
+            if app.json:
+                emit_json({**json_path("mountpoint", target), **json_path("source", source), "pid": os.getpid()})
+                sys.stdout.flush()
+            elif not app.quiet:
                 say(f"mounted {source} at {target}; Ctrl-C or `fsmount umount {target}` unmounts")
+            if not app.quiet:
                 _warn_if_cwd_is_underneath(target)
             for warning in warnings:
                 say(warning, err=True)
@@ -162,8 +171,11 @@ def status(app: AppContext, mountpoint: str) -> None:
     """Show what a live mount has pending and how its snapshots are going."""
     _check_mount_folder(mountpoint)
     reply = _ask(mountpoint, {"op": "status"})
-    if app.json:
-        emit_json(reply)
+    if app.json:  # the daemon's paths come as os.fsdecode made them: as every --json path, instead
+        doc: dict = {}
+        for key, value in reply.items():
+            doc |= json_path(key, value) if key in ("mountpoint", "source") and value else {key: value}
+        emit_json(doc)
         return
     if reply.get("last_snapshot_time"):
         when = dt.datetime.fromtimestamp(reply["last_snapshot_time"]).strftime("%Y-%m-%d %H:%M:%S")
@@ -175,7 +187,8 @@ def status(app: AppContext, mountpoint: str) -> None:
         f"uploaded     {human_bytes(reply['bytes_added'])} by {_count(reply['snapshots_taken'], 'snapshot')} "
         f"of this mount, {human_bytes(reply['upload_rate_bytes_per_s'])}/s while they ran")
     lines = [
-        f"mount        {reply['mountpoint']} (pid {reply['pid']}) of {reply['source']}",
+        (f"mount        {line_name(os.fsencode(reply['mountpoint']))} (pid {reply['pid']}) of "
+         f"{line_name(os.fsencode(reply['source']))}"),
         f"pending      {reply['pending_files']} files, {human_bytes(reply['pending_bytes'])} in dirty blocks",
         f"last         {last}",
         *([uploaded] if uploaded else []),
@@ -244,7 +257,7 @@ def unmount_live(mountpoint: str, app: AppContext, *, lazy: bool = False) -> boo
                          f"uploaded ({reply.get('backlog_error')}); they stay on local disk and the next "
                          f"mount of this folder uploads them")
     if app.json:
-        emit_json({"mountpoint": os.path.abspath(mountpoint), "kind": "live", "final_snapshot": final,
+        emit_json({**json_path("mountpoint", os.path.abspath(mountpoint)), "kind": "live", "final_snapshot": final,
                    "backlog_objects": backlog["objects"], "backlog_bytes": backlog["bytes"]})
     elif not app.quiet:
         said = f"final snapshot {final[:8]}" if final else "no final snapshot (the next mount catches up)"
@@ -383,7 +396,7 @@ def umount(app: AppContext, mountpoint: str, lazy: bool) -> int:
             message += " (a program still uses it: close it, or detach it now with `fsmount umount --lazy`)"
         raise FsmountError(message)
     if app.json:
-        emit_json({"mountpoint": os.path.abspath(mountpoint), "kind": "snapshots"})
+        emit_json({**json_path("mountpoint", os.path.abspath(mountpoint)), "kind": "snapshots"})
     elif not app.quiet:
         say(f"unmounted {mountpoint}")
     return 0
@@ -410,7 +423,7 @@ def _clear_dead_mount(path: str, app: AppContext) -> int:
     if proc.returncode != 0:
         raise FsmountError(proc.stderr.strip().removeprefix("fusermount3: ") or f"cannot unmount {where}")
     if app.json:
-        emit_json({"mountpoint": where, "kind": "live" if live else "snapshots", "daemon_was_gone": True,
+        emit_json({**json_path("mountpoint", where), "kind": "live" if live else "snapshots", "daemon_was_gone": True,
                    "final_snapshot": None})
     elif not app.quiet:
         say(f"unmounted {where} (its daemon was gone)")

@@ -14,7 +14,7 @@ from backend.snapshot import Snapshot
 from backend.tree import DIR, Node
 
 from ..context import AppContext
-from ..output import console, display_name, emit_json, human_bytes, json_option, line_name, parse_size, say
+from ..output import console, emit_json, human_bytes, json_option, json_path, line_name, parse_size, say
 from .snapshot_paths import snapshot_path
 
 
@@ -47,7 +47,7 @@ def init(app: AppContext, block_size: str) -> None:
 
 def snapshot_doc(snap: Snapshot) -> dict:
     return {"id": snap.id, "short_id": snap.short_id, "time": snap.time.isoformat(), "host": snap.host,
-            "source": snap.source, "tags": snap.tags, "name": snap.name, "parent": snap.parent,
+            **json_path("source", snap.source), "tags": snap.tags, "name": snap.name, "parent": snap.parent,
             "tree": snap.tree.hex(), "stats": snap.stats}
 
 
@@ -118,16 +118,6 @@ def _listing(repo: Repository, node: Node, path: bytes) -> Iterator[tuple[bytes,
             stack.append(iter([(child_path, c) for c in repo.load_tree(child.subtree)]))
 
 
-def _exact(key: str, name: bytes) -> dict[str, str]:
-    """{key: hex of the bytes} for a name that is not UTF-8, whose text form is only for display
-    (`\\xff` there may be that byte or those four characters)."""
-    try:
-        name.decode()
-    except UnicodeDecodeError:
-        return {key: name.hex()}
-    return {}
-
-
 @click.command(name="ls")
 @click.argument("snapshot_ref", metavar="SNAPSHOT")
 @click.argument("path", required=False, default="")
@@ -139,7 +129,7 @@ def ls(app: AppContext, snapshot_ref: str, path: str, long_format: bool) -> None
 
     Paths are relative to the backed-up folder, as a listing shows them or typed as they are.
     A byte that is not UTF-8 shows as \\xNN, a newline as \\n, a backslash doubled; --json gives
-    each name as text, and a name that is not UTF-8 also as `path_hex`, its bytes.
+    each path in that form too, and also as `path_hex`, its bytes, when the two differ.
     """
     with app.open_repository() as repo:
         snap = repo.resolve_snapshot(snapshot_ref)
@@ -147,10 +137,9 @@ def ls(app: AppContext, snapshot_ref: str, path: str, long_format: bool) -> None
         start = repo.find_node(snap, rel)
         entries = _listing(repo, start, rel)
         if app.json:
-            emit_json([{"path": "/" + display_name(p), **_exact("path_hex", b"/" + p), "type": n.type,
+            emit_json([{**json_path("path", b"/" + p), "type": n.type,
                         "mode": n.mode, "uid": n.uid, "gid": n.gid, "size": n.size, "mtime_ns": n.mtime_ns,
-                        **({"target": display_name(n.target), **_exact("target_hex", n.target)}
-                           if n.target else {})}
+                        **(json_path("target", n.target) if n.target else {})}
                        for p, n in entries if p])
             return
         for p, n in entries:

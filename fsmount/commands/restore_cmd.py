@@ -12,7 +12,7 @@ from backend.errors import IntegrityError, UsageError
 from backend.restore import Restore, check_target
 
 from ..context import AppContext
-from ..output import BarProgress, emit_json, human_bytes, json_option, say
+from ..output import BarProgress, emit_json, human_bytes, json_option, json_path, say
 from .snapshot_paths import snapshot_path
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: 
                          delete=delete, progress=progress).run()
     s = result.stats
     if app.json:
-        emit_json({"snapshot": snap.id, "target": os.path.abspath(destination), "stats": vars(s),
+        emit_json({"snapshot": snap.id, **json_path("target", os.path.abspath(destination)), "stats": vars(s),
                    "errors": result.errors, "skipped": result.skipped})
     elif not app.quiet:
         say(f"restored snapshot {snap.short_id} to {destination}: {s.files} files, {s.dirs} dirs; "

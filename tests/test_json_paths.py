@@ -1,0 +1,81 @@
+"""Paths in --json output: the text the plain output shows, and the exact bytes in `*_hex` when they differ."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from live_mount import force_unmount, is_mounted, require_fuse
+
+ODD = b"src\xff"  # a folder whose name is not UTF-8
+LONE_SURROGATE = re.compile(rb"\\ud[89a-f][0-9a-f]{2}", re.IGNORECASE)
+
+
+def strict_json(stdout: bytes):
+    """The document, if a strict parser would take it: UTF-8 without lone surrogates (Python's
+    own json.loads accepts those; most parsers reject them)."""
+    assert not LONE_SURROGATE.search(stdout), stdout
+    return json.loads(stdout.decode("utf-8", errors="strict"))
+
+
+def exact(doc: dict, key: str) -> bytes:
+    """The bytes a `key` (and `key_hex`) pair stands for; the text alone when it is exact."""
+    return bytes.fromhex(doc[f"{key}_hex"]) if f"{key}_hex" in doc else doc[key].encode()
+
+
+def test_backup_snapshots_ls_and_restore_name_paths_as_the_listing_does(cli, tmp_path: Path) -> None:
+    """`snapshots --json` said `\\udcff` (six characters) for a byte and had no source_hex;
+    `ls --json` gave the byte ff and the four characters `\\xff` the same `path`."""
+    source = bytes(tmp_path) + b"/" + ODD
+    os.mkdir(source)
+    names = [b"n\xff\xfe", b"n\\xff\\xfe", b"line\nbreak", b"plain"]
+    for i, name in enumerate(names):
+        with open(source + b"/" + name, "wb") as f:
+            f.write(b"%d" % i)
+    cli("init")
+    made = strict_json(cli("backup", source, "--json").stdout)
+    [listed] = strict_json(cli("snapshots", "--json").stdout)
+    for doc in (made, listed):
+        assert (doc["source"], exact(doc, "source")) == (os.fsdecode(tmp_path) + "/src\\xff", source)
+
+    entries = strict_json(cli("ls", "latest", "--json").stdout)
+    plain = cli("ls", "latest").stdout.decode().splitlines()
+    assert [e["path"] for e in entries] == plain  # the listing's own form: no two alike
+    assert sorted(exact(e, "path") for e in entries) == sorted(b"/" + name for name in names)
+    assert [("path_hex" in e) for e in entries] == [e["path"] != "/plain" for e in entries]
+
+    for entry in [e for e in entries if exact(e, "path").startswith(b"/n")]:  # the byte, the characters
+        [again] = strict_json(cli("ls", "latest", entry["path"], "--json").stdout)
+        assert exact(again, "path") == exact(entry, "path")
+    target = bytes(tmp_path) + b"/r\xff"
+    done = strict_json(cli("restore", "latest", "--target", target, *[e["path"] for e in entries], "--json").stdout)
+    assert exact(done, "target") == target
+    for i, name in enumerate(names):
+        with open(target + b"/" + name, "rb") as f:
+            assert f.read() == b"%d" % i
+
+
+def test_mount_status_umount_and_mount_snapshots_name_paths_so_too(cli, tmp_path: Path) -> None:
+    """`status --json` printed the mountpoint with a lone surrogate (`\\udcff`); `mount` had no JSON."""
+    require_fuse()
+    source = bytes(tmp_path) + b"/" + ODD
+    os.mkdir(source)
+    snaps = bytes(tmp_path) + b"/snaps\xff"
+    os.mkdir(snaps)
+    cli("init")
+    try:
+        mounted = strict_json(cli("mount", source, "--json").stdout)
+        status = strict_json(cli("status", source, "--json").stdout)
+        for doc in (mounted, status):
+            assert (exact(doc, "mountpoint"), exact(doc, "source")) == (source, source)
+            assert doc["mountpoint"] == os.fsdecode(tmp_path) + "/src\\xff"
+        assert exact(strict_json(cli("umount", source, "--json").stdout), "mountpoint") == source
+        assert exact(strict_json(cli("mount-snapshots", snaps, "--json").stdout), "mountpoint") == snaps
+        assert exact(strict_json(cli("umount", snaps, "--json").stdout), "mountpoint") == snaps
+    finally:
+        for path in (source, snaps):
+            if is_mounted(Path(os.fsdecode(path))):
+                cli("umount", path, check=None)
+                force_unmount(Path(os.fsdecode(path)))
