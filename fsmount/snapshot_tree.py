@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 OWN_RANGE = 1 << 63  # inode numbers with this bit belong to the snapshot tree
 HANDLE_BASE = 1 << 48  # file handle numbers, far above those of the live tree
 LATEST = b"latest"
+DOTS = (b".", b"..")  # the first two entries of every listing, as in any folder
 SIBLINGS_AHEAD = 16  # files of a folder fetched ahead of one being read
 IMMUTABLE_TIMEOUT_S = 3600.0
 ROOT_TIMEOUT_S = 1.0
@@ -363,21 +364,39 @@ class SnapshotTree:
         listing = _Dir(inode)
         if number == self.root_number:
             await self.refresh()
-            listing.names = [*self._labels, *([LATEST] if self._latest else [])]
+            listing.names = [*DOTS, *self._labels, *([LATEST] if self._latest else [])]
             listing.nodes = [None] * len(listing.names)
         else:
             if inode.node is not None and inode.node.type != DIR:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             children = await self._children(inode)
-            listing.names = [child.name for child in children]
-            listing.nodes = list(children)
+            listing.names = [*DOTS, *(child.name for child in children)]
+            listing.nodes = [None, None, *children]
         return self._new_handle(listing)
+
+    def _dot_attr(self, listing: _Dir, name: bytes) -> pyfuse3.EntryAttributes:
+        """`.` or `..` of a listing. The kernel keeps nothing of these from a readdirplus reply and
+        takes no lookup reference for them: only the inode number and type reach the reader."""
+        inode: _Inode | None = listing.inode
+        if name == b".." and listing.inode.number == self.root_number:
+            if self.root_number != pyfuse3.ROOT_INODE:  # MOUNT/.snapshots: in the live mount's root
+                return self._make_attr(pyfuse3.ROOT_INODE, stat.S_IFDIR | 0o755, 2, 0, self.mounted_ns, ROOT_TIMEOUT_S)
+        elif name == b"..":
+            inode = self._inodes.get(listing.inode.parent)
+            if inode is None:  # forgotten by now: its number and type are all a listing shows
+                return self._make_attr(listing.inode.parent, stat.S_IFDIR | 0o555, 2, 0, self.mounted_ns,
+                                       IMMUTABLE_TIMEOUT_S)
+        return self._attr(inode)
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         listing = self._handles[fh]
         assert isinstance(listing, _Dir)
         for index in range(start_id, len(listing.names)):
             name, node = listing.names[index], listing.nodes[index]
+            if index < len(DOTS):
+                if not pyfuse3.readdir_reply(token, name, self._dot_attr(listing, name), index + 1):
+                    break
+                continue
             if node is not None:
                 inode = self._child_inode(listing.inode, node)
                 attr = self._attr(inode)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -18,7 +19,7 @@ import pyfuse3
 import pytest
 from conftest import TEST_BLOCK_SIZE, require_root
 from hypothesis import HealthCheck, given, settings
-from live_mount import is_mounted, require_fuse, sigterm_as_it_mounts, snapshot_mount
+from live_mount import is_mounted, live_mount, require_fuse, sigterm_as_it_mounts, snapshot_mount
 from test_integrity import flip_byte, locate_block
 from treecompare import differences
 from treegen import build, trees
@@ -131,6 +132,29 @@ def test_allocation_is_the_source_s_so_du_agrees(cli, repo, mounted: Path, tmp_p
         out = subprocess.run(["du", "-a", "--block-size=1", path], capture_output=True, text=True, check=True).stdout
         return sorted(line.split("\t")[0] + " " + os.path.relpath(line.split("\t")[1], path) for line in out.splitlines())
     assert du(snap) == du(source)
+
+
+def test_every_folder_lists_dot_and_dot_dot(cli, repo, tmp_path: Path) -> None:
+    """The root, each snapshot's folder and MOUNT/.snapshots listed neither (`ls -a`), where any
+    other folder does."""
+    source = tmp_path / "src"
+    (source / "sub").mkdir(parents=True)
+    (source / "sub" / "f").write_text("f")
+    def listed(path: Path) -> list[str]:
+        return subprocess.run(["ls", "-a", path], capture_output=True, text=True, check=True).stdout.split()
+    with snapshot_mount(cli, tmp_path / "snaps") as (mnt, _):
+        backup(repo, source, name="dots")
+        wait_for((mnt / "dots").exists)
+        assert listed(mnt) == [".", "..", "dots", "latest"]
+        assert listed(mnt / "dots") == [".", "..", "sub"] and listed(mnt / "dots" / "sub") == [".", "..", "f"]
+        assert os.listdir(mnt / "dots") == ["sub"]  # readdir(3) users see no difference
+        assert subprocess.run(["find", mnt / "dots"], capture_output=True, text=True, check=True).stdout.split() == [
+            str(mnt / "dots"), str(mnt / "dots" / "sub"), str(mnt / "dots" / "sub" / "f")]
+    with live_mount(cli, source) as live:
+        cli("snapshot", live, "--name", "one")
+        assert listed(live / ".snapshots") == [".", "..", "dots", "latest", "one"]
+        root = subprocess.run(["ls", "-ai", live / ".snapshots"], capture_output=True, text=True, check=True).stdout
+        assert re.search(r"^ *1 \.\.$", root, re.MULTILINE), root  # its parent: the mount's root
 
 
 def test_a_snapshot_folder_has_the_source_folder_s_own_metadata(cli, repo, tmp_path: Path) -> None:
