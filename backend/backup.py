@@ -73,6 +73,7 @@ class BackupResult:
     snapshot: Snapshot
     stats: BackupStats
     warnings: list[str] = field(default_factory=list)
+    unchanged: bool = False  # nothing saved: `snapshot` is the parent, which shows the folder as it is
 
 
 @dataclass
@@ -121,7 +122,8 @@ class Backup:
                  tags: list[str] | None = None, name: str | None = None,
                  parent: Snapshot | None | str = "auto", progress: Progress | None = None,
                  workers: int | None = None, changes: ChangeSet | None = None,
-                 source_fd: int | None = None, view: Source | None = None, time_ns: int | None = None):
+                 source_fd: int | None = None, view: Source | None = None, time_ns: int | None = None,
+                 skip_if_unchanged: bool = False):
         self.repo = repo
         self.source = os.path.abspath(os.fsencode(source))
         self.host = host or socket.gethostname()
@@ -140,6 +142,7 @@ class Backup:
         self._source_fd = source_fd  # read through this fd (e.g. a folder hidden under a mount)
         self.view: Source = view or LiveSource()  # what every entry is read through (source.py)
         self._time_ns = time_ns  # the instant the snapshot shows; default: when the run starts
+        self.skip_if_unchanged = skip_if_unchanged  # save no snapshot identical to the parent (see run)
         self._block_size = repo.block_size
         self._zero_block = bytes(self._block_size)
         self._zero_xxh = xxhash.xxh3_128_digest(self._zero_block)
@@ -202,6 +205,11 @@ class Backup:
         stats.blobs_added = self.repo.writer.statistics.blobs_added - written_before[1]
         stats.warnings = len(self.warnings)
         stats.duration_ms = int((time.monotonic() - started) * 1000)
+        if self.skip_if_unchanged and self.parent is not None and (tree_id, root) == (self.parent.tree, self.parent.root):
+            # The same tree and the same root entry (mode, owner, times, xattrs): the parent already
+            # shows the folder exactly, so a snapshot would only add a copy of it (a live mount's
+            # schedule and unmount ask for this, as restic's --skip-if-unchanged).
+            return BackupResult(self.parent, stats, self.warnings, unchanged=True)
         snapshot = Snapshot(
             time_ns=self._started_ns, host=self.host, source=self.source, tree=tree_id, tags=self.tags,
             name=self.name, parent=self.parent.id if self.parent else None,

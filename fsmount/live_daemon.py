@@ -6,7 +6,8 @@ second mount of the same folder is refused. After mounting, one event loop runs 
 the changelog flush (every second), the schedule, the control socket and the signal watcher.
 `MOUNT/.snapshots` is the snapshot tree (snapshot_tree.py) of this folder's snapshots; `mkdir`
 there takes one. When the file system is unmounted — `fsmount umount`, SIGTERM/SIGINT, or `fusermount3 -u` — the final
-snapshot is taken from the source fd: nothing can be written any more, so it is complete.
+snapshot is taken from the source fd: nothing can be written any more, so it is complete. It is
+skipped, as a scheduled one is, when the folder's last snapshot shows it as it is (uploader.py).
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ class LiveMount:
         self.mountpoint = os.path.realpath(mountpoint)
         self.every_s = every_s
         self.host = host or socket.gethostname()
-        self.final_snapshot: str | None = None
+        self.final_snapshot: str | None = None  # the snapshot showing the folder as it was left
+        self.final_unchanged = False  # no final snapshot was needed: final_snapshot is an earlier one
         self.final_error: str | None = None
         self.lazy = False  # `umount --lazy`: the final snapshot stays in the backlog for the next mount
         self.backlog_error: str | None = None  # why the backlog could not be uploaded at unmount
@@ -239,7 +241,14 @@ class LiveMount:
             backlog.hold()
         log.info("unmounted %s; taking the final snapshot", os.fsdecode(self.mountpoint))
         try:
-            self.final_snapshot = (await self.uploader.snapshot(retry=False)).id
+            final = await self.uploader.snapshot_if_changed(retry=False)
+            if final is None:
+                self.final_unchanged = True
+                parent = self.uploader.parent
+                assert parent is not None  # skipped only when a snapshot shows the folder as it is
+                log.info("nothing changed since snapshot %s: no final snapshot needed", parent.short_id)
+                final = parent
+            self.final_snapshot = final.id
         except FsmountError as exc:
             self.final_error = str(exc)
             log.error("final snapshot failed: %s (the next mount will catch up)", exc)
@@ -296,7 +305,8 @@ class LiveMount:
             await self._unmount(lazy=bool(request.get("lazy")))
             await self._final_done.wait()
             backlog = self.repo.backlog
-            return {"final_snapshot": self.final_snapshot, "final_error": self.final_error,
+            return {"final_snapshot": self.final_snapshot, "final_unchanged": self.final_unchanged,
+                    "final_error": self.final_error,
                     "backlog_error": self.backlog_error,
                     "backlog": vars(backlog.status()) if backlog is not None else None}
         raise UsageError(f"unknown control request {op!r}")

@@ -22,7 +22,11 @@ again with growing pauses until it is stored (status shows it as pending, with t
 view that cannot hold its instant any longer (spill limit) abandons it; the next one rescans.
 
 Snapshots are taken on demand (`fsmount snapshot`, `mkdir .snapshots/NAME`), on a schedule
-(`--every`), and at unmount.
+(`--every`), and at unmount. The last two are skipped when nothing changed since the folder's last
+snapshot, as restic's `--skip-if-unchanged`: the frozen epoch holds no record (any mark counts, a
+chmod as much as a write), or, when the snapshot is a full scan (the first one of a mount, which
+finds what changed while unmounted), the scan found the parent's tree and root entry again. A
+snapshot on demand is always taken.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ RETRY_FIRST_S, RETRY_MAX_S = 1.0, 15.0  # pauses between attempts to store a pen
 @dataclass
 class UploaderStatus:
     snapshots_taken: int = 0
+    snapshots_skipped: int = 0  # scheduled or final snapshots not taken: nothing had changed
     last_snapshot: str | None = None
     last_snapshot_time: float | None = None
     last_duration_s: float | None = None
@@ -79,7 +84,12 @@ class Uploader:
         self.source_fd = source_fd
         self.host = host
         self.parent: Snapshot | None = self._latest()
-        self.status = UploaderStatus(last_snapshot=self.parent.id if self.parent else None)
+        self.status = UploaderStatus()
+        if self.parent is not None:  # until this mount takes one, status shows the folder's last snapshot
+            self.status.last_snapshot = self.parent.id
+            self.status.last_snapshot_time = self.parent.time_ns / 1e9
+            self.status.last_duration_s = self.parent.stats.get("duration_ms", 0) / 1000
+            self.status.last_bytes_added = self.parent.stats.get("bytes_added", 0)
         self.on_snapshot: Callable[[Snapshot], None] | None = None  # told of every snapshot stored
         self._lock = trio.Lock()
         self._no_more_retries = trio.Event()
@@ -91,11 +101,27 @@ class Uploader:
     async def snapshot(self, name: str | None = None, *, retry: bool = True) -> Snapshot:
         """Take a snapshot of the folder as it is now and store it, trying again while the store
         fails (unless not `retry`); raises FsmountError if it cannot be stored."""
+        snapshot = await self._take(name, retry, skip_if_unchanged=False)
+        assert snapshot is not None
+        return snapshot
+
+    async def snapshot_if_changed(self, *, retry: bool = True) -> Snapshot | None:
+        """As `snapshot`, but None, and nothing stored, when the folder's last snapshot shows it as
+        it is (a debug line says so)."""
+        return await self._take(None, retry, skip_if_unchanged=True)
+
+    async def _take(self, name: str | None, retry: bool, skip_if_unchanged: bool) -> Snapshot | None:
         async with self._lock:
             # The freeze: nothing below awaits until the view is in place.
             frozen = self.changelog.freeze()
             full_scan = frozen.full_scan or self.parent is None
             try:
+                if skip_if_unchanged and not full_scan and frozen.is_empty():
+                    # Nothing to forget: the epoch closed without a record, and the next one is
+                    # still relative to the same parent.
+                    frozen.close()
+                    self._skipped("nothing changed since snapshot")
+                    return None
                 view = FrozenView.at_freeze(self.source_fd, self.repo.block_size, self.spill_dir,
                                             self.spill_limit_bytes, None if full_scan else frozen.written_paths())
             except (OSError, sqlite3.Error) as exc:  # no room for the spill file, an unreadable changelog
@@ -109,7 +135,7 @@ class Uploader:
             self.status.running = True
             started = time.monotonic()
             try:
-                result = await self._store(frozen, view, instant_ns, name, full_scan, retry)
+                result = await self._store(frozen, view, instant_ns, name, full_scan, retry, skip_if_unchanged)
             except FsmountError as exc:
                 self.changelog.snapshot_failed(frozen)
                 self.status.last_error = str(exc)
@@ -123,6 +149,10 @@ class Uploader:
                 frozen.close()
                 self.status.running = False
             self.changelog.snapshot_done(frozen, result.snapshot.id)
+            if result.unchanged:  # the scan found the parent again: later epochs are relative to it
+                self.status.last_error = None
+                self._skipped("the scan found no change since snapshot")
+                return None
             self.parent = result.snapshot
             if self.on_snapshot is not None:
                 self.on_snapshot(result.snapshot)
@@ -139,11 +169,17 @@ class Uploader:
                 log.warning("snapshot %s: %s", result.snapshot.short_id, warning)
             return result.snapshot
 
+    def _skipped(self, why: str) -> None:
+        assert self.parent is not None
+        self.status.snapshots_skipped += 1
+        log.debug("snapshot skipped: %s %s", why, self.parent.short_id)
+
     async def _store(self, frozen: object, view: FrozenView, instant_ns: int, name: str | None,
-                     full_scan: bool, retry: bool) -> BackupResult:
+                     full_scan: bool, retry: bool, skip_if_unchanged: bool) -> BackupResult:
         while True:
             try:
-                return await trio.to_thread.run_sync(self._backup, frozen, view, instant_ns, name, full_scan)
+                return await trio.to_thread.run_sync(self._backup, frozen, view, instant_ns, name, full_scan,
+                                                     skip_if_unchanged)
             except StoreError as exc:
                 self.status.attempts += 1
                 self.status.pending_since = instant_ns / 1e9
@@ -160,17 +196,18 @@ class Uploader:
         self._no_more_retries.set()
 
     def _backup(self, frozen: object, view: FrozenView, instant_ns: int, name: str | None,
-                full_scan: bool) -> BackupResult:
+                full_scan: bool, skip_if_unchanged: bool) -> BackupResult:
         return Backup(self.repo, self.source, host=self.host, tags=[LIVE_TAG], name=name, parent=self.parent,
                       changes=None if full_scan else frozen, source_fd=self.source_fd,  # type: ignore[arg-type]
-                      view=view, time_ns=instant_ns).run()
+                      view=view, time_ns=instant_ns, skip_if_unchanged=skip_if_unchanged).run()
 
     async def run_schedule(self, every_s: float) -> None:
-        """Take a snapshot every `every_s` seconds; failures are logged and retried next time."""
+        """Take a snapshot every `every_s` seconds unless nothing changed; failures are logged and
+        retried next time."""
         while True:
             await trio.sleep(every_s)
             try:
-                await self.snapshot()
+                await self.snapshot_if_changed()
             except FsmountError as exc:
                 log.error("scheduled snapshot failed: %s", exc)
 

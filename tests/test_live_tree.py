@@ -81,7 +81,7 @@ def test_work_through_the_mount_lands_in_the_snapshot(cli, source: Path, tmp_pat
             f.write(b"patched")
         cli("snapshot", mnt, "--name", "second")
         assert same_tree(mnt, restore_latest(cli, tmp_path, "second")) == []
-    assert snapshots(cli)[-2]["name"] == "second"
+    assert snapshots(cli)[-1]["name"] == "second"  # nothing changed since: no final snapshot
 
 
 def test_listings_agree_with_stat_as_the_files_change(cli, source: Path) -> None:
@@ -150,7 +150,7 @@ def test_small_write_into_a_huge_file_adds_about_one_block(cli, source: Path) ->
             f.seek((512 << 20) + 5_000_000)
             f.write(os.urandom(4096))
         cli("snapshot", mnt)
-    change = snapshots(cli)[-2]["stats"]  # the last one is the (empty) final snapshot at unmount
+    change = snapshots(cli)[-1]["stats"]  # no final snapshot at unmount: nothing changed since
     assert change["bytes_read"] == 128 * 1024
     assert 128 * 1024 <= change["bytes_added"] < 140 * 1024
 
@@ -162,7 +162,7 @@ def test_renaming_a_large_directory_adds_only_trees(cli, source: Path) -> None:
         cli("snapshot", mnt)
         os.rename(mnt / "src" / "pkg", mnt / "renamed")
         cli("snapshot", mnt)
-    change = snapshots(cli)[-2]["stats"]
+    change = snapshots(cli)[-1]["stats"]
     assert change["bytes_read"] == 0
     assert change["blobs_added"] == 2 and change["bytes_added"] < 4096  # the root and src trees
 
@@ -170,8 +170,8 @@ def test_renaming_a_large_directory_adds_only_trees(cli, source: Path) -> None:
 def test_no_change_snapshot_costs_nothing(cli, source: Path) -> None:
     with live_mount(cli, source) as mnt:
         cli("snapshot", mnt)
-        cli("snapshot", mnt)
-    quiet = snapshots(cli)[-2]
+        cli("snapshot", mnt)  # asked for: taken, though nothing changed
+    quiet = snapshots(cli)[-1]
     assert quiet["stats"]["bytes_read"] == 0 and quiet["stats"]["bytes_added"] == 0
     assert quiet["stats"]["files"] == 21  # totals still describe the whole folder
 
@@ -259,14 +259,41 @@ def test_snapshots_folder_serves_this_folders_snapshots_and_mkdir_takes_one(cli,
     assert not any(".snapshots" in path for path in listing)  # never itself backed up
 
 
-def test_scheduled_snapshots(cli, source: Path) -> None:
-    with live_mount(cli, source, None, "--every", "1s") as mnt:
-        (mnt / "tick").write_text("x")
-        deadline = time.monotonic() + 30
-        while len(snapshots(cli)) < 2:
-            assert time.monotonic() < deadline, "no scheduled snapshots"
-            time.sleep(0.2)
-        assert json.loads(cli("status", mnt, "--json").stdout)["snapshots_taken"] >= 2
+def wait_for(condition, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_scheduled_and_final_snapshots_are_skipped_while_nothing_changes(cli, source: Path) -> None:
+    with live_mount(cli, source, None, "--every", "0.2s") as mnt:
+        status = lambda: json.loads(cli("status", mnt, "--json").stdout)
+        wait_for(lambda: status()["snapshots_skipped"] >= 3, "scheduled snapshots not skipped")
+        assert status()["snapshots_taken"] == 1  # the first: the folder had no snapshot
+        os.chmod(mnt / "notes.md", 0o600)  # a change of metadata only is a change
+        wait_for(lambda: status()["snapshots_taken"] == 2, "no scheduled snapshot after a chmod")
+        said = json.loads(cli("umount", mnt, "--json").stdout)
+    taken = snapshots(cli)
+    assert len(taken) == 2  # nothing changed since the chmod's: no final snapshot either
+    assert said["final_snapshot"] == taken[-1]["id"]  # the one that shows the folder as it was left
+    with live_mount(cli, source) as mnt:
+        last = taken[-1]["id"][:8]  # status still says which snapshot was last, and when
+        assert re.search(rf"last +{last} at \d{{4}}-", cli("status", mnt).stdout.decode())
+        cli("snapshot", mnt)  # asked for: taken, though nothing changed
+    assert len(snapshots(cli)) == 3
+
+
+def test_the_first_snapshot_of_a_mount_is_skipped_only_if_its_scan_finds_nothing(cli, source: Path,
+                                                                                  tmp_path: Path) -> None:
+    cli("backup", source)
+    with live_mount(cli, source):
+        pass
+    assert len(snapshots(cli)) == 1  # the final snapshot's scan found nothing changed since the backup
+    os.utime(source / "notes.md", ns=(1, 1))  # while unmounted, metadata only
+    with live_mount(cli, source):
+        pass
+    assert len(snapshots(cli)) == 2 and differences(source, restore_latest(cli, tmp_path, "after")) == []
 
 
 def test_status_reports_pending_work(cli, source: Path) -> None:
