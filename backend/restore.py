@@ -258,8 +258,6 @@ class Restore:
                 return child
             if node.type == FILE:
                 self._restore_file(job, node, path)
-            elif node.type == SOCKET:
-                pass  # a socket is recreated by the program that listens on it, not by a restore
             else:
                 self._restore_special(job, node)
         except EntryInTheWay as exc:
@@ -328,7 +326,7 @@ class Restore:
     def _check_in_the_way(self, st: os.stat_result, node_type: str) -> None:
         """Refuse, unless `delete`, to replace a local entry whose removal would delete data: a
         directory where the snapshot has anything else, or a regular file where it has a directory
-        or a special file. A symlink, fifo or device in the way holds no data and is replaced."""
+        or a special file. A symlink, fifo, socket or device in the way holds no data and is replaced."""
         if self.delete:
             return
         if stat.S_ISDIR(st.st_mode):
@@ -363,6 +361,14 @@ class Restore:
                 if st is not None:
                     self._replace(job.fd, node.name)
                 os.mkfifo(node.name, 0o600, dir_fd=job.fd)
+        elif node.type == SOCKET:
+            # As `cp -a` does: the socket file with its mode, owner and times (it was left out,
+            # silently, exit 0). Nothing listens on it until its program binds it again, and one
+            # already there is kept: it may be in use.
+            if st is None or not stat.S_ISSOCK(st.st_mode):
+                if st is not None:
+                    self._replace(job.fd, node.name)
+                os.mknod(node.name, stat.S_IFSOCK | 0o600, dir_fd=job.fd)
         elif node.type in (CHARDEV, BLOCKDEV):
             if not IS_ROOT:
                 self._error(job.path + b"/" + node.name, "device files can only be restored as root")

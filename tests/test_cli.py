@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from treecompare import differences
+from conftest import require_root
+from treecompare import describe, differences
 
 # root reads everything; dropping these capabilities makes permissions bite, as for any user
 WITHOUT_DAC_OVERRIDE = ("setpriv", "--bounding-set=-dac_override,-dac_read_search")
@@ -310,3 +312,28 @@ def test_small_path_and_flag_forms(cli, tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
     err = cli("restore", "latest", "--target", tmp_path / "a-file", check=2).stderr.decode()
     assert "not a folder" in err, err
+
+
+def test_sockets_fifos_and_devices_come_back_as_cp_a_makes_them(cli, tmp_path: Path) -> None:
+    require_root("device files and other owners need root")
+    meta = tmp_path / "source" / "meta"
+    meta.mkdir(parents=True)
+    os.mknod(meta / "sock", stat.S_IFSOCK | 0o755)  # what bind() leaves behind
+    os.mkfifo(meta / "fifo", 0o640)
+    os.mknod(meta / "chardev", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mknod(meta / "blockdev", stat.S_IFBLK | 0o660, os.makedev(7, 250))
+    for i, name in enumerate(("sock", "fifo", "chardev", "blockdev")):
+        os.chown(meta / name, 1000 + i, 2000 + i)
+        os.utime(meta / name, ns=(1_600_000_000_000_000_000 + i, 1_600_000_000_000_000_000 + i))
+    cli("init")
+    cli("backup", tmp_path / "source")
+    copied = tmp_path / "copied"
+    subprocess.run(["cp", "-a", tmp_path / "source", copied], check=True)
+
+    cli("restore", "latest", "--target", tmp_path / "one", "meta/sock")  # exit 0: nothing left out
+    restored = describe(bytes(tmp_path / "one"))
+    assert restored[b"meta/sock"] == describe(bytes(copied))[b"meta/sock"]  # mode, owner, time
+    assert restored[b"meta/sock"]["type"] == stat.S_IFSOCK
+    cli("restore", "latest", "--target", tmp_path / "all")
+    assert sorted(os.listdir(tmp_path / "all" / "meta")) == ["blockdev", "chardev", "fifo", "sock"]
+    assert differences(copied, tmp_path / "all") == []

@@ -74,6 +74,8 @@ def describe(root: bytes, *, times: bool = True, owners: bool = True, sparse: bo
                     entry["extents"] = _holes(path, st.st_size)
             elif stat.S_ISLNK(st.st_mode):
                 entry["target"] = os.readlink(path)
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                entry["rdev"] = st.st_rdev
             elif stat.S_ISDIR(st.st_mode) and times:
                 entry["mtime_ns"] = st.st_mtime_ns
             result[rel] = entry
