@@ -487,6 +487,10 @@ class LiveTree(pyfuse3.Operations):
     @_fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if self.snapshots is not None and self.snapshots.owns(inode):
+            # A snapshot's file is in no source folder to link from: as across file systems (the
+            # inode table, which knows only the source's, said ENOENT). `ln` says so, `cp -l` too.
+            raise pyfuse3.FUSEError(errno.EXDEV)
         self._refuse_snapshots(new_parent_inode)
         self._keep_entries(new_parent_inode)
         self._keep_metadata(inode)  # its link count and ctime
@@ -653,7 +657,10 @@ class LiveTree(pyfuse3.Operations):
 
     @_fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
-        handle = self._handles[fh]
+        handle = self._handles.get(fh)
+        if handle is None and self.snapshots is not None and self.snapshots.owns_handle(fh):
+            return  # a snapshot's file, open for reading: nothing to write back (it was an internal error)
+        assert handle is not None
         # The changelog's marks are committed while the source file goes to disk, not after: the
         # order never mattered, since a commit is not fsync'd (changelog.py) and a write whose mark
         # a crash lost is found by the scan every mount starts with.

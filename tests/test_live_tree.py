@@ -296,6 +296,29 @@ def test_the_first_snapshot_of_a_mount_is_skipped_only_if_its_scan_finds_nothing
     assert len(snapshots(cli)) == 2 and differences(source, restore_latest(cli, tmp_path, "after")) == []
 
 
+def test_a_snapshot_s_files_stay_out_of_the_live_folder_with_the_errors_of_a_read_only_file_system(
+        cli, source: Path) -> None:
+    with live_mount(cli, source) as mnt:
+        cli("snapshot", mnt)
+        frozen = mnt / ".snapshots" / "latest"
+        for attempt, expected in ((lambda: os.link(frozen / "notes.md", mnt / "linked"), errno.EXDEV),
+                                  (lambda: os.rename(frozen / "notes.md", mnt / "moved"), errno.EROFS)):
+            with pytest.raises(OSError) as caught:
+                attempt()
+            assert caught.value.errno == expected  # a link as across file systems (it said ENOENT)
+        with open(frozen / "notes.md", "rb") as f:
+            os.fsync(f.fileno())  # nothing to write back
+            for change in (lambda: os.fchmod(f.fileno(), 0o777), lambda: os.fchown(f.fileno(), 1, 1),
+                           lambda: os.utime(f.fileno(), ns=(0, 0))):
+                with pytest.raises(OSError) as caught:
+                    change()
+                assert caught.value.errno == errno.EROFS
+        assert not (mnt / "linked").exists() and not (mnt / "moved").exists()
+        (mnt / "notes.md").write_text("changed\n")
+        cli("snapshot", mnt)
+        assert not json.loads(cli("status", mnt, "--json").stdout)["last_full_scan"]  # no reason to rescan
+
+
 def test_status_reports_pending_work(cli, source: Path) -> None:
     with live_mount(cli, source) as mnt:
         cli("snapshot", mnt)
