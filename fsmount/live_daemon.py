@@ -59,6 +59,36 @@ def source_id(source: bytes) -> str:
     return hashlib.sha256(os.path.realpath(source)).hexdigest()[:16]
 
 
+def honoured_like(source_fd: int) -> set[str]:
+    """Mount options under which the mount honours setuid bits, devices and execution exactly as
+    the source's own file system does: same path, same files. For a root mount only.
+
+    libfuse mounts nosuid,nodev unless told otherwise, which broke device nodes and setuid programs
+    in the user's folder. Honouring them is safe only because nothing is granted that the source
+    does not grant natively: the options mirror the source's mount flags (a source on a nosuid or
+    nodev disk keeps them, and a noexec one passes it on, so a device node or setuid file found on
+    a USB stick does not come alive through a root daemon); the kernel makes every decision on
+    the caller's credentials, never the daemon's (`default_permissions`; mknod of a device needs
+    CAP_MKNOD, chown needs CAP_CHOWN, a chmod's setgid bit is dropped outside one's group, all
+    checked before a request reaches us); a file created for another user is never a root-owned
+    setuid file, not even for an instant (live_tree.py); and the kernel still clears setuid and
+    setgid bits when a non-root user writes to a file. What the mount shows beyond the source,
+    `.snapshots`, is data from the repository, which anyone with its passphrase can write: there
+    the live tree disarms setuid and setgid bits, file capabilities and device nodes
+    (`LiveTree.disarm_snapshots`), so no snapshot can carry a privilege into the machine
+    (`fsmount restore` brings them back as they were). A mount by another user goes through
+    fusermount3 and keeps libfuse's nosuid,nodev: it could not have more natively."""
+    flags = os.fstatvfs(source_fd).f_flag
+    options = set()
+    if not flags & os.ST_NOSUID:
+        options.add("suid")
+    if not flags & os.ST_NODEV:
+        options.add("dev")
+    if flags & os.ST_NOEXEC:
+        options.add("noexec")
+    return options
+
+
 class SourceLock:
     """An exclusive claim on a source folder, held for the life of its mount."""
 
@@ -114,12 +144,13 @@ class LiveMount:
                 self.repo, self.cache_bytes, on_mkdir=self.uploader.snapshot,
                 include=lambda s: s.host == self.host and s.source == self.source)
             self.uploader.on_snapshot = snapshot_tree.invalidate
-            self.operations = LiveTree(source_fd, changelog, snapshot_tree)
-            self.uploader.live_tree = self.operations
-            os.umask(0)
             options = {"fsname=fsmount", "subtype=fsmount", "default_permissions"}
             if os.geteuid() == 0:
-                options.add("allow_other")
+                options |= {"allow_other", *honoured_like(source_fd)}
+            self.operations = LiveTree(source_fd, changelog, snapshot_tree,
+                                       disarm_snapshots=bool(options & {"suid", "dev"}))
+            self.uploader.live_tree = self.operations
+            os.umask(0)
             # Nothing may touch the mountpoint's path once mounted: the event loop that would answer
             # is this thread. Everything path-based is resolved now.
             self._socket_path = control.socket_path(self.mountpoint)

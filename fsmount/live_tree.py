@@ -16,6 +16,8 @@ handler that changes the source first tells the view (`_keep_*`), so the snapsho
 folder as it was at its instant.
 
 `MOUNT/.snapshots` is not in the source: it is the read-only snapshot view, hidden from listings.
+On a mount that honours setuid bits or devices (live_daemon.honoured_like), it shows neither: what
+a snapshot holds comes from the repository, not from the source's file system (`disarm_snapshots`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from .live_inodes import ROOT, InodeTable
 log = logging.getLogger(__name__)
 
 SNAPSHOTS_DIR = b".snapshots"
+FILE_CAPABILITIES = b"security.capability"  # privileges an executable gains, as a setuid bit grants them
 POSIX_ACL_ACCESS = b"system.posix_acl_access"  # its entries are the mode's bits (see _drop_attributes_if_acl)
 TIMEOUT_S = 300.0  # entry/attribute cache: nothing but this mount changes the source
 THREAD_THRESHOLD = 256 * 1024  # writes of this size and more go to a worker thread
@@ -109,6 +112,23 @@ def _fuse_errors(method: Callable) -> Callable:
     return wrapper
 
 
+def _disarmed(attributes: Callable[..., pyfuse3.EntryAttributes]) -> Callable[..., pyfuse3.EntryAttributes]:
+    """`attributes` without what would grant a privilege: setuid and setgid bits of anything but a
+    directory, and every permission bit of a device node (only root, who may make any device
+    anyway, can open it; its type and number still show)."""
+
+    def disarmed(*args: Any) -> pyfuse3.EntryAttributes:
+        attr = attributes(*args)
+        mode = attr.st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            attr.st_mode = stat.S_IFMT(mode)
+        elif not stat.S_ISDIR(mode):
+            attr.st_mode = mode & ~(stat.S_ISUID | stat.S_ISGID)
+        return attr
+
+    return disarmed
+
+
 class _Handle:
     __slots__ = ("entries", "fd", "inode", "write_end")
 
@@ -120,11 +140,19 @@ class _Handle:
 class LiveTree(pyfuse3.Operations):
     enable_writeback_cache = True
 
-    def __init__(self, root_fd: int, changelog: Changelog, snapshots: Any = None):
+    def __init__(self, root_fd: int, changelog: Changelog, snapshots: Any = None, *, disarm_snapshots: bool = False):
         super().__init__()
         self.inodes = InodeTable(root_fd)
         self.changelog = changelog
         self.snapshots = snapshots  # the .snapshots view, or None
+        # On a mount with `suid` or `dev`: .snapshots shows no setuid or setgid bit, no file
+        # capability and no usable device. Anyone with the repository's passphrase can write a
+        # snapshot, and this folder's snapshots may hold an old setuid program since fixed: served
+        # as they are, either would be a privilege the source never grants (live_daemon.honoured_like).
+        self.disarm_snapshots = disarm_snapshots
+        if snapshots is not None and disarm_snapshots:
+            # Its attributes reach the kernel in its own replies too (listings), so at their source.
+            snapshots._attr = _disarmed(snapshots._attr)
         self.frozen: FrozenView | None = None  # the running snapshot's view of its instant
         self.as_root = os.geteuid() == 0
         self._own_ids = (os.geteuid(), os.getegid())
@@ -432,15 +460,30 @@ class LiveTree(pyfuse3.Operations):
         self.changelog.mark_created(self.inodes.path_of(parent_inode, name))
         return self._entry(parent_inode, name)
 
+    def _made_for_another(self, ctx: pyfuse3.RequestContext) -> bool:
+        """Whether an entry the caller creates must be given to the caller after we make it."""
+        return self.as_root and (ctx.uid, ctx.gid) != self._own_ids
+
+    def _first_mode(self, mode: int, ctx: pyfuse3.RequestContext) -> int:
+        """The mode a new file is made with: without setuid and setgid bits if it is made for
+        another user, which it gets once it is theirs (_chown_new). It is never a setuid file of
+        ours, not even for an instant, and the chown would have cleared them anyway (natively a
+        file created with mode 6755 has them)."""
+        return mode & ~(stat.S_ISUID | stat.S_ISGID) if self._made_for_another(ctx) else mode
+
     def _chown_new(self, parent: int, dir_fd: int, name: bytes, ctx: pyfuse3.RequestContext,
-                   fd: int | None = None) -> None:
-        if not self.as_root or (ctx.uid, ctx.gid) == self._own_ids:
+                   fd: int | None = None, mode: int = 0) -> None:
+        if not self._made_for_another(ctx):
             return  # the kernel gave it our ids (or a setgid parent's group), as it would the caller's
         uid, gid = self._owner(parent, ctx)
         if fd is not None:
             os.fchown(fd, uid, gid)
         else:
             os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        privileges = mode & (stat.S_ISUID | stat.S_ISGID)
+        if privileges and not stat.S_ISDIR(mode):  # the kernel has dropped what the caller may not set
+            target: int | bytes = fd if fd is not None else b"/proc/self/fd/%d/%s" % (dir_fd, name)
+            os.chmod(target, stat.S_IMODE(mode))
 
     @_fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -519,8 +562,8 @@ class LiveTree(pyfuse3.Operations):
         self._refuse_snapshots(parent_inode)
         dir_fd = self.inodes.dir_fd(parent_inode)
         self._keep_entries(parent_inode)
-        os.mknod(name, mode, rdev, dir_fd=dir_fd)
-        self._chown_new(parent_inode, dir_fd, name, ctx)
+        os.mknod(name, self._first_mode(mode, ctx), rdev, dir_fd=dir_fd)
+        self._chown_new(parent_inode, dir_fd, name, ctx, mode=mode)
         self.changelog.mark_created(self.inodes.path_of(parent_inode, name))
         return self._entry(parent_inode, name)
 
@@ -572,9 +615,9 @@ class LiveTree(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         dir_fd = self.inodes.dir_fd(parent_inode)
         self._keep_entries(parent_inode)
-        fd = os.open(name, self._open_flags(flags) | os.O_CREAT, mode, dir_fd=dir_fd)
+        fd = os.open(name, self._open_flags(flags) | os.O_CREAT, self._first_mode(mode, ctx), dir_fd=dir_fd)
         try:
-            self._chown_new(parent_inode, dir_fd, name, ctx, fd)
+            self._chown_new(parent_inode, dir_fd, name, ctx, fd, mode=stat.S_IFREG | mode)
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
@@ -694,6 +737,8 @@ class LiveTree(pyfuse3.Operations):
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if self.snapshots is not None and self.snapshots.owns(inode):
+            if self.disarm_snapshots and name == FILE_CAPABILITIES:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
             return await self.snapshots.getxattr(inode, name, ctx)
         # The kernel asks for security.capability before every write(2) to a file, which is open
         # then: through its fd, not a /proc path, is half the cost.
@@ -710,7 +755,8 @@ class LiveTree(pyfuse3.Operations):
     @_fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         if self.snapshots is not None and self.snapshots.owns(inode):
-            return await self.snapshots.listxattr(inode, ctx)
+            names = await self.snapshots.listxattr(inode, ctx)
+            return [n for n in names if n != FILE_CAPABILITIES] if self.disarm_snapshots else names
         return [os.fsencode(n) for n in os.listxattr(self._xattr_target(inode), follow_symlinks=False)]
 
     @_fuse_errors

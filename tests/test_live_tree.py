@@ -638,6 +638,51 @@ def test_a_folder_that_is_a_file_system_of_its_own_can_be_mounted_over(cli, tmp_
         subprocess.run(["umount", "-l", folder], check=False)
 
 
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str):
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=16m,mode=0777,{options}", "tmpfs", folder], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", folder], check=False)
+
+
+def test_devices_and_setuid_work_as_the_source_s_file_system_has_them_and_snapshots_grant_neither(
+        cli, public_dir: Path) -> None:
+    require_root("mounting a tmpfs and acting as another user need root")
+    cli("init")
+    with tmpfs(public_dir / "disk", "dev,suid") as folder:
+        os.mknod(folder / "null", stat.S_IFCHR, os.makedev(1, 3))
+        os.chmod(folder / "null", 0o666)
+        shutil.copy("/usr/bin/id", folder / "id")
+        os.chmod(folder / "id", 0o4755)  # root's: whoever runs it is root
+        with live_mount(cli, folder) as mnt:
+            assert not os.statvfs(mnt).f_flag & (os.ST_NODEV | os.ST_NOSUID | os.ST_NOEXEC)
+            ran = as_nobody(f"echo gone > {mnt}/null && cat {mnt}/null && {mnt}/id -u")
+            assert (ran.returncode, ran.stdout) == (0, b"0\n"), ran.stderr  # (Permission denied, 65534)
+            (mnt / "shared").write_text("x")
+            os.chmod(mnt / "shared", 0o6777)
+            ran = as_nobody(f"echo more >> {mnt}/shared")
+            assert ran.returncode == 0, ran.stderr
+            assert stat.S_IMODE(os.stat(mnt / "shared").st_mode) == 0o777  # a write by another user clears both
+            assert stat.S_IMODE(os.stat(folder / "shared").st_mode) == 0o777  # in the source too
+            ran = as_nobody(f"perl -MFcntl -e 'umask 0; sysopen(F, $ARGV[0], O_CREAT | O_WRONLY, 06755) or die $!' "
+                            f"{mnt}/made-setuid")  # (the chown that gave it to nobody cleared both)
+            st = os.stat(mnt / "made-setuid")
+            assert ran.returncode == 0 and (stat.S_IMODE(st.st_mode), st.st_uid) == (0o6755, 65534), ran.stderr
+
+            cli("snapshot", mnt)
+            frozen = mnt / ".snapshots" / "latest"
+            assert stat.S_IMODE(os.stat(frozen / "id").st_mode) == 0o755
+            assert stat.S_IMODE(os.lstat(frozen / "null").st_mode) == 0
+            ran = as_nobody(f"{frozen}/id -u; cat {frozen}/null")
+            assert ran.stdout == b"65534\n" and b"Permission denied" in ran.stderr
+    with tmpfs(public_dir / "stick", "nodev,nosuid,noexec") as folder, live_mount(cli, folder) as mnt:
+        flags = os.statvfs(mnt).f_flag
+        assert flags & os.ST_NODEV and flags & os.ST_NOSUID and flags & os.ST_NOEXEC
+
+
 def test_a_snapshot_is_not_live_mounted_and_a_snapshots_folder_of_ones_own_is_named(cli, source: Path) -> None:
     (source / ".snapshots").mkdir()
     (source / ".snapshots" / "mine.txt").write_text("the user's own")
