@@ -67,5 +67,11 @@ class TransientStoreError(StoreError):
     """A store failure worth retrying (throttling, 5xx, timeouts, dropped connections)."""
 
 
+class StoreUnreachable(StoreError):
+    """A call kept failing with transient errors for its whole retry budget: the store is down, frozen
+    or cut off, as far as this process can tell. Not a `TransientStoreError`, so no outer layer retries
+    it again; a caller with many calls to make may take it as a sign to stop (migrate.py)."""
+
+
 class ObjectNotFound(StoreError):
     """The store has no object under the requested key."""

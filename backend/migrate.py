@@ -7,6 +7,13 @@ it is written, and `config` goes last, so a destination only looks like a reposi
 it is there. Then the destination is listed again and opened and verified as a repository; only
 after that may the source be deleted. A destination that is the source itself, or inside it, is
 refused first (see PROBE_PREFIX): with --delete-source it would have been deleted with the source.
+So is one without this repository's config that holds anything but its objects: a folder or prefix
+in use for something else, or another repository; one that holds some of them is an interrupted
+migration, resumed.
+
+Objects fail one by one (each after its own retries) and the migration goes on with the rest; but
+once `UNREACHABLE_IN_A_ROW` objects in a row have failed because a store stopped answering, it stops
+at once, naming that store: each further object would only wait out a retry budget of its own.
 
 Between two buckets of one S3 server and account, the server copies each object itself
 (CopyObject), as `aws s3 sync` and rclone do: the bytes never cross the network twice. Each copy
@@ -22,9 +29,10 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .errors import (
     IntegrityError,
@@ -32,6 +40,7 @@ from .errors import (
     RepositoryExists,
     RepositoryNotFound,
     StoreError,
+    StoreUnreachable,
     TransientStoreError,
     UsageError,
 )
@@ -44,6 +53,8 @@ from .verify import verify
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 MiB = 1024 * 1024
 # Object data held in memory at once by all copying threads together (a pack is ~16 MiB).
 MEMORY_BUDGET = 48 * MiB
@@ -52,13 +63,22 @@ SERVER_COPY_LIMIT = 5 * 1024 * MiB  # the largest object one CopyObject may copy
 # destination is the source itself, or inside it, however the two are spelled (a symlink, a
 # second URL for one server), and --delete-source would delete the copy with the source.
 PROBE_PREFIX = "migrate-probe-"
+# Objects in a row (none copied in between) that fail because a store stopped answering, before the
+# migration stops: one may be bad luck with a flaky store, a few in a row mean it is down or frozen.
+# Going on, 41 objects took 7 minutes to fail against a frozen server (one 10 s budget each).
+UNREACHABLE_IN_A_ROW = 3
 
 
 @dataclass
 class MigrateReport:
+    """Of the repository's `objects` (config included), `copied` travelled, `skipped` were at the
+    destination already and `failed` could not be copied (`errors`: why, one line each); `deleted`
+    is how many were deleted at the source."""
+
     objects: int = 0
     copied: int = 0
     skipped: int = 0
+    failed: int = 0
     bytes_copied: int = 0
     copied_by_server: int = 0
     deleted: int = 0
@@ -84,7 +104,7 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
         raise RepositoryNotFound(f"no repository at {source.location} to migrate ({exc})") from None
     decoded = Config.decode(config)
     destination.create_if_missing()
-    _check_destination(destination, decoded, source)
+    config_there = _check_destination_repository(destination, decoded, source)
     # The passphrase is checked (scrypt) while objects travel; the same key then opens the copy.
     opener = ThreadPoolExecutor(1, thread_name_prefix="migrate-key")
     master_key = opener.submit(open_master_key, source, passphrase)
@@ -108,10 +128,12 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
     finally:
         destination.delete(probe)
     present = dict(destination.list(""))
+    if config_there is None:  # with this repository's config, what else it holds is this repository's
+        _refuse_foreign_objects(destination, objects, present)
     report.objects = len(objects)
     todo = sorted((k for k in objects if k != "config" and present.get(k) != objects[k]),
                   key=lambda k: (REPOSITORY_PREFIXES.index(k.partition("/")[0] + "/"), k))  # config goes last
-    report.skipped = len(objects) - len(todo) - 1
+    report.skipped = len(objects) - len(todo) - (config_there != config)
     progress.start(total_bytes=sum(objects[k] for k in todo))
     lock = threading.Lock()
     budget = _ByteBudget(memory_budget)
@@ -120,20 +142,20 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
     def copy_through_here(key: str) -> int:
         held = budget.acquire(objects[key])
         try:
-            data = source.get(key)
+            data = _asking(source, lambda: source.get(key))
             if not object_intact(key, data):
                 raise IntegrityError(f"{key} is damaged in the source")
-            destination.put(key, data)
+            _asking(destination, lambda: destination.put(key, data))
             return len(data)
         finally:
             budget.release(held)
 
     def copy_by_server(key: str) -> int:
-        etag = destination.copy_from(source, key)  # type: ignore[attr-defined]
+        etag = _asking(destination, lambda: destination.copy_from(source, key))  # type: ignore[attr-defined]
         if etag != etags[key] or "-" in etag:  # no plain MD5 (uploaded in parts): check the bytes
             held = budget.acquire(objects[key])
             try:
-                if not object_intact(key, destination.get(key)):
+                if not object_intact(key, _asking(destination, lambda: destination.get(key))):
                     raise IntegrityError(f"the server's copy of {key} does not match its name")
             finally:
                 budget.release(held)
@@ -146,7 +168,7 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
         if by_server and not refused.is_set() and objects[key] <= SERVER_COPY_LIMIT:
             try:
                 return copy_by_server(key), True
-            except (TransientStoreError, ObjectNotFound):
+            except (TransientStoreError, StoreUnreachable, ObjectNotFound):  # no refusal: the same by hand
                 raise
             except StoreError as exc:  # AccessDenied, NotImplemented...: this server does not copy
                 if not refused.is_set():
@@ -160,21 +182,29 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
             size, server = copy_one(key)
         except (StoreError, IntegrityError) as exc:
             with lock:
+                report.failed += 1
                 report.errors.append(f"{key}: {exc}")
                 failures.append(exc)
+                if isinstance(exc, _Unanswered):
+                    unanswered.append(exc)
+                else:  # the store answered, if only to refuse
+                    unanswered.clear()
             return
         with lock:
+            unanswered.clear()
             report.copied += 1
             report.copied_by_server += server
             report.bytes_copied += size
         progress.advance(nbytes=size, items=1, current=f"{report.copied}/{len(todo)} objects")
 
     failures: list[StoreError | IntegrityError] = []
+    unanswered: list[_Unanswered] = []  # the failures since the last object copied, if all were these
     crashed: list[BaseException] = []
 
     def worker() -> None:
         try:
-            while not crashed and (not master_key.done() or master_key.exception() is None):
+            while (not crashed and len(unanswered) < UNREACHABLE_IN_A_ROW
+                   and (not master_key.done() or master_key.exception() is None)):
                 with lock:
                     key = next(pending, None)
                 if key is None:
@@ -193,11 +223,16 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
     if crashed:
         raise crashed[0]
     key = master_key.result()  # a wrong passphrase stops here, before anything else is written
+    if len(unanswered) >= UNREACHABLE_IN_A_ROW:
+        last = unanswered[-1]
+        raise StoreUnreachable(f"{last.location} is not answering: {len(unanswered)} objects in a row failed "
+                               f"after retrying, so the migration stopped after copying {report.copied} of "
+                               f"{len(todo)} objects (run migrate again to resume once it answers): {last}")
     damaged = [message for message, exc in zip(report.errors, failures) if isinstance(exc, IntegrityError)]
     if damaged:
         raise IntegrityError(f"{len(damaged)} objects could not be copied intact: {damaged[0]}")
     if report.errors:
-        raise StoreError(f"{len(report.errors)} objects could not be copied (run migrate again to resume): "
+        raise StoreError(f"{report.failed} objects could not be copied (run migrate again to resume): "
                          f"{report.errors[0]}")
 
     # Everything is there and the same size: only then does the destination become a repository.
@@ -205,7 +240,9 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
     short = [k for k, size in objects.items() if k != "config" and arrived.get(k) != size]
     if short:
         raise IntegrityError(f"{len(short)} objects did not arrive intact at {destination.location}, e.g. {short[0]}")
-    destination.put("config", config)
+    if config_there != config:
+        destination.put("config", config)
+        report.copied += 1
     with Repository(_Unclosed(destination), decoded, key, cache_dir) as copy_repo:
         checked = verify(copy_repo)
     if not checked.ok:
@@ -213,6 +250,7 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
 
     if delete_source:
         source.delete("config")  # first: the source stops being a repository at once
+        report.deleted += 1
         _delete_source(source, [key for key in objects if key != "config"], report)
     return report
 
@@ -241,7 +279,7 @@ def _finish_deleting_source(source: ObjectStore, destination: ObjectStore, repor
                                  f"(e.g. {kept[0]}), so nothing was deleted")
     log.info("finishing an interrupted --delete-source: %d objects left in %s", len(left), source.location)
     _delete_source(source, list(left), report)
-    report.objects = len(left)
+    report.objects = report.skipped = len(left)
     return report
 
 
@@ -284,19 +322,56 @@ class _ByteBudget:
             self._changed.notify_all()
 
 
-def _check_destination(destination: ObjectStore, config: Config, source: ObjectStore) -> None:
-    """Refuse a destination that holds another repository, or objects that are not ours."""
+def _check_destination_repository(destination: ObjectStore, config: Config, source: ObjectStore) -> bytes | None:
+    """Refuse a destination that holds another repository, or its keys; the destination's config
+    if it is already this repository's (a migration run again after it finished)."""
     try:
-        existing = Config.decode(destination.get("config"))
+        there = destination.get("config")
+        existing = Config.decode(there)
     except StoreError:
-        existing = None
+        there = existing = None
     if existing is not None:
         if existing.id != config.id:
             raise RepositoryExists(f"{destination.location} already holds a different repository")
-        return
+        return there
     theirs = {k for k, _ in destination.list("keys/")}
     if theirs and not theirs <= {k for k, _ in source.list("keys/")}:
         raise RepositoryExists(f"{destination.location} holds objects of a different repository")
+    return None
+
+
+def _refuse_foreign_objects(destination: ObjectStore, objects: dict[str, int], present: dict[str, int]) -> None:
+    """Refuse a destination that holds anything but objects of this repository (`objects`, as the
+    source lists them): a migration only ever writes those (and its probe, which a migration killed
+    in its moment may leave), so anything else means the folder or prefix is used for something else."""
+    foreign = sorted(k for k in present if k not in objects and not k.startswith(PROBE_PREFIX))
+    if foreign:
+        raise UsageError(f"{destination.location} is not empty: it holds {len(foreign)} object"
+                         f"{'s' if len(foreign) > 1 else ''} that {'are' if len(foreign) > 1 else 'is'} no part "
+                         f"of this repository (e.g. {foreign[0]}); migrate into an empty location, or into one "
+                         "an interrupted migration of this repository left: nothing was copied")
+
+
+class _Unanswered(StoreUnreachable):
+    """`StoreUnreachable` from a call to the store at `location`: which store stopped answering."""
+
+    def __init__(self, location: str, exc: StoreError):
+        super().__init__(str(exc))
+        self.location = location
+
+
+def _asking(store: ObjectStore, call: Callable[[], T]) -> T:
+    """`call()`, a call to `store`; if the store did not answer (even through replicas, which wrap
+    the error in their own), raise `_Unanswered` naming it."""
+    try:
+        return call()
+    except StoreError as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, StoreUnreachable):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise _Unanswered(store.location, exc) from exc
 
 
 class _Unclosed:

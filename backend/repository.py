@@ -177,7 +177,9 @@ class Repository:
                 held = []
             if held:
                 raise RepositoryNotFound(f"{store.location} holds parts of a repository ({', '.join(held)}) but "
-                                         "no config: put its config back, from a replica or a copy") from None
+                                         "no config: put its config back, from a replica or a copy; or, if an "
+                                         "interrupted `fsmount migrate` was copying to it, run that migrate "
+                                         "again to finish it") from None
             raise RepositoryNotFound(f"no repository at {store.location} (run `fsmount init` first)") from None
         check_replicas_hold_one_repository(store)
         key = open_master_key(store, passphrase)

@@ -2,20 +2,43 @@
 
 Every object is written to a temporary file in the same directory, fsync'd, renamed over its final
 name, and the directory is fsync'd, so a crash leaves either the old state or the whole new object.
-Temporary files carry the `.tmp-` prefix; `list` never reports them, and a later `put` of the same
-key simply writes a new one (a crash may leave stale ones behind, which are harmless).
+Temporary files carry the `.tmp-` prefix and `list` never reports them. A writer killed mid-put leaves
+its temporary file behind; `list`, walking the folders anyway, removes those it passes whose writer
+is gone. A temporary file is named `.tmp-<pid space>-<pid>-<random>`, the pid space telling which
+processes a pid names (this boot of this machine, this pid namespace): one of this pid space is
+stale once its process has died, any other (another machine on a shared folder, another container,
+an older fsmount) once it is `STALE_TMP_S` old. So a live writer's file is never taken from under
+it, even when two backups write one repository at once.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import secrets
+import time
 from collections.abc import Iterator
 
 from ..errors import ObjectNotFound, StoreError
 
 _TMP_PREFIX = ".tmp-"
+STALE_TMP_S = 3600.0  # a temporary file of a writer this process cannot see: no put lasts this long
+
+
+def _pid_space() -> str:
+    """Which processes a pid names here: a hash of the boot id and the pid namespace ("" where
+    that cannot be told)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot_id = f.read().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return hashlib.blake2b(f"{boot_id} {namespace}".encode(), digest_size=4).hexdigest()
+
+
+_PID_SPACE = _pid_space()
 
 
 class LocalStore:
@@ -61,7 +84,7 @@ class LocalStore:
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         directory = os.path.dirname(path)
-        tmp = os.path.join(directory, _TMP_PREFIX + secrets.token_hex(8))
+        tmp = os.path.join(directory, f"{_TMP_PREFIX}{_PID_SPACE or 'x'}-{os.getpid()}-{secrets.token_hex(8)}")
         try:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -117,7 +140,10 @@ class LocalStore:
             raise _store_error(f"listing {directory}", exc) from exc
         with entries:
             for entry in entries:
-                if entry.name.startswith(_TMP_PREFIX) or not entry.name.startswith(leaf_prefix):
+                if entry.name.startswith(_TMP_PREFIX):
+                    _remove_if_stale(entry)
+                    continue
+                if not entry.name.startswith(leaf_prefix):
                     continue
                 key = f"{key_dir}/{entry.name}" if key_dir else entry.name
                 if entry.is_dir(follow_symlinks=False):
@@ -143,6 +169,31 @@ def _fsync_dir(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _remove_if_stale(entry: os.DirEntry[str]) -> None:
+    """Remove the temporary file `entry` if its writer is gone (see the module docstring)."""
+    space, _, rest = entry.name.removeprefix(_TMP_PREFIX).partition("-")
+    pid, _, _ = rest.partition("-")
+    if _PID_SPACE and space == _PID_SPACE and pid.isdigit():
+        stale = not _is_running(int(pid))
+    else:
+        try:
+            stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_TMP_S
+        except OSError:
+            return
+    if stale:
+        _remove_quietly(entry.path)  # a folder only read (another user's, read-only) keeps it
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _remove_quietly(path: str) -> None:

@@ -3,8 +3,9 @@
 A store decides what is transient by raising `TransientStoreError` (for S3 that decision is
 `s3.translate_error`); this module only decides how long to keep trying. `call_with_retry` is used
 inside `S3Store` for every request, and `RetryingStore` wraps any other store the same way (tests wrap a
-`FaultyStore` in it). When the budget runs out the last error is re-raised as a plain `StoreError`, so
-an outer layer does not retry the same failure again.
+`FaultyStore` in it). When the budget runs out the last error is re-raised as `StoreUnreachable`, a
+`StoreError` but no `TransientStoreError`, so an outer layer does not retry the same failure again,
+while a caller making many calls can tell "the store stopped answering" from a refusal.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ..errors import StoreError, TransientStoreError
+from ..errors import StoreUnreachable, TransientStoreError
 from .base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def call_with_retry(fn: Callable[[], T], *, policy: RetryPolicy, doing: str,
     """`fn()`, called again after each `TransientStoreError` until it succeeds or the budget is spent.
 
     `doing` says what the call was for ("reading data/ab/... from s3:bucket"); it starts the message of
-    the `StoreError` raised when giving up. Any other exception propagates at once.
+    the `StoreUnreachable` raised when giving up. Any other exception propagates at once.
     """
     start = clock()
     failures = 0
@@ -56,8 +57,8 @@ def call_with_retry(fn: Callable[[], T], *, policy: RetryPolicy, doing: str,
             failures += 1
             elapsed = clock() - start
             if elapsed >= policy.budget_s:
-                raise StoreError(f"{doing}: gave up after {failures} attempt{'s' if failures > 1 else ''} "
-                                 f"in {elapsed:.1f} s: {exc}") from exc
+                raise StoreUnreachable(f"{doing}: gave up after {failures} attempt{'s' if failures > 1 else ''} "
+                                       f"in {elapsed:.1f} s: {exc}") from exc
             # the last wait is cut to the budget, and one more attempt made at its end: a budget
             # of 3 s used to end after 0.7 s, when the next wait would have gone past it
             delay = min(policy.delay_s(failures), policy.budget_s - elapsed)
