@@ -41,6 +41,7 @@ INDEX_VERSION = 1
 LOOKUP_BATCH = 256  # ids per `lookup_many` statement (old SQLite builds allow 999 parameters)
 T = TypeVar("T")
 READ_WORKERS = 8  # index objects or pack headers fetched at once: small, so a remote store's latency dominates
+_HEX = frozenset("0123456789abcdef")
 HEADER_TAIL = 64 * 1024  # the end of a pack read for its header: ~1,400 blobs' records in one ranged read
 
 
@@ -88,9 +89,16 @@ def read_index_objects(store: ObjectStore, key: MasterKey, names: Iterable[str] 
     a time. One that fails its hash or authentication is `damaged`; one gone since it was listed
     (prune, repair) is left out; any other store failure is raised, since it says nothing of the object."""
     if names is None:
-        names = [k.removeprefix("index/") for k, _ in store.list("index/")]
+        names = index_names(store)
     readable, damaged = _fetch_each("index", names, lambda name: decode_index(key, name, store.get(f"index/{name}")))
     return IndexObjects(readable, damaged)
+
+
+def index_names(store: ObjectStore) -> set[str]:
+    """The names of the store's index objects. A key under `index/` that cannot be one (not 64 hex
+    digits) is someone else's file: it is neither read as a damaged index object nor deleted."""
+    return {name for key, _ in store.list("index/")
+            if len(name := key.removeprefix("index/")) == 64 and all(c in _HEX for c in name)}
 
 
 def read_pack_header(store: ObjectStore, key: MasterKey, pack_id: str, size: int) -> list[BlobEntry]:
@@ -221,7 +229,7 @@ class IndexCache:
     def sync(self, store: ObjectStore, key: MasterKey, *, staged: Iterable[str] = ()) -> None:
         """Bring the cache up to date with the store's `index/` objects. `staged` names index objects
         that a live mount's backlog still holds: not in the store yet, but not removed either."""
-        in_store = {k.removeprefix("index/") for k, _ in store.list("index/")}
+        in_store = index_names(store)
         with self._lock:
             known = {name for (name,) in self._db.execute("SELECT name FROM index_objects")}
         if known - in_store - set(staged):

@@ -18,6 +18,15 @@ finds a blob in it does not upload the blob again. `repair_index` is restic's `r
   out, and verify names it.
 - **Damaged index objects go.** Only after the index objects that replace them are stored, so a
   crash in between leaves a complete index (blobs listed twice are allowed).
+- **Packs damaged on every copy are salvaged** (`salvage_packs`, restic's `repair packs`), once
+  `verify --read-data` has found that no replica holds a whole copy: every blob that still opens
+  and matches its id, in any copy, goes into a new pack; the index objects naming the damaged pack
+  are rewritten without it, and only then is the damaged pack deleted. The blobs no copy holds
+  whole leave the index, so they count as missing, as a lost pack's do, and the next backup stores
+  them again. A pack whose blobs nothing names (no readable index object, its header damaged) is
+  left as it is.
+- **Objects that are not ours are left alone.** A key under `data/` that is not a pack's name
+  (`data/<2 hex>/<64 hex>`) is a foreign object, which neither verify nor repair takes for a pack.
 
 Every new object is written before the old one is deleted, and the index cache rebuilds itself from
 the store at the next sync (it sees objects gone). What is nowhere any more stays damaged, and
@@ -29,11 +38,15 @@ indexed yet may be indexed here too, which costs a duplicate entry and nothing e
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .blob_writer import INDEX_BATCH_BLOBS
+from .crypto import content_hash
+from .errors import FsmountError, IntegrityError, ObjectNotFound
 from .index import IndexObjects, encode_index, read_index_objects, read_pack_headers
-from .pack import BlobEntry
+from .pack import BlobEntry, PackWriter, pack_key, read_header
 from .repository import Repository
 
 log = logging.getLogger(__name__)
@@ -50,9 +63,24 @@ class IndexRepair:
     unreadable_packs: dict[str, str] = field(default_factory=dict)  # not indexed, header unreadable -> why
 
 
+_PACK_KEY = re.compile(r"data/([0-9a-f]{2})/(\1[0-9a-f]{62})")
+
+
+def data_objects(repo: Repository) -> tuple[dict[str, int], list[str]]:
+    """(pack id -> size of every pack in the store, the keys under `data/` that are no pack's name):
+    the second were left there by someone else, and are left alone."""
+    packs, foreign = {}, []
+    for key, size in repo.store.list("data/"):
+        if match := _PACK_KEY.fullmatch(key):
+            packs[match[2]] = size
+        else:
+            foreign.append(key)
+    return packs, sorted(foreign)
+
+
 def packs_in_store(repo: Repository) -> dict[str, int]:
     """Pack id -> size of every pack in the store."""
-    return {key.rsplit("/", 1)[1]: size for key, size in repo.store.list("data/")}
+    return data_objects(repo)[0]
 
 
 def packs_not_indexed(objects: IndexObjects, in_store: dict[str, int]) -> dict[str, int]:
@@ -125,3 +153,125 @@ def _index_unindexed_packs(repo: Repository, objects: IndexObjects, in_store: di
 def _put_index(repo: Repository, packs: list[tuple[str, list[BlobEntry]]]) -> None:
     name, data = encode_index(repo.key, packs)
     repo.store.put(f"index/{name}", data)
+
+
+# -- packs damaged on every copy ----------------------------------------------------------------
+
+
+@dataclass
+class PackSalvage:
+    """What became of one damaged pack: `into` holds the blobs that still opened (None if none did)."""
+
+    pack: str
+    into: str | None = None
+    kept: int = 0
+    lost: list[bytes] = field(default_factory=list)  # ids of the blobs no copy holds whole
+
+
+@dataclass
+class PackRepair:
+    salvaged: list[PackSalvage] = field(default_factory=list)  # deleted, once what opened was stored
+    untouched: dict[str, str] = field(default_factory=dict)  # pack -> why it was left as it is
+    rewritten_index_objects: int = 0
+
+
+def salvage_packs(repo: Repository, pack_ids: list[str]) -> PackRepair:
+    """Replace each of `pack_ids`, which no replica holds a whole copy of, by a pack of the blobs
+    that still open in some copy, and take the others out of the index (see the module docstring).
+    A pack is left as it is when a whole copy turns up after all, when no copy can be read, or when
+    nothing names its blobs; a store failure is raised before anything is deleted."""
+    report = PackRepair()
+    objects = read_index_objects(repo.store, repo.key)
+    indexed: dict[str, list[BlobEntry]] = {}
+    for packs in objects.readable.values():
+        for pack_id, entries in packs:
+            indexed.setdefault(pack_id, []).extend(entries)
+    new_packs: list[tuple[str, list[BlobEntry]]] = []
+    for pack_id in sorted(set(pack_ids)):
+        outcome = _salvage_one(repo, pack_id, indexed.get(pack_id, []))
+        if isinstance(outcome, str):
+            report.untouched[pack_id] = outcome
+            log.warning("pack %s is damaged and left as it is: %s", pack_id, outcome)
+            continue
+        salvage, writer = outcome
+        if writer.count:
+            salvage.into, data, entries = writer.finish()
+            repo.store.put(pack_key(salvage.into), data)
+            new_packs.append((salvage.into, entries))
+        report.salvaged.append(salvage)
+        log.info("pack %s is damaged on every copy: %d blobs saved into pack %s, %d lost", pack_id,
+                    salvage.kept, salvage.into, len(salvage.lost))
+    if not report.salvaged:
+        return report
+    if new_packs:
+        _put_index(repo, new_packs)
+    gone = {salvage.pack for salvage in report.salvaged}
+    for name, packs in objects.readable.items():
+        kept = [(pack_id, entries) for pack_id, entries in packs if pack_id not in gone]
+        if len(kept) == len(packs):
+            continue
+        if kept:
+            _put_index(repo, kept)
+        repo.store.delete(f"index/{name}")
+        report.rewritten_index_objects += 1
+    for pack_id in sorted(gone):  # last: every blob that opened is stored and indexed elsewhere
+        repo.store.delete(pack_key(pack_id))
+    repo.sync_index()  # sees index objects gone, and rebuilds the cache from the store
+    for salvage in report.salvaged:  # a blob some other pack holds too is not lost
+        known = repo.index.known(salvage.lost)
+        salvage.lost = [blob_id for blob_id in salvage.lost if blob_id not in known]
+    return report
+
+
+def _salvage_one(repo: Repository, pack_id: str, indexed: list[BlobEntry]) -> tuple[PackSalvage, PackWriter] | str:
+    """(what was saved, a writer holding it) for one pack, or why it is left as it is."""
+    copies = list(_every_copy(repo, pack_key(pack_id)))
+    if not copies:
+        return "no copy of it can be read"
+    if any(content_hash(copy) == pack_id for copy in copies):
+        return "a whole copy of it was found after all (`fsmount verify --read-data --repair` heals the others)"
+    candidates: dict[bytes, list[BlobEntry]] = {}  # blob id -> where the index and each header put it
+    for entry in indexed:
+        candidates.setdefault(entry.blob_id, []).append(entry)
+    for copy in copies:
+        try:
+            header = read_header(repo.key, copy, pack_id)
+        except (IntegrityError, ValueError):
+            continue
+        for entry in header:
+            if entry not in candidates.setdefault(entry.blob_id, []):
+                candidates[entry.blob_id].append(entry)
+    if not candidates:
+        return "no readable index object names its blobs, and its header does not open on any copy"
+    salvage, writer = PackSalvage(pack_id), PackWriter(repo.key)
+    for blob_id, entries in candidates.items():
+        found = next(_whole_blobs(repo, entries, copies), None)
+        if found is None:
+            salvage.lost.append(blob_id)
+            continue
+        entry, sealed = found
+        writer.add(entry.blob_type, blob_id, sealed, entry.raw_length)
+        salvage.kept += 1
+    return salvage, writer
+
+
+def _whole_blobs(repo: Repository, entries: list[BlobEntry], copies: list[bytes]) -> Iterator[tuple[BlobEntry, bytes]]:
+    """(entry, sealed bytes) of each place in `copies` where the blob opens and matches its id."""
+    for entry in entries:
+        for copy in copies:
+            sealed = copy[entry.offset: entry.offset + entry.length]
+            try:
+                repo.key.unseal_blob(entry.blob_type, entry.blob_id, sealed)
+            except FsmountError:
+                continue
+            yield entry, sealed
+
+
+def _every_copy(repo: Repository, key: str) -> Iterator[bytes]:
+    """Each replica's copy of `key` (the store's, without replicas). A replica without one is passed
+    over; one that fails otherwise raises, since its copy may be the whole one."""
+    for replica in getattr(repo.store, "replicas", None) or (repo.store,):
+        try:
+            yield replica.get(key)
+        except ObjectNotFound:
+            continue

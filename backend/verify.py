@@ -11,6 +11,12 @@ machine). Packs in the store that no readable index object names (their index ob
 gone, or left by an interrupted backup) are counted, and their headers read: `verify --repair`
 indexes them from those; a pack whose header does not open is an error.
 
+With `repair`, a pack that `read_data` finds damaged on every copy is salvaged then and there
+(`repair.salvage_packs`): what still opens goes into a new pack, the rest leaves the index and is
+reported lost. Keys under `data/` that are no pack's name are foreign objects: listed, left alone.
+On replicas, `check_copies` adds what each replica lacks or holds damaged (reads go on to a good
+copy, so the checks above see the repository as the replicas serve it together).
+
 When anything is missing or corrupt, a second walk names the damage as a user sees it: which
 snapshots and which files (or directory listings) depend on the bad objects.
 """
@@ -28,7 +34,8 @@ from .errors import FsmountError, IntegrityError
 from .index import read_index_objects, read_pack_headers
 from .pack import TREE_BLOB, pack_key, read_header
 from .progress import Progress
-from .repair import packs_in_store, packs_not_indexed
+from .repair import data_objects, packs_not_indexed, salvage_packs
+from .replicas import check_replicas
 from .repository import Repository
 from .snapshot import Snapshot
 from .stores.base import ObjectStore
@@ -38,6 +45,9 @@ log = logging.getLogger(__name__)
 
 READ_WORKERS = 4
 TREE_WORKERS, TREE_BATCH = 8, 256
+WHOLE, DAMAGED, UNREADABLE = "whole", "damaged", "unreadable"  # a pack read; DAMAGED: no copy of it is whole
+SALVAGE_ADVICE = ("(`fsmount verify --read-data --repair` keeps what still opens in a new pack, and takes the "
+                  "rest out of the index for the next backup to store again)")
 REBUILD_ADVICE = "(`fsmount verify --repair` rebuilds the index from the packs' headers)"
 
 
@@ -51,8 +61,13 @@ class VerifyReport:
     blobs_read: int = 0
     unindexed_packs: int = 0  # in the store, named by no readable index object, header readable
     packs_in_backlog: int = 0  # indexed, but still in a live mount's backlog on this machine
+    foreign_objects: list[str] = field(default_factory=list)  # keys under data/ that are no pack's name
     errors: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)  # "snapshot <id>: <path>" a user would lose
+    # {"replica": location, "object": key (None: the whole replica), "what": missing|damaged|unreachable}
+    bad_copies: list[dict] = field(default_factory=list)
+    # {"pack": id, "into": new pack id or None, "blobs_kept": n, "blobs_lost": [blob id hex]}, by repair
+    salvaged_packs: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -60,9 +75,11 @@ class VerifyReport:
 
 
 class Verifier:
-    def __init__(self, repo: Repository, *, read_data: bool = False, progress: Progress | None = None):
+    def __init__(self, repo: Repository, *, read_data: bool = False, repair: bool = False,
+                 progress: Progress | None = None):
         self.repo = repo
         self.read_data = read_data
+        self.repair = repair
         self.progress = progress or Progress()
         self.report = VerifyReport()
         self.bad_blobs: set[bytes] = set()
@@ -72,7 +89,7 @@ class Verifier:
     def run(self) -> VerifyReport:
         repo, report = self.repo, self.report
         repo.sync_index()
-        in_store = packs_in_store(repo)
+        in_store, report.foreign_objects = data_objects(repo)
         # Packs a live mount still holds in its backlog are on their way, not missing.
         waiting = {key.rsplit("/", 1)[1] for key in repo.staged_keys("data/")} - in_store.keys()
         indexed = set(repo.index.pack_ids())
@@ -180,36 +197,64 @@ class Verifier:
     # -- data -------------------------------------------------------------------------------------
 
     def _read_packs(self, pack_ids: list[str], sizes: dict[str, int]) -> None:
+        damaged: dict[str, list[tuple[bytes | None, str]]] = {}  # read, and no copy was whole
         self.progress.start(total_bytes=sum(sizes[p] for p in pack_ids), total_items=len(pack_ids))
         try:
             with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="verify") as pool:
-                for pack_id, size, unusable, problems in pool.map(self._read_pack, pack_ids):
+                for pack_id, size, state, problems in pool.map(self._read_pack, pack_ids):
                     self.report.packs_read += 1
                     self.report.bytes_read += size
-                    if unusable:
+                    if state == UNREADABLE:
                         self._mark_pack_bad(pack_id)
-                    for blob_id, message in problems:
-                        self.report.errors.append(message)
-                        if blob_id is not None:
-                            self.bad_blobs.add(blob_id)
+                    if state == DAMAGED:
+                        damaged[pack_id] = problems
+                    else:  # whole, the index may still disagree with it: the index is wrong then
+                        self._record(problems)
                     self.progress.advance(nbytes=size, items=1, current=pack_id[:12])
         finally:
             self.progress.finish()
+        if self.repair and damaged:
+            self._salvage(damaged)
+        for problems in damaged.values():
+            self._record(problems)
 
-    def _read_pack(self, pack_id: str) -> tuple[str, int, bool, list[tuple[bytes | None, str]]]:
-        """Check one pack: (id, size, whether it is unusable, [(bad blob id or None, message)])."""
+    def _record(self, problems: list[tuple[bytes | None, str]]) -> None:
+        for blob_id, message in problems:
+            self.report.errors.append(message)
+            if blob_id is not None:
+                self.bad_blobs.add(blob_id)
+
+    def _salvage(self, damaged: dict[str, list[tuple[bytes | None, str]]]) -> None:
+        """Replace the damaged packs by what still opens in them (`salvage_packs`); what it could
+        not save is lost, and what it left as it was keeps its problems in `damaged`."""
+        outcome = salvage_packs(self.repo, sorted(damaged))
+        for salvage in outcome.salvaged:
+            del damaged[salvage.pack]
+            self.report.salvaged_packs.append({"pack": salvage.pack, "into": salvage.into, "blobs_kept": salvage.kept,
+                                               "blobs_lost": [blob_id.hex() for blob_id in salvage.lost]})
+            for blob_id in salvage.lost:
+                self.report.errors.append(f"blob {blob_id.hex()} of pack {salvage.pack} is lost: no copy of it "
+                                          "opens, and it left the index")
+                self.bad_blobs.add(blob_id)
+        for pack_id, why in outcome.untouched.items():
+            damaged[pack_id].append((None, f"pack {pack_id} is left as it is: {why}"))
+
+    def _read_pack(self, pack_id: str) -> tuple[str, int, str, list[tuple[bytes | None, str]]]:
+        """Check one pack: (id, size, WHOLE or DAMAGED or UNREADABLE, [(bad blob id or None, message)])."""
         repo = self.repo
         try:
             data = repo.store.get(pack_key(pack_id))
         except IntegrityError as exc:  # no replica has a whole copy: look at a damaged one blob by blob
             data = _any_copy(repo.store, pack_key(pack_id))
             if data is None:
-                return pack_id, 0, True, [(None, f"pack {pack_id}: {exc}")]
+                return pack_id, 0, UNREADABLE, [(None, f"pack {pack_id}: {exc}")]
         except FsmountError as exc:
-            return pack_id, 0, True, [(None, f"pack {pack_id}: {exc}")]
+            return pack_id, 0, UNREADABLE, [(None, f"pack {pack_id}: {exc}")]
         problems: list[tuple[bytes | None, str]] = []
-        if content_hash(data) != pack_id:
-            problems.append((None, f"pack {pack_id} does not match its content hash (corrupt)"))
+        whole = content_hash(data) == pack_id
+        if not whole:
+            problems.append((None, f"pack {pack_id} does not match its content hash (corrupt)"
+                                   + ("" if self.repair else f" {SALVAGE_ADVICE}")))
         indexed = repo.index.pack_entries(pack_id)
         try:
             header = {e.blob_id: e for e in read_header(repo.key, data, pack_id)}
@@ -218,8 +263,8 @@ class Verifier:
             problems.append((None, f"pack {pack_id}: {exc}"))
         for entry in indexed:
             if header and header.get(entry.blob_id) != entry:
-                problems.append((entry.blob_id, f"pack {pack_id}: header disagrees with the index "
-                                                f"about blob {entry.blob_id.hex()}"))
+                problems.append((entry.blob_id, (f"pack {pack_id}: header disagrees with the index "
+                                                 f"about blob {entry.blob_id.hex()}")))
                 continue
             sealed = data[entry.offset: entry.offset + entry.length]
             try:
@@ -227,7 +272,7 @@ class Verifier:
             except FsmountError as exc:
                 problems.append((entry.blob_id, f"pack {pack_id}: {exc}"))
         self.report.blobs_read += len(indexed)
-        return pack_id, len(data), False, problems
+        return pack_id, len(data), WHOLE if whole else DAMAGED, problems
 
     # -- naming the damage ------------------------------------------------------------------------
 
@@ -259,8 +304,31 @@ class Verifier:
                     pending.append((node.subtree, path))
 
 
-def verify(repo: Repository, *, read_data: bool = False, progress: Progress | None = None) -> VerifyReport:
-    return Verifier(repo, read_data=read_data, progress=progress).run()
+def verify(repo: Repository, *, read_data: bool = False, repair: bool = False,
+           progress: Progress | None = None) -> VerifyReport:
+    """Check `repo` (see the module docstring); with `repair` and `read_data`, salvage the packs
+    damaged on every copy."""
+    return Verifier(repo, read_data=read_data, repair=repair, progress=progress).run()
+
+
+def check_copies(report: VerifyReport, store: ObjectStore, *, read_data: bool,
+                 progress: Progress | None = None) -> None:
+    """Add to `report` what each replica of `store` lacks (and with `read_data`, holds damaged), as
+    `bad_copies` and one error per replica and kind. `verify` reads through the replicas, so a good
+    copy anywhere passes it: a replica's own damage showed only as a warning."""
+    replicas = getattr(store, "replicas", None)
+    if not replicas:
+        return
+    for state in check_replicas(replicas, read_data=read_data, read_metadata=True, progress=progress):
+        if not state.reachable:
+            report.errors.append(f"replica {state.location} cannot be reached: {state.error}")
+            report.bad_copies.append({"replica": state.location, "object": None, "what": "unreachable"})
+        for what, says, keys in (("missing", "lacks", state.missing),
+                                 ("damaged", "holds damaged copies of", state.damaged)):
+            report.bad_copies.extend({"replica": state.location, "object": key, "what": what} for key in keys)
+            if keys:
+                report.errors.append(f"replica {state.location} {says} {len(keys)} objects, e.g. {keys[0]} "
+                                     "(`fsmount verify --repair` heals them from a good copy)")
 
 
 def _any_copy(store: ObjectStore, key: str) -> bytes | None:

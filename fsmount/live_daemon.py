@@ -141,15 +141,16 @@ class LiveMount:
             changelog.require_full_scan("mount start: the folder may have changed while unmounted")
             self.uploader = Uploader(self.repo, changelog, self.source, source_fd, self.host, spill_dir=live_dir)
             self.changelog = changelog
-            snapshot_tree = make_snapshot_tree(
-                self.repo, self.cache_bytes, on_mkdir=self.uploader.snapshot,
-                include=lambda s: s.host == self.host and s.source == self.source)
-            self.uploader.on_snapshot = snapshot_tree.invalidate
             options = {"fsname=fsmount", "subtype=fsmount", "default_permissions"}
             if os.geteuid() == 0:
                 options |= {"allow_other", *honoured_like(source_fd)}
-            self.operations = LiveTree(source_fd, changelog, snapshot_tree,
-                                       disarm_snapshots=bool(options & {"suid", "dev"}))
+            # On a mount with `suid` or `dev`, .snapshots grants neither (SnapshotTree's `disarmed`).
+            snapshot_tree = make_snapshot_tree(
+                self.repo, self.cache_bytes, on_mkdir=self.uploader.snapshot,
+                include=lambda s: s.host == self.host and s.source == self.source,
+                disarmed=bool(options & {"suid", "dev"}))
+            self.uploader.on_snapshot = snapshot_tree.invalidate
+            self.operations = LiveTree(source_fd, changelog, snapshot_tree)
             self.uploader.live_tree = self.operations
             os.umask(0)
             # Nothing may touch the mountpoint's path once mounted: the event loop that would answer

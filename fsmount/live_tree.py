@@ -18,7 +18,8 @@ folder as it was at its instant.
 
 `MOUNT/.snapshots` is not in the source: it is the read-only snapshot view, hidden from listings.
 On a mount that honours setuid bits or devices (live_daemon.honoured_like), it shows neither: what
-a snapshot holds comes from the repository, not from the source's file system (`disarm_snapshots`).
+a snapshot holds comes from the repository, not from the source's file system (SnapshotTree's
+`disarmed`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ from .live_inodes import ROOT, InodeTable
 log = logging.getLogger(__name__)
 
 SNAPSHOTS_DIR = b".snapshots"
-FILE_CAPABILITIES = b"security.capability"  # privileges an executable gains, as a setuid bit grants them
 POSIX_ACL_ACCESS = b"system.posix_acl_access"  # its entries are the mode's bits (see _drop_attributes_if_acl)
 TIMEOUT_S = 300.0  # entry/attribute cache: nothing but this mount changes the source
 # A write of this size and more continuing the one before has its disk write started at once (see
@@ -138,23 +138,6 @@ def _sync_fuse_errors(method: Callable) -> Callable:
     return wrapper
 
 
-def _disarmed(attributes: Callable[..., pyfuse3.EntryAttributes]) -> Callable[..., pyfuse3.EntryAttributes]:
-    """`attributes` without what would grant a privilege: setuid and setgid bits of anything but a
-    directory, and every permission bit of a device node (only root, who may make any device
-    anyway, can open it; its type and number still show)."""
-
-    def disarmed(*args: Any) -> pyfuse3.EntryAttributes:
-        attr = attributes(*args)
-        mode = attr.st_mode
-        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-            attr.st_mode = stat.S_IFMT(mode)
-        elif not stat.S_ISDIR(mode):
-            attr.st_mode = mode & ~(stat.S_ISUID | stat.S_ISGID)
-        return attr
-
-    return disarmed
-
-
 class _Handle:
     __slots__ = ("entries", "fd", "inode", "write_end")
 
@@ -166,19 +149,11 @@ class _Handle:
 class LiveTree(pyfuse3.Operations):
     enable_writeback_cache = True
 
-    def __init__(self, root_fd: int, changelog: Changelog, snapshots: Any = None, *, disarm_snapshots: bool = False):
+    def __init__(self, root_fd: int, changelog: Changelog, snapshots: Any = None):
         super().__init__()
         self.inodes = InodeTable(root_fd)
         self.changelog = changelog
         self.snapshots = snapshots  # the .snapshots view, or None
-        # On a mount with `suid` or `dev`: .snapshots shows no setuid or setgid bit, no file
-        # capability and no usable device. Anyone with the repository's passphrase can write a
-        # snapshot, and this folder's snapshots may hold an old setuid program since fixed: served
-        # as they are, either would be a privilege the source never grants (live_daemon.honoured_like).
-        self.disarm_snapshots = disarm_snapshots
-        if snapshots is not None and disarm_snapshots:
-            # Its attributes reach the kernel in its own replies too (listings), so at their source.
-            snapshots._attr = _disarmed(snapshots._attr)
         self.frozen: FrozenView | None = None  # the running snapshot's view of its instant
         self.as_root = os.geteuid() == 0
         self._own_ids = (os.geteuid(), os.getegid())
@@ -787,8 +762,6 @@ class LiveTree(pyfuse3.Operations):
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if self.snapshots is not None and self.snapshots.owns(inode):
-            if self.disarm_snapshots and name == FILE_CAPABILITIES:
-                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
             return await self.snapshots.getxattr(inode, name, ctx)
         # The kernel asks for security.capability before every write(2) to a file, which is open
         # then: through its fd, not a /proc path, is half the cost.
@@ -805,8 +778,7 @@ class LiveTree(pyfuse3.Operations):
     @_fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         if self.snapshots is not None and self.snapshots.owns(inode):
-            names = await self.snapshots.listxattr(inode, ctx)
-            return [n for n in names if n != FILE_CAPABILITIES] if self.disarm_snapshots else names
+            return await self.snapshots.listxattr(inode, ctx)
         return [os.fsencode(n) for n in os.listxattr(self._xattr_target(inode), follow_symlinks=False)]
 
     @_fuse_errors

@@ -38,7 +38,7 @@ import trio
 from backend.errors import FsmountError
 from backend.repository import Repository
 from backend.snapshot import BadName, Snapshot, check_name
-from backend.tree import DIR, FILE, HOLE, SYMLINK, Node
+from backend.tree import BLOCKDEV, CHARDEV, DIR, FILE, HOLE, SYMLINK, Node
 
 from .snapshot_reader import SnapshotReader
 
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 OWN_RANGE = 1 << 63  # inode numbers with this bit belong to the snapshot tree
 HANDLE_BASE = 1 << 48  # file handle numbers, far above those of the live tree
 LATEST = b"latest"
+FILE_CAPABILITIES = b"security.capability"  # privileges an executable gains, as a setuid bit grants them
 DOTS = (b".", b"..")  # the first two entries of every listing, as in any folder
 SIBLINGS_AHEAD = 16  # files of a folder fetched ahead of one being read
 IMMUTABLE_TIMEOUT_S = 3600.0
@@ -120,12 +121,20 @@ class SnapshotTree:
 
     `include` picks the snapshots shown (the live tree shows only its own folder's); `on_mkdir`,
     when given, makes `mkdir ROOT/NAME` take a snapshot named NAME and return it.
+
+    `disarmed` (for a live mount with `suid` or `dev`): no setuid or setgid bit but on folders, no
+    file capability, and device nodes without permission bits (only root, who may make any device
+    anyway, can open one; type and number still show). Anyone with the repository's passphrase can
+    write a snapshot, and a folder's snapshots may hold an old setuid program since fixed: served as
+    they are, either would be a privilege the source never grants (live_daemon.honoured_like).
     """
 
     def __init__(self, repo: Repository, reader: SnapshotReader, *, root_number: int = OWN_RANGE,
                  include: Callable[[Snapshot], bool] | None = None,
-                 on_mkdir: Callable[[str], Awaitable[Snapshot]] | None = None, refresh_s: float = 2.0):
+                 on_mkdir: Callable[[str], Awaitable[Snapshot]] | None = None, refresh_s: float = 2.0,
+                 disarmed: bool = False):
         self.repo = repo
+        self.disarmed = disarmed
         self.reader = reader
         self.root_number = root_number
         self.include = include or (lambda snapshot: True)
@@ -247,6 +256,11 @@ class SnapshotTree:
         attr.st_mtime_ns = node.mtime_ns
         attr.st_ctime_ns = node.ctime_ns
         attr.entry_timeout = attr.attr_timeout = IMMUTABLE_TIMEOUT_S
+        if self.disarmed:
+            if node.type in (CHARDEV, BLOCKDEV):
+                attr.st_mode = stat.S_IFMT(attr.st_mode)
+            elif node.type != DIR:
+                attr.st_mode &= ~(stat.S_ISUID | stat.S_ISGID)
         return attr
 
     def _allocated(self, node: Node) -> int:
@@ -502,10 +516,11 @@ class SnapshotTree:
 
     async def getxattr(self, number: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> bytes:
         node = self._xattr_node(number)
-        if node is None or name not in node.xattrs:
+        if node is None or name not in node.xattrs or (self.disarmed and name == FILE_CAPABILITIES):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return node.xattrs[name]
 
     async def listxattr(self, number: int, ctx: pyfuse3.RequestContext | None = None) -> list[bytes]:
         node = self._xattr_node(number)
-        return list(node.xattrs) if node is not None else []
+        names = list(node.xattrs) if node is not None else []
+        return [name for name in names if name != FILE_CAPABILITIES] if self.disarmed else names

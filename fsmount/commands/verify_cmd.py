@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import click
 
 from backend.errors import IntegrityError, StoreError
+from backend.verify import check_copies
 from backend.verify import verify as run_verify
 
 from ..context import AppContext
@@ -23,7 +24,9 @@ if TYPE_CHECKING:
                    "--read-data, damaged) object from a replica with a good copy; then rebuild the index: "
                    "packs that are gone everywhere leave it, so that the next backup stores their data "
                    "again, packs no readable index object names join it from their own headers, and "
-                   "damaged index objects are deleted.")
+                   "damaged index objects are deleted. With --read-data, a pack damaged on every copy "
+                   "is replaced by a pack of the blobs that still open; the others leave the index, and "
+                   "the next backup stores them again.")
 @json_option
 @click.pass_obj
 def verify(app: AppContext, read_data: bool, repair: bool) -> None:
@@ -41,17 +44,28 @@ def verify(app: AppContext, read_data: bool, repair: bool) -> None:
     with app.open_repository() as repo:
         if repair:
             _repair_index(app, repo)
-        report = run_verify(repo, read_data=read_data,
+        report = run_verify(repo, read_data=read_data, repair=repair,
                             progress=BarProgress("verify", enabled=not app.quiet and not app.json))
         if not repair:
-            report.errors += _replica_errors(app, repo.store, read_data)
+            check_copies(report, repo.store, read_data=read_data,
+                         progress=BarProgress("replicas", enabled=not app.quiet and not app.json))
     if app.json:
         emit_json(vars(report) | {"ok": report.ok})
     else:
+        for salvaged in report.salvaged_packs:
+            say(f"pack {salvaged['pack']} was damaged on every copy: {salvaged['blobs_kept']} blobs that still open "
+                + (f"went into pack {salvaged['into']}, " if salvaged["into"] else "")
+                + f"{len(salvaged['blobs_lost'])} lost; the damaged pack is deleted")
         for line in report.errors:
             say(f"error: {line}")
         for line in report.damaged:
             say(f"damaged: {line}")
+        if any(salvaged["blobs_lost"] for salvaged in report.salvaged_packs):
+            say("the lost blobs left the index: the files above stay damaged in these snapshots until the "
+                "next `fsmount backup` of their folder stores the data again, if the folder still holds it")
+        if report.foreign_objects:
+            say(f"{len(report.foreign_objects)} objects under data/ are not packs, and are left alone: "
+                + ", ".join(report.foreign_objects[:5]))
         if not app.quiet or not report.ok:
             say(f"checked {report.snapshots} snapshots, {report.trees} trees, {report.packs} packs"
                 + (f", read {human_bytes(report.bytes_read)} in {report.packs_read} packs"
@@ -67,26 +81,6 @@ def verify(app: AppContext, read_data: bool, repair: bool) -> None:
 
 
 COMMANDS = [verify]
-
-
-def _replica_errors(app: AppContext, store: object, read_data: bool) -> list[str]:
-    """What each replica lacks (and with --read-data, holds damaged). The check above reads through
-    the replicas, so a good copy anywhere passes it: a replica's own damage showed only as a warning."""
-    from backend.replicas import check_replicas
-
-    replicas = getattr(store, "replicas", None)
-    if not replicas:
-        return []
-    errors = []
-    for state in check_replicas(replicas, read_data=read_data, read_metadata=True,
-                                progress=BarProgress("replicas", enabled=not app.quiet and not app.json)):
-        if not state.reachable:
-            errors.append(f"replica {state.location} cannot be reached: {state.error}")
-        for what, keys in (("lacks", state.missing), ("holds damaged copies of", state.damaged)):
-            if keys:
-                errors.append(f"replica {state.location} {what} {len(keys)} objects, e.g. {keys[0]} "
-                              "(`fsmount verify --repair` heals them from a good copy)")
-    return errors
 
 
 def _repair_index(app: AppContext, repo: Repository) -> None:
