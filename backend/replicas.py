@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from .crypto import content_hash
-from .errors import FsmountError, StoreError
+from .errors import FsmountError, ObjectNotFound, StoreError
 from .progress import Progress
 from .stores.base import ObjectStore
 
@@ -52,6 +52,7 @@ class ReplicaState:
     location: str
     reachable: bool = True
     error: str | None = None
+    repository: str | None = None  # the id its config names; None if it holds none (or unreadable)
     objects: int = 0
     bytes: int = 0
     missing: list[str] = field(default_factory=list)
@@ -85,6 +86,8 @@ def check_replicas(replicas: Sequence[ObjectStore], *, read_data: bool = False, 
             listing = {}
         listings.append(listing)
         state.objects, state.bytes = len(listing), sum(listing.values())
+        if "config" in listing:
+            state.repository = _repository_id(replica)
     every: dict[str, int] = {}
     for listing in listings:
         for key, size in listing.items():
@@ -97,6 +100,28 @@ def check_replicas(replicas: Sequence[ObjectStore], *, read_data: bool = False, 
     if repair:
         _heal(replicas, states, listings, progress)
     return states
+
+
+def _repository_id(replica: ObjectStore) -> str | None:
+    """The id of the repository whose config `replica` holds (None if it cannot be read)."""
+    try:
+        doc = json.loads(replica.get("config"))
+    except (ObjectNotFound, ValueError):
+        return None
+    except StoreError as exc:
+        log.warning("replica %s: reading its config failed: %s", replica.location, exc)
+        return None
+    return doc.get("id") if isinstance(doc, dict) and isinstance(doc.get("id"), str) else None
+
+
+def different_repositories(states: Sequence[ReplicaState]) -> str | None:
+    """If the replicas' configs name more than one repository, a line saying which holds which;
+    their objects then differ all through, and no count of missing objects means anything."""
+    ids = {state.repository for state in states if state.repository is not None}
+    if len(ids) < 2:
+        return None
+    held = ", ".join(f"{state.location} holds {state.repository[:8]}" for state in states if state.repository)
+    return f"the replicas hold different repositories ({held}); replicas must be copies of one repository"
 
 
 def _find_damage(replicas: Sequence[ObjectStore], states: list[ReplicaState], listings: list[dict[str, int]],

@@ -1,14 +1,9 @@
 """The `fsmount` command: global options, the subcommands, and the one place errors become exits.
 
-Exit codes (restic's where restic has one):
-
-    0   success                       10  no repository at the location
-    1   other error                   11  repository is locked
-    2   bad usage or arguments        12  wrong passphrase
-    3   finished, with warnings       13  repository format too new
-        (files skipped or failed)     14  missing or corrupt repository data
-  130   interrupted (Ctrl-C)          15  storage failed (unreachable, full, denied)
-  143   terminated (SIGTERM)
+Exit codes are `EXIT_CODES` below (restic's where restic has one): `fsmount --help` shows them and
+README.md keeps a copy that tests/test_exit_codes.py holds to them. On failure, `--json` puts
+`{"error": message, "exit_code": code}` on stdout, unless the command printed its own document
+(which then says `error` itself); the one-line message goes to stderr either way.
 """
 
 from __future__ import annotations
@@ -24,11 +19,37 @@ from backend.errors import FsmountError
 from . import background
 from .commands import LazyGroup
 from .context import AppContext
-from .output import say, say_styled
+from .output import emit_json, json_emitted, say, say_styled
 
 EXIT_WARNINGS = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process it ended
+
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (0, "success"),
+    (1, "other error"),
+    (2, "bad usage or arguments"),
+    (EXIT_WARNINGS, "finished with warnings (files skipped or not restored, a replica left behind by --degraded)"),
+    (10, "no repository at the location"),
+    (11, "repository is locked"),
+    (12, "wrong passphrase"),
+    (13, "repository format too new"),
+    (14, "missing or corrupt repository data"),
+    (15, "storage failed (unreachable, full, denied)"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+    (EXIT_TERMINATED, "terminated (SIGTERM)"),
+)
+"""Every exit code and what it means: the help's epilog and README.md's list are made from this."""
+
+
+def exit_codes_help() -> str:
+    """The exit codes as `fsmount --help` ends with them."""
+    return "\b\nExit codes:\n" + "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES)
+
+
+def exit_codes_sentence() -> str:
+    """The exit codes as README.md lists them, in one sentence."""
+    return "Exit codes: " + ", ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES) + "."
 
 
 class _StderrHandler(logging.Handler):
@@ -39,7 +60,8 @@ class _StderrHandler(logging.Handler):
             say(logging.Formatter().formatException(record.exc_info), err=True)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             epilog=exit_codes_help())
 @click.option("-r", "--repo", "repos", multiple=True, metavar="LOCATION", envvar=None,
               help="Repository location: a directory, local:DIR, s3:BUCKET/PREFIX, "
                    "s3:https://HOST/BUCKET/PREFIX, or profile:NAME (a location with its own credentials "
@@ -74,9 +96,11 @@ def main(ctx: click.Context, repos: tuple[str, ...], profiles: tuple[str, ...], 
     """
     logging.basicConfig(level=logging.WARNING, handlers=[_StderrHandler()], force=True)
     set_verbosity(0 if quiet else verbose)  # -q wins over -v
-    locations = [*repos, *(f"profile:{name}" for name in profiles)]
-    ctx.obj = AppContext(locations, password_file, cache_dir, json_output, quiet, degraded)
-    ctx.call_on_close(ctx.obj.record_degraded_writes)
+    app = ctx.ensure_object(AppContext)  # the one `run` made, which it reads once the command is over
+    app.repo_locations = [*repos, *(f"profile:{name}" for name in profiles)]
+    app.password_file, app.cache_dir, app.degraded = password_file, cache_dir, degraded
+    app.json, app.quiet = json_output, quiet
+    ctx.call_on_close(app.record_degraded_writes)
 
 
 def set_verbosity(verbose: int) -> None:
@@ -97,31 +121,56 @@ def _on_sigterm(_signum: int, _frame: object) -> None:
 def run() -> None:
     """Console-script entry point: run the CLI and turn our errors into messages and exit codes."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    app = AppContext()
     try:
-        code = main.main(standalone_mode=False, prog_name="fsmount")
+        code = main.main(standalone_mode=False, prog_name="fsmount", obj=app)
     except FsmountError as exc:
         background.report_failure(str(exc), exc.exit_code)
         say_styled("fsmount:", str(exc), bold=True, fg="red")
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+        _exit_failed(app, str(exc), exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
         say("fsmount: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
-        say("fsmount: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        _exit_failed(app, "interrupted", EXIT_INTERRUPTED)
     except _Terminated:
         say("fsmount: terminated (SIGTERM)", err=True)
-        sys.exit(EXIT_TERMINATED)
+        _exit_failed(app, "terminated (SIGTERM)", EXIT_TERMINATED)
     except click.exceptions.NoArgsIsHelpError as exc:
         exc.show()  # `fsmount` alone: the help
         sys.exit(exc.exit_code)
     except click.UsageError as exc:  # one line, like every other error
         where = exc.ctx.command_path if exc.ctx is not None else "fsmount"
-        say(f"fsmount: {exc.format_message().rstrip('.')} (see `{where} --help`)", err=True)
-        sys.exit(exc.exit_code)
+        message = f"{exc.format_message().rstrip('.')} (see `{where} --help`)"
+        say(f"fsmount: {message}", err=True)
+        _exit_failed(app, message, exc.exit_code)
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        _exit_failed(app, exc.format_message(), exc.exit_code)
     except BrokenPipeError:
         sys.exit(1)
-    sys.exit(code or 0)
+    sys.exit(_with_degraded_writes(app, code or 0))
+
+
+def _with_degraded_writes(app: AppContext, code: int) -> int:
+    """A run that left a replica behind (--degraded) finished with a warning, whatever it did."""
+    missed = app.missed_by_replicas()
+    for line in missed:
+        say_styled("warning:", f"replica {line['replica']} missed {line['objects']} objects of this run "
+                   "(--degraded): run `fsmount replicas sync`", bold=True)
+    return code or (EXIT_WARNINGS if missed else 0)
+
+
+def _exit_failed(app: AppContext, message: str, code: int) -> None:
+    """Exit with `code`; with --json, a script gets the error on stdout too, as one JSON object,
+    unless the command printed its document already (a second one would make stdout no JSON)."""
+    if (app.json or _asks_for_json(sys.argv[1:])) and not json_emitted():
+        try:
+            emit_json({"error": message, "exit_code": code})
+        except BrokenPipeError:
+            pass
+    sys.exit(code)
+
+
+def _asks_for_json(args: list[str]) -> bool:
+    """Whether --json is among the options, for errors raised before its callback ran (a bad
+    argument parsed before it)."""
+    return "--json" in args[:args.index("--")] if "--" in args else "--json" in args

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -65,6 +66,7 @@ class AppContext:
     _passphrase: bytes | None = field(default=None, repr=False)
     _replicated: list = field(default_factory=list, repr=False)
     _warned: bool = field(default=False, repr=False)  # of degraded writes (see open_store)
+    _recorded: Counter = field(default_factory=Counter, repr=False)  # replica -> objects this run left out
 
     def locations(self) -> list[str]:
         if self.repo_locations:
@@ -84,6 +86,10 @@ class AppContext:
         store = ReplicatedStore([open_location(loc) for loc in locations], verify=object_intact,
                                 degraded=self.degraded)
         self._replicated.append(store)
+        if self.degraded and len(self._replicated) == 1:
+            from .output import add_to_json
+
+            add_to_json(lambda: {"missed_by_replicas": missed} if (missed := self.missed_by_replicas()) else {})
         self._warn_of_degraded_writes()
         return store
 
@@ -114,7 +120,16 @@ class AppContext:
         missing = [(m.replica, m.key) for store in self._replicated for m in store.take_missing_objects()]
         if missing:
             self.degraded_log().record(missing)
+            self._recorded.update(replica for replica, _ in missing)
         return len(missing)
+
+    def missed_by_replicas(self) -> list[dict]:
+        """What degraded writes of this run left out, per replica: `{"replica": location, "objects": n}`
+        for each replica that missed any (recorded for `fsmount replicas sync` or about to be)."""
+        counts = Counter(self._recorded)
+        for store in self._replicated:
+            counts.update(m.replica for m in store.missing_objects())
+        return [{"replica": replica, "objects": n} for replica, n in counts.items()]
 
     def passphrase(self, *, confirm: bool = False) -> bytes:
         if self._passphrase is not None:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -79,12 +80,32 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+_json_additions: list[Callable[[], dict[str, Any]]] = []
+_json_emitted = False
+
+
+def add_to_json(fields: Callable[[], dict[str, Any]]) -> None:
+    """Have every JSON object this run prints from now on carry `fields()` too (what degraded
+    writes left out of a replica, whatever the command)."""
+    _json_additions.append(fields)
+
+
 def emit_json(doc: Any) -> None:
-    """`doc` as JSON on stdout. Paths go in through `json_path`; any other text holding bytes that
-    are not UTF-8 (a message naming such a file) gets them as \\xNN, never as a lone surrogate,
-    which strict JSON parsers reject."""
+    """`doc` as JSON on stdout, with the fields of `add_to_json` if it is an object. Paths go in
+    through `json_path`; any other text holding bytes that are not UTF-8 (a message naming such a
+    file) gets them as \\xNN, never as a lone surrogate, which strict JSON parsers reject."""
+    global _json_emitted
+    if isinstance(doc, dict):
+        for fields in _json_additions:
+            doc = doc | fields()
+    _json_emitted = True
     json.dump(_valid_text(doc), sys.stdout, indent=2, default=_json_default)
     sys.stdout.write("\n")
+
+
+def json_emitted() -> bool:
+    """Whether this run has printed a JSON document (the CLI's edge then prints no second one)."""
+    return _json_emitted
 
 
 def _valid_text(value: Any) -> Any:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from backend.errors import IntegrityError, StoreError, UsageError
-from backend.replicas import ReplicaState, check_replicas
+from backend.errors import FsmountError, IntegrityError, StoreError, UsageError
+from backend.replicas import ReplicaState, check_replicas, different_repositories
 from backend.stores.replicated import ReplicatedStore
 
 from ..context import AppContext
@@ -20,9 +20,12 @@ def _replicated(app: AppContext) -> ReplicatedStore:
     return store
 
 
-def _print_states(app: AppContext, states: list[ReplicaState], *, recorded: int = 0) -> None:
+def _print_states(app: AppContext, states: list[ReplicaState], *, recorded: int = 0,
+                  failure: FsmountError | None = None) -> None:
+    """The states, one line each (or JSON, with the `failure` the command then raises, if any)."""
     if app.json:
-        emit_json({"replicas": [s.summary() for s in states], "recorded_degraded_writes": recorded})
+        emit_json({"replicas": [s.summary() for s in states], "recorded_degraded_writes": recorded}
+                  | _error_fields(failure))
         return
     for state in states:
         if not state.reachable:
@@ -41,6 +44,11 @@ def _print_states(app: AppContext, states: list[ReplicaState], *, recorded: int 
         say(f"{recorded} objects were recorded as missed by degraded writes")
 
 
+def _error_fields(failure: FsmountError | None) -> dict:
+    """What the CLI's edge would print for `failure` under --json, for a document printed before it."""
+    return {} if failure is None else {"error": str(failure), "exit_code": failure.exit_code}
+
+
 @click.group(invoke_without_command=True)
 @json_option
 @click.pass_context
@@ -51,7 +59,8 @@ def replicas(ctx: click.Context) -> None:
       fsmount -r s3:bucket-a/repo -r s3:https://other.example.org/bucket-b/repo replicas
       fsmount -r ... replicas sync          copy what a replica lacks from the others
 
-    Exit code 14 when a replica lacks objects the others have, 15 when one cannot be reached.
+    Exit code 14 when a replica lacks objects the others have, 15 when one cannot be reached, 2
+    when the replicas hold different repositories (as `replicas sync` refuses them).
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -61,11 +70,21 @@ def replicas(ctx: click.Context) -> None:
         states = check_replicas(store.replicas)
     finally:
         store.close()
-    _print_states(app, states, recorded=len(app.degraded_log().entries()))
+    mixed = different_repositories(states)
+    if mixed is not None:  # every object differs: counts of missing ones would only mislead
+        failure: FsmountError = UsageError(mixed)
+        if app.json:
+            emit_json({"replicas": [{key: s.summary()[key] for key in ("location", "reachable", "error", "repository")}
+                                    for s in states]} | _error_fields(failure))
+        raise failure
+    failure = None
     if any(not s.reachable for s in states):
-        raise StoreError("a replica cannot be reached")
-    if any(s.missing for s in states):
-        raise IntegrityError("replicas differ: run `fsmount replicas sync`")
+        failure = StoreError("a replica cannot be reached")
+    elif any(s.missing for s in states):
+        failure = IntegrityError("replicas differ: run `fsmount replicas sync`")
+    _print_states(app, states, recorded=len(app.degraded_log().entries()), failure=failure)
+    if failure is not None:
+        raise failure
 
 
 @replicas.command()
@@ -84,11 +103,14 @@ def sync(app: AppContext, read_data: bool) -> None:
                                 progress=BarProgress("sync", enabled=not app.quiet and not app.json))
     finally:
         store.close()
-    _print_states(app, states)
+    failure: FsmountError | None = None
     if any(not s.reachable for s in states):
-        raise StoreError("a replica cannot be reached; it was not synced")
-    if any(s.unhealed for s in states):
-        raise IntegrityError("some objects could not be healed")
+        failure = StoreError("a replica cannot be reached; it was not synced")
+    elif any(s.unhealed for s in states):
+        failure = IntegrityError("some objects could not be healed")
+    _print_states(app, states, failure=failure)
+    if failure is not None:
+        raise failure
     app.degraded_log().clear()
 
 

@@ -1,0 +1,69 @@
+"""What replicas tell a script: a run that left one behind (--degraded), and replicas that are not
+copies of one repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def replicas(cli, tmp_path: Path) -> tuple[str, ...]:
+    cli.env.pop("FSMOUNT_REPOSITORY")
+    return ("-r", str(tmp_path / "a"), "-r", str(tmp_path / "b"))
+
+
+def break_writes(replica: Path, folder: str) -> None:
+    """Every write of an object under `folder/` to this replica fails from now on."""
+    shutil.rmtree(replica / folder, ignore_errors=True)
+    (replica / folder).write_text("not a directory")
+
+
+def test_a_degraded_backup_that_left_a_replica_behind_says_so(cli, tmp_path: Path, replicas) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "big.bin").write_bytes(os.urandom(300_000))
+    cli(*replicas, "init")
+    break_writes(tmp_path / "b", "data")
+
+    proc = cli(*replicas, "--degraded", "--json", "backup", source, check=3)  # it exited 0, as a clean one
+    report = json.loads(proc.stdout)
+    [missed] = report["missed_by_replicas"]
+    assert missed["replica"] == str(tmp_path / "b") and missed["objects"] >= 1
+    assert any("replicas sync" in warning and str(tmp_path / "b") in warning for warning in report["warnings"])
+    assert f"replica {tmp_path / 'b'} missed" in proc.stderr.decode()
+
+    (tmp_path / "b" / "data").unlink()
+    states = json.loads(cli(*replicas, "replicas", "--json", check=14).stdout)  # its document, and the error
+    assert states["exit_code"] == 14 and "replicas sync" in states["error"]
+    cli(*replicas, "replicas", "sync")
+    (source / "new.txt").write_text("new\n")
+    report = json.loads(cli(*replicas, "--degraded", "--json", "backup", source).stdout)  # nothing missed: 0
+    assert "missed_by_replicas" not in report and report["warnings"] == []
+
+
+def test_every_command_that_left_a_replica_behind_exits_3(cli, tmp_path: Path, replicas) -> None:
+    """--degraded is a global option: the exit and the JSON field come from the CLI's edge, here for init."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "keys").write_text("not a directory")
+    report = json.loads(cli(*replicas, "--degraded", "init", "--json", check=3).stdout)
+    # its key, and config after it: the replica is taken as down once a write failed
+    assert report["missed_by_replicas"] == [{"replica": str(tmp_path / "b"), "objects": 2}]
+    assert report["id"]
+
+
+def test_replicas_of_different_repositories_are_named_not_counted(cli, tmp_path: Path, replicas) -> None:
+    cli("-r", tmp_path / "a", "init")
+    cli("-r", tmp_path / "b", "init")
+    sync = cli(*replicas, "replicas", "sync", check=2)  # the exit `replicas` must give too
+    proc = cli(*replicas, "replicas", check=sync.returncode)  # it said "N missing" and exit 14
+    [line] = proc.stderr.decode().splitlines()
+    assert "different repositories" in line and "missing" not in proc.stdout.decode()
+    report = json.loads(cli(*replicas, "replicas", "--json", check=2).stdout)
+    held = [replica["repository"] for replica in report["replicas"]]
+    assert len(set(held)) == 2 and all(f"holds {repository[:8]}" in line for repository in held)
+    assert report["exit_code"] == 2 and report["error"] == line.removeprefix("fsmount: ")
