@@ -41,6 +41,7 @@ from .repository import Repository
 from .snapshot import Snapshot
 from .source import Key, LiveSource, Source, SourceChanged, SourceFile, key_of
 from .stores import local_folders
+from .totals import FolderCount
 from .tree import DIR, FILE, HOLE, SYMLINK, Node
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class Backup:
                  parent: Snapshot | None | str = "auto", progress: Progress | None = None,
                  workers: int | None = None, changes: ChangeSet | None = None,
                  source_fd: int | None = None, view: Source | None = None, time_ns: int | None = None,
-                 skip_if_unchanged: bool = False):
+                 skip_if_unchanged: bool = False, count_totals: bool = False):
         self.repo = repo
         self.source = os.path.abspath(os.fsencode(source))
         self.host = host or socket.gethostname()
@@ -153,6 +154,15 @@ class Backup:
         self._failure: BaseException | None = None
         self._excluded = self._excluded_dirs()
         self._parent_whole = False  # set by `run`
+        # The progress bar's total, for a bar someone watches (`count_totals`): the parent's size,
+        # which costs nothing and is exact when little changed; without a parent the folder is
+        # counted alongside (totals.py), which costs CPU: a no-change backup of 40k files took
+        # 25-40% longer with it, and a first backup reads every file anyway.
+        self._initial_totals: tuple[int, int] | None = None
+        if count_totals and self.parent is not None and "size" in self.parent.stats:
+            self._initial_totals = self.parent.stats["size"], self.parent.stats.get("files", 0)
+        self._count_totals = count_totals and changes is None and self._initial_totals is None
+        self._count: FolderCount | None = None
 
     def _excluded_dirs(self) -> set[tuple[int, int]]:
         """A local repository (any of its replicas) or the cache inside the source must not back
@@ -187,15 +197,20 @@ class Backup:
         # of its blocks, which cost a no-change backup of 40k small files 20-30% more time.
         generation = self.repo.index.generation()
         self._parent_whole = self.parent is not None and self.repo.index.is_whole(self.parent.id, generation)
-        self.progress.start()
+        self.progress.start(*self._initial_totals or ())
         self._started_ns = self._time_ns or time.time_ns()
         try:
+            if self._count_totals:
+                self._count = FolderCount(root_fd, self._excluded)
             root = self._root_node(root_fd)
             tree_id, total_files, total_size = self._walk(root_fd).result()
             self._check_failure()
             self.view.verify()
+            self._report_totals()
             self.repo.flush()
         finally:
+            if self._count is not None:
+                self._count.close()
             self._workers.shutdown(wait=True, cancel_futures=True)
             self._finisher.shutdown(wait=True, cancel_futures=True)
             self.repo.writer.settle()  # a failed run's uploads end with it, not in the next run
@@ -223,6 +238,14 @@ class Backup:
         if self.changes is None or self._parent_whole or self.parent is None:
             self.repo.index.record_whole(snapshot.id, generation)
         return BackupResult(snapshot, stats, self.warnings)
+
+    def _report_totals(self) -> None:
+        """Hand the progress the folder's totals once they are counted (from this thread, as
+        every progress call)."""
+        if self._count is not None and (totals := self._count.totals()) is not None:
+            self.progress.set_totals(total_bytes=totals[0], total_items=totals[1])
+            self._count.close()
+            self._count = None
 
     def _root_node(self, root_fd: int) -> Node:
         """The source folder's own entry: its mode, owner, times and xattrs. Read as it is now,
@@ -392,6 +415,7 @@ class Backup:
     def _visit_file(self, job: _DirJob, node: Node, path: bytes, st: os.stat_result,
                     previous: Node | None) -> None:
         link_key = key_of(st)
+        read_before = self.stats.bytes_read
         content = self.changes.content(path) if self.changes is not None else None
         if previous is not None and previous.type != FILE:
             previous = None
@@ -421,7 +445,10 @@ class Backup:
                 self._hardlinks[link_key] = blocks
         self.stats.size += node.size
         job.entries.append(_Entry(node, blocks))
-        self.progress.advance(items=1, current=path)
+        # Done: its whole size, read or not (what was read advanced as it was), against the total
+        self.progress.advance(nbytes=max(0, node.size - (self.stats.bytes_read - read_before)), items=1, current=path)
+        if self._count is not None:
+            self._report_totals()
 
     def _read_file(self, dir_fd: int, node: Node, path: bytes, st: os.stat_result,
                    previous: Node | None = None, written: list[int] | None = None) -> list[Pending]:

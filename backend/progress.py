@@ -13,6 +13,9 @@ class Progress:
     def start(self, total_bytes: int | None = None, total_items: int | None = None) -> None:
         """Work begins; totals are given when known in advance."""
 
+    def set_totals(self, total_bytes: int | None = None, total_items: int | None = None) -> None:
+        """Totals that became known after `start` (a backup counts its folder while it runs)."""
+
     def advance(self, nbytes: int = 0, items: int = 0, current: str | bytes | None = None) -> None:
         """Some bytes and/or items are done; `current` names what is being worked on (a path may
         come as bytes: decoding it for every file, shown or not, cost 5% of a no-change backup)."""

@@ -194,6 +194,10 @@ class BarProgress(Progress):
         self._bar.start()
         self._task = self._bar.add_task(self.description, total=total_bytes, current="")
 
+    def set_totals(self, total_bytes: int | None = None, total_items: int | None = None) -> None:
+        if self._bar is not None and self._task is not None and total_bytes is not None:
+            self._bar.update(self._task, total=total_bytes)
+
     def advance(self, nbytes: int = 0, items: int = 0, current: str | bytes | None = None) -> None:
         if self._bar is not None and self._task is not None:
             if current is not None:
