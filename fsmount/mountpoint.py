@@ -8,6 +8,7 @@ import errno
 import gc
 import logging
 import os
+import re
 from collections.abc import Iterator
 
 from backend.errors import UsageError
@@ -15,6 +16,7 @@ from backend.fsnode import is_within
 
 log = logging.getLogger(__name__)
 
+_MOUNTINFO_ESCAPE = re.compile(rb"\\([0-7]{3})")
 READAHEAD_KIB = 2048  # measured: cp of a large file out of the snapshot mount 116 -> 170 MB/s
 
 
@@ -76,7 +78,7 @@ def enclosing_mount(path: bytes) -> tuple[bytes, str] | None:
     """(mountpoint, type) of the deepest mount above `path`, an absolute path: read from
     mountinfo, so it works for a path inside a mount whose daemon is gone."""
     found = None
-    for where, _, fstype in _mounts():
+    for where, _, fstype in mounts():
         if is_within(path, where) and (found is None or len(where) >= len(found[0])):  # >=: stacked, the last
             found = (where, fstype)
     return found
@@ -148,20 +150,26 @@ def write_back(path: bytes | str) -> None:
 def _top_mount(path: bytes) -> tuple[str, str] | None:
     """(device, type) of the file system mounted at `path`: the last one, since mounts stack."""
     found = None
-    for where, device, fstype in _mounts():
+    for where, device, fstype in mounts():
         if where == path:
             found = (device, fstype)
     return found
 
 
-def _mounts() -> Iterator[tuple[bytes, str, str]]:
+def mounts() -> Iterator[tuple[bytes, str, str]]:
     """(mountpoint, `major:minor`, type) of each mount of this process, from mountinfo."""
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split(b" ")
             if len(fields) > 4:
                 fstype = line.partition(b" - ")[2].split(b" ")[0].decode(errors="replace")
-                yield fields[4].replace(b"\\040", b" "), fields[2].decode(), fstype
+                yield unescape_mountinfo(fields[4]), fields[2].decode(), fstype
+
+
+def unescape_mountinfo(field: bytes) -> bytes:
+    """A path as mountinfo writes it, back to its bytes: the kernel escapes space, tab, newline and
+    backslash as octal (`\\040`, `\\011`, `\\012`, `\\134`)."""
+    return _MOUNTINFO_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), field)
 
 
 async def raise_readahead(mountpoint: bytes, kib: int = READAHEAD_KIB) -> None:

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import IN_CI
 
+from fsmount import mountpoint as mountpoint_module
+
 
 def require_fuse() -> None:
     if not os.path.exists("/dev/fuse"):
@@ -32,24 +34,19 @@ def require_fuse() -> None:
 def _fuse_mounts() -> dict[str, str]:
     """mountpoint -> fs type for FUSE mounts of this machine."""
     found = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fstype = right.split(" ")[0]
-            if fstype.startswith("fuse"):
-                found[left.split(" ")[4].replace("\\040", " ")] = fstype
+    for mountpoint, _device, fstype in mountpoint_module.mounts():
+        if fstype.startswith("fuse"):
+            found[os.fsdecode(mountpoint)] = fstype
     return found
 
 
 def _fuse_connection(mountpoint: Path) -> int | None:
     """The FUSE connection number of a mount (its device's minor), read from the mount table: a
     mount whose daemon is gone cannot be stat()ed (ENOTCONN)."""
-    wanted = str(mountpoint.resolve())
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split(" ")
-            if fields[4].replace("\\040", " ") == wanted and line.partition(" - ")[2].startswith("fuse"):
-                return int(fields[2].partition(":")[2])
+    wanted = os.fsencode(mountpoint.resolve())
+    for found, device, fstype in mountpoint_module.mounts():
+        if found == wanted and fstype.startswith("fuse"):
+            return int(device.partition(":")[2])
     return None
 
 

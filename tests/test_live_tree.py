@@ -405,6 +405,21 @@ def test_second_mount_of_the_same_source_is_refused(cli, source: Path, tmp_path:
         assert "already mounted by another fsmount" in proc.stderr.decode()
 
 
+def test_a_mount_whose_path_has_a_newline_is_known_as_mounted(cli, tmp_path: Path) -> None:
+    """mountinfo writes space, tab, newline and backslash as octal escapes: read back as they
+    are, the mount over such a folder was not seen, and a second mount over it was not refused."""
+    cli("init")
+    source = tmp_path / "odd name\nwith\ttab\\"
+    source.mkdir()
+    (source / "f").write_text("x")
+    with live_mount(cli, source) as mnt:
+        proc = cli("mount", source, check=2)
+        assert "already" in proc.stderr.decode()
+        assert json.loads(cli("status", mnt, "--json").stdout)["pid"] > 0
+        assert is_mounted(source)  # what the tests' own cleanup relies on, too
+    assert not is_mounted(source) and not os.path.ismount(source)
+
+
 @pytest.fixture
 def public_dir():
     """A directory other users can reach (pytest's own temp root is private to root)."""
