@@ -306,6 +306,7 @@ def test_scheduled_and_final_snapshots_are_skipped_while_nothing_changes(cli, so
     taken = snapshots(cli)
     assert len(taken) == 2  # nothing changed since the chmod's: no final snapshot either
     assert said["final_snapshot"] == taken[-1]["id"]  # the one that shows the folder as it was left
+    assert said["final_unchanged"] is True
     with live_mount(cli, source) as mnt:
         last = taken[-1]["id"][:8]  # status still says which snapshot was last, and when
         assert re.search(rf"last +{last} at \d{{4}}-", cli("status", mnt).stdout.decode())

@@ -35,7 +35,7 @@ def parse_duration(text: str) -> float:
 @click.command()
 @click.argument("source", type=click.Path(path_type=str))  # checked below: it may be a stale mount
 @click.argument("mountpoint", required=False, type=click.Path(path_type=str))
-@click.option("--every", metavar="DURATION", help="Also take a snapshot every DURATION (e.g. 15m, 1h).")
+@click.option("--every", metavar="DURATION", help="Also take a snapshot every DURATION (e.g. 15m, 1h) when something changed.")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground (logs go to the terminal).")
 @click.option("--host", callback=host_option, help="Record this host name in snapshots instead of this machine's.")
 @click.option("--backlog-limit", default="4G", show_default=True, metavar="SIZE",
@@ -52,7 +52,8 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
 
     Every write, rename and deletion is recorded as it happens, so a snapshot reads only what
     changed. Snapshots are taken with `fsmount snapshot MOUNT`, with `mkdir MOUNT/.snapshots/NAME`,
-    every DURATION with --every, and at `fsmount umount MOUNT`. Every snapshot of the folder can be
+    every DURATION with --every, and at `fsmount umount MOUNT` (the last two only when something
+    changed since the folder's last snapshot). Every snapshot of the folder can be
     browsed, read-only, in MOUNT/.snapshots/ (hidden from listings; reach it by its path).
 
     When the store is slow or unreachable, work goes on at local speed: snapshots wait in a
@@ -258,9 +259,15 @@ def unmount_live(mountpoint: str, app: AppContext, *, lazy: bool = False) -> boo
                          f"mount of this folder uploads them")
     if app.json:
         emit_json({**json_path("mountpoint", os.path.abspath(mountpoint)), "kind": "live", "final_snapshot": final,
+                   "final_unchanged": bool(reply.get("final_unchanged")),
                    "backlog_objects": backlog["objects"], "backlog_bytes": backlog["bytes"]})
     elif not app.quiet:
-        said = f"final snapshot {final[:8]}" if final else "no final snapshot (the next mount catches up)"
+        if final and reply.get("final_unchanged"):
+            said = f"nothing changed since snapshot {final[:8]}"
+        elif final:
+            said = f"final snapshot {final[:8]}"
+        else:
+            said = "no final snapshot (the next mount catches up)"
         if backlog["objects"]:
             said += (f"; {human_bytes(backlog['bytes'])} of snapshots wait on local disk for the next mount "
                      f"to upload")
@@ -369,8 +376,8 @@ def _warn_if_cwd_is_underneath(target: str) -> None:
 def umount(app: AppContext, mountpoint: str, lazy: bool) -> int:
     """Unmount a live mount, after its final snapshot is stored, or a snapshot mount.
 
-    A live mount takes a final snapshot and uploads it, with whatever else waits in its backlog,
-    before this returns (a progress bar shows how far it is). If the store cannot take it, the
+    A live mount takes a final snapshot (unless nothing changed since the folder's last one) and
+    uploads it, with whatever else waits in its backlog, before this returns (a progress bar shows how far it is). If the store cannot take it, the
     snapshots stay on local disk for the next mount and the exit code says so (15).
     A mount that a program still uses (an open file, a shell in it, a copy running) is not
     unmounted (exit 1) unless --lazy; a live mount detached so first has the kernel write back
