@@ -31,7 +31,7 @@ from backend.repository import Repository
 from backend.stores import local_folders
 from backend.stores.backlog import BacklogStore
 
-from . import control, control_server, fuse_fallocate, fuse_loop, fuse_write
+from . import control, control_server, fuse_fallocate, fuse_loop
 from .changelog import Changelog
 from .live_tree import LiveTree
 from .mountpoint import (
@@ -123,7 +123,6 @@ class LiveMount:
         self.final_error: str | None = None
         self.lazy = False  # `umount --lazy`: the final snapshot stays in the backlog for the next mount
         self.backlog_error: str | None = None  # why the backlog could not be uploaded at unmount
-        self.own_handlers: dict[str, bool] = {}  # request -> whether our handler serves it (fuse_table.py)
         self.unmounting = False  # unmounted, busy with the final snapshot and upload
 
     def run(self, ready: Callable[[], None]) -> None:
@@ -159,9 +158,7 @@ class LiveMount:
             stops = StopSignals()
             stops.hold()
             pyfuse3.init(self.operations, os.fsdecode(self.mountpoint), options)
-            # Requests served by handlers of ours in libfuse's table (fuse_table.py); `status` tells.
-            self.own_handlers = {"fallocate": fuse_fallocate.install(self.operations.fallocate),
-                                 "spliced_writes": fuse_write.install(self.operations.write_spliced)}
+            fuse_fallocate.install(self.operations.fallocate)
             freeze_startup_heap()
             trio.run(self._serve, ready, stops)
         finally:
@@ -328,7 +325,7 @@ class LiveMount:
         if op == "status":
             backlog = self.repo.backlog
             return {"mountpoint": os.fsdecode(self.mountpoint), "pid": os.getpid(),
-                    "every_s": self.every_s, "unmounting": self.unmounting, "own_handlers": self.own_handlers,
+                    "every_s": self.every_s, "unmounting": self.unmounting,
                     **self.uploader.describe(),
                     "backlog": vars(backlog.status()) if backlog is not None else None}
         if op == "snapshot":

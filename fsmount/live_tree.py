@@ -8,9 +8,8 @@ go through its descriptor, so a file unlinked while open keeps working.
 
 The mount owns its source while mounted, so the kernel may cache boldly: long entry and attribute
 timeouts, the writeback cache, `keep_cache`. Blocking calls run on worker threads so one slow file
-does not stall the others: fsync always, and reads the page cache cannot serve at once (RWF_NOWAIT
-tells which). Writes go from the kernel into the source by splice, on the loop's thread
-(fuse_write.py): a page-cache copy costs less than the hand-off to a thread.
+does not stall the others: fsync always, writes over 1 MiB, and reads the page cache cannot serve
+at once (RWF_NOWAIT tells which).
 
 While a snapshot is being read, `frozen` is its point-in-time view (frozen_view.py), and every
 handler that changes the source first tells the view (`_keep_*`), so the snapshot still reads the
@@ -43,7 +42,6 @@ from backend.source import key_of
 from .bare_entries import BareEntries
 from .changelog import Changelog
 from .frozen_view import FrozenView
-from .fuse_write import CopyInto
 from .live_inodes import ROOT, InodeTable
 
 log = logging.getLogger(__name__)
@@ -51,9 +49,7 @@ log = logging.getLogger(__name__)
 SNAPSHOTS_DIR = b".snapshots"
 POSIX_ACL_ACCESS = b"system.posix_acl_access"  # its entries are the mode's bits (see _drop_attributes_if_acl)
 TIMEOUT_S = 300.0  # entry/attribute cache: nothing but this mount changes the source
-# A write of this size and more continuing the one before has its disk write started at once (see
-# start_writeback); where pyfuse3 serves writes, it also goes to a worker thread.
-LARGE_WRITE = 256 * 1024
+THREAD_THRESHOLD = 256 * 1024  # writes of this size and more go to a worker thread
 FALLOCATE_BLOCKS_MARKED = 64  # a larger fallocate marks its file whole (see fallocate)
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -73,8 +69,8 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Have the kernel start writing those pages of the source to the disk (sync_file_range).
+def write_and_start_writeback(fd: int, data: bytes, offset: int) -> int:
+    """pwrite, then have the kernel start writing those pages to the disk (sync_file_range).
 
     With the writeback cache a large file reaches the daemon only as the kernel writes it back, and
     the source's pages would then all go to the disk at the file's fsync, after the last of them
@@ -83,12 +79,8 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     fsync went from 0.35-0.48 s to 0.06-0.29 s, the whole from 0.88-0.92 s to 0.59-0.85 s (native
     0.41-0.50 s).
     """
-    _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)  # advice only: its errors are fsync's to report
-
-
-def write_and_start_writeback(fd: int, data: bytes, offset: int) -> int:
     written = os.pwrite(fd, data, offset)
-    start_writeback(fd, offset, written)
+    _sync_file_range(fd, offset, written, SYNC_FILE_RANGE_WRITE)  # advice only: its errors are fsync's to report
     return written
 
 
@@ -120,22 +112,6 @@ def _fuse_errors(method: Callable) -> Callable:
     return wrapper
 
 
-def _sync_fuse_errors(method: Callable) -> Callable:
-    """_fuse_errors for the handlers libfuse calls through fuse_table.py, outside any trio task."""
-
-    def wrapper(self: LiveTree, *args: Any) -> Any:
-        try:
-            return method(self, *args)
-        except (OSError, pyfuse3.FUSEError):
-            raise
-        except Exception:
-            log.exception("%s failed (an internal error; the request got EIO)", method.__name__)
-            self.changelog.require_full_scan(f"an internal error in {method.__name__}")
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    wrapper.__name__ = method.__name__
-    wrapper.__doc__ = method.__doc__
-    return wrapper
 
 
 class _Handle:
@@ -659,47 +635,23 @@ class LiveTree(pyfuse3.Operations):
 
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        """A write as pyfuse3 serves it: only where fuse_write.py could not take its place."""
-        handle, paths, streaming = self._before_write(fh, off, len(buf))
-        if len(buf) >= LARGE_WRITE:
-            # A file written in order goes to the disk as it comes, not all at its fsync (see
-            # start_writeback); a block rewritten at random keeps to the page cache.
-            written = await self._in_thread(write_and_start_writeback if streaming else os.pwrite,
-                                            handle.fd, buf, off)
-        else:
-            written = os.pwrite(handle.fd, buf, off)
-        self._mark_written(paths, off, written)
-        return written
-
-    @_sync_fuse_errors
-    def write_spliced(self, fh: int, off: int, size: int, copy_into: CopyInto) -> int:
-        """A write as fuse_write.py serves it, on the event loop's thread, outside any trio task:
-        `copy_into(fd, offset)` splices the data from the kernel into the source, never through
-        Python, with the GIL released. What it costs the loop, a page-cache copy of at most 1 MiB,
-        is less than the hand-off to a worker thread did."""
-        handle, paths, streaming = self._before_write(fh, off, size)
-        written = copy_into(handle.fd, off)
-        if streaming and written >= LARGE_WRITE:
-            start_writeback(handle.fd, off, written)
-        self._mark_written(paths, off, written)
-        return written
-
-    def _before_write(self, fh: int, off: int, size: int) -> tuple[_Handle, list[bytes], bool]:
-        """What a write does before its data reaches the source: the point-in-time view keeps the
-        range first. The handle, the file's paths, and whether the write continues the last one."""
         handle = self._handles[fh]
         paths = self._paths(handle.inode)
         self.inodes[handle.inode].attributes_dropped()
         if self.frozen is not None:
-            self.frozen.before_write(self.inodes[handle.inode].key, handle.fd, off, size)
-        streaming, handle.write_end = off == handle.write_end, off + size
-        return handle, paths, streaming
-
-    def _mark_written(self, paths: list[bytes], off: int, written: int) -> None:
+            self.frozen.before_write(self.inodes[handle.inode].key, handle.fd, off, len(buf))
+        streaming, handle.write_end = off == handle.write_end, off + len(buf)
+        if len(buf) >= THREAD_THRESHOLD:
+            # A file written in order goes to the disk as it comes, not all at its fsync (see
+            # write_and_start_writeback); a block rewritten at random keeps to the page cache.
+            written = await self._in_thread(write_and_start_writeback if streaming else os.pwrite,
+                                            handle.fd, buf, off)
+        else:
+            written = os.pwrite(handle.fd, buf, off)
         for path in paths:
             self.changelog.mark_written(path, off, written)
+        return written
 
-    @_sync_fuse_errors
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2) on an open file. Not a pyfuse3 handler: fuse_fallocate.py calls it, on the
         event loop's thread, outside any trio task, so it may not await. The kernel passes on

@@ -55,35 +55,6 @@ def restore_latest(cli, tmp_path: Path, name: str) -> Path:
     return target
 
 
-def test_writes_reach_the_source_spliced_at_their_offsets(cli, source: Path, tmp_path: Path) -> None:
-    """Writes go from the kernel into the source by splice (fuse_write.py), not through pyfuse3's
-    copy: a large file written in order, a 4 KiB overwrite in its middle, an append, O_SYNC."""
-    data = os.urandom(8 * 1024 * 1024 + 123)
-    expected = bytearray(data)
-    expected[3 * 1024 * 1024 + 5:3 * 1024 * 1024 + 5 + 4096] = b"x" * 4096
-    expected += b"tail"
-    with live_mount(cli, source) as mnt:
-        (mnt / "big.bin").write_bytes(data)
-        with open(mnt / "big.bin", "r+b") as f:
-            f.seek(3 * 1024 * 1024 + 5)
-            f.write(b"x" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-        with open(mnt / "big.bin", "ab") as f:
-            f.write(b"tail")
-        fd = os.open(mnt / "sync.bin", os.O_WRONLY | os.O_CREAT | os.O_SYNC, 0o644)
-        try:
-            assert os.write(fd, b"s" * 70000) == 70000
-        finally:
-            os.close(fd)
-        assert (mnt / "big.bin").read_bytes() == expected
-        status = json.loads(cli("status", mnt, "--json").stdout)
-        assert status["own_handlers"] == {"fallocate": True, "spliced_writes": True}
-    assert (source / "big.bin").read_bytes() == expected  # the folder itself, unmounted
-    assert (source / "sync.bin").read_bytes() == b"s" * 70000
-    assert (restore_latest(cli, tmp_path, "restored") / "big.bin").read_bytes() == expected
-
-
 def test_work_through_the_mount_lands_in_the_snapshot(cli, source: Path, tmp_path: Path) -> None:
     with live_mount(cli, source) as mnt:
         assert (mnt / "notes.md").read_text() == "# notes\n"  # the folder keeps its path and files
