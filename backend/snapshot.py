@@ -17,7 +17,11 @@ snapshot mount gives the snapshot's folder. Snapshots written before it existed 
 from __future__ import annotations
 
 import datetime as dt
+import re
+import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgpack
 import zstandard
@@ -26,10 +30,17 @@ from .crypto import MasterKey, content_hash
 from .errors import IntegrityError, UsageError
 from .tree import Node
 
+if TYPE_CHECKING:
+    from .repository import Repository
+
 SNAPSHOT_AAD = b"fsmount snapshot"
 SNAPSHOT_VERSION = 1
 LABEL_BYTES = 240  # of the 255 a name may have: room for the "-<short id>" that tells twins apart
 LATEST = "latest"
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"  # an unnamed snapshot's folder name
+# The folder names the snapshot mounts make up: an unnamed snapshot's time, and any label with the
+# short id appended (two snapshots of one label). A name of that form could be another's folder.
+_MADE_UP_FOLDER = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}|.*-[0-9a-f]{8}", re.DOTALL)
 
 
 def looks_like_id(ref: str) -> bool:
@@ -38,18 +49,28 @@ def looks_like_id(ref: str) -> bool:
 
 
 class BadName(UsageError):
-    """A name, host or tag that `check_name` or `check_text` refuses. `reason` says which rule,
-    for the FUSE adapter's errno: "text", "reserved" (`latest`), "form" or "too long"."""
+    """A name, host or tag that `check_name`, `check_text` or `check_name_free` refuses. `reason`
+    says which rule, for the FUSE adapter's errno: "text", "reserved" (`latest`), "form", "too
+    long" or "taken" (another snapshot has it)."""
 
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
 
 
-def check_text(what: str, text: str) -> str:
-    """`text` if it is printable UTF-8 (no control characters, no bytes that are not UTF-8, which
-    reach us as lone surrogates and no snapshot object can hold); else BadName naming `what`."""
-    if not text.isprintable():
+def _printable(char: str) -> bool:
+    """Printable, or a space of any kind (a no-break space); not a control or format character
+    (zero-width, bidi overrides), nor a line or paragraph separator."""
+    return char.isprintable() or unicodedata.category(char) == "Zs"
+
+
+def check_text(what: str, text: object) -> str:
+    """`text` if it is printable UTF-8 (no control or format characters, no bytes that are not
+    UTF-8, which reach us as lone surrogates and no snapshot object can hold; spaces of any kind
+    are fine); else BadName naming `what`."""
+    if not isinstance(text, str):  # a request sent to a mount's control socket by hand
+        raise BadName(f"{what} must be text, not {text!r}", "text")
+    if not all(map(_printable, text)):
         raise BadName(f"{what} must be printable UTF-8 text, not {text.encode(errors='surrogateescape')!r}", "text")
     return text
 
@@ -59,7 +80,9 @@ def check_name(name: str) -> str:
     `mkdir MOUNT/.snapshots/NAME` all ask here. A name must read back as itself wherever it is
     used: printable UTF-8 text, not empty, not `latest` nor what reads as an id, and a folder
     name of the snapshot mounts as it is (no `/`, not `.` or `..`, at most LABEL_BYTES bytes,
-    which leaves room for the `-<short id>` that tells two snapshots of one name apart)."""
+    which leaves room for the `-<short id>` that tells two snapshots of one label apart), and not
+    of the form of the folder names the mounts make up (a time, `NAME-<8 hex digits>`), which
+    would be another snapshot's folder. `check_name_free` says whether it is still free."""
     check_text("a snapshot name", name)
     if not name:
         raise BadName("a snapshot name may not be empty", "form")
@@ -69,10 +92,77 @@ def check_name(name: str) -> str:
         raise BadName(f"a snapshot may not be named {name!r}: it would be read as an id", "form")
     if "/" in name or name in (".", ".."):
         raise BadName(f"a snapshot name is a folder name: not {name!r}", "form")
+    if _MADE_UP_FOLDER.fullmatch(name):
+        raise BadName(f"a snapshot may not be named {name!r}: the snapshot mounts give folder names of that "
+                      "form (a time, NAME-<8 hex digits>) to other snapshots", "form")
     if len(name.encode()) > LABEL_BYTES:
         raise BadName(f"a snapshot name may have at most {LABEL_BYTES} bytes, not {len(name.encode())}",
                       "too long")
     return name
+
+
+def check_name_free(name: str, snapshots: Iterable[Snapshot]) -> str:
+    """`name` if no snapshot among `snapshots` (all of a repository's) has it as its name or its
+    folder name; else BadName ("taken") saying which one has it. `backup --name`, `snapshot
+    --name` and `mkdir MOUNT/.snapshots/NAME` all ask here, before any work."""
+    snapshots = list(snapshots)
+    for folder, snapshot in folder_names(snapshots).items():
+        if snapshot.name == name or folder == name:
+            raise BadName(f"snapshot {snapshot.short_id} of {snapshot.time.strftime('%Y-%m-%d %H:%M:%S')} "
+                          f"({snapshot.source.decode(errors='backslashreplace')}) is named {name!r} already"
+                          + (f" (folder {folder})" if folder != name else ""), "taken")
+    return name
+
+
+def folder_names(snapshots: Iterable[Snapshot]) -> dict[str, Snapshot]:
+    """The folder each snapshot of a repository gets in the snapshot mounts (mount-snapshots and
+    `MOUNT/.snapshots` alike), oldest first: its label, or, when an older snapshot has that label
+    already (or it is `latest`), the label with `-<short id>` appended. `ls` and `restore` take
+    these names too, so a folder name means one snapshot wherever it is shown."""
+    names: dict[str, Snapshot] = {}
+    for snapshot in sorted(snapshots, key=lambda s: (s.time_ns, s.id)):
+        label = snapshot.label()
+        if label in names or label == LATEST:
+            label += "-" + snapshot.short_id
+        names[label] = snapshot
+    return names
+
+
+def resolve_snapshot(repo: Repository, ref: str, *, host: str | None = None,
+                     source: bytes | None = None) -> Snapshot:
+    """The snapshot `ref` names: `latest` (optionally the latest of one host and source), an id
+    prefix, a folder name of the snapshot mounts (`folder_names`), or a name."""
+    if ref == LATEST:
+        candidates = [s for s in repo.snapshots()
+                      if (host is None or s.host == host) and (source is None or s.source == source)]
+        if not candidates and repo.damaged_snapshots:
+            raise IntegrityError(f"no readable snapshot: {len(repo.damaged_snapshots)} are damaged "
+                                 "(`fsmount verify` says more)")
+        if not candidates:
+            raise UsageError("the repository has no snapshots yet" if host is None and source is None
+                             else "no snapshot matches that host and source")
+        return candidates[-1]
+    is_id = looks_like_id(ref)
+    matches = [i for i in repo.snapshot_ids() if i.startswith(ref)] if is_id else []
+    if len(matches) > 1:
+        raise UsageError(f"snapshot id {ref} is ambiguous ({len(matches)} snapshots match)")
+    if matches:
+        return repo.load_snapshot(matches[0])
+    every = repo.snapshots()
+    by_folder = folder_names(every).get(ref)
+    if by_folder is not None:
+        return by_folder
+    named = [s for s in every if s.name == ref]
+    if len(named) > 1:
+        raise UsageError(f"{len(named)} snapshots are named {ref!r}: give one's id "
+                         f"({', '.join(s.short_id for s in named)})")
+    if named:
+        return named[0]
+    if is_id:
+        raise UsageError(f"no snapshot with id {ref} (nor one named so)")
+    raise UsageError(f"{ref!r} is not a snapshot id, name nor folder name (give at least 4 hex digits of an "
+                     "id, a snapshot's name or its folder in the snapshot mounts, or `latest`; `fsmount "
+                     "snapshots` lists them)")
 
 
 @dataclass
@@ -101,7 +191,7 @@ class Snapshot:
         `check_name` lets only names through that are their own label; older snapshots may have
         others, which are mapped to a name a folder can have: no `/`, not `.` nor `..` (which a
         listing would hide behind the real ones), short enough to take a suffix."""
-        label = (self.name or self.time.strftime("%Y-%m-%dT%H:%M:%S")).replace("/", "_")
+        label = (self.name or self.time.strftime(TIME_FORMAT)).replace("/", "_")
         if label in (".", ".."):
             label = label.replace(".", "_")
         raw = label.encode(errors="surrogateescape")

@@ -1,8 +1,9 @@
 """The read-only snapshot tree: every snapshot of a repository as a folder, served from the store.
 
 Layout: the root lists one folder per snapshot, named by the snapshot's name or, unnamed, by its
-time (`2026-11-25T10:00:00`; a clash gets the short id appended), plus `latest`, a symlink to the
-newest. Below each folder is the snapshot's tree exactly as it was backed up.
+time (`2026-11-25T10:00:00`; a clash gets the short id appended: `folder_names`, whose names `ls`
+and `restore` take too), plus `latest`, a symlink to the newest. Below each folder is the
+snapshot's tree exactly as it was backed up.
 
 The same object serves two mounts: `fsmount mount-snapshots` (it is the whole file system there)
 and the live tree's `MOUNT/.snapshots`, which hands over every request for an inode or handle this
@@ -37,7 +38,7 @@ import trio
 
 from backend.errors import FsmountError
 from backend.repository import Repository
-from backend.snapshot import BadName, Snapshot, check_name
+from backend.snapshot import BadName, Snapshot, check_name, folder_names
 from backend.tree import BLOCKDEV, CHARDEV, DIR, FILE, HOLE, SYMLINK, Node
 
 from .snapshot_reader import SnapshotReader
@@ -52,7 +53,8 @@ DOTS = (b".", b"..")  # the first two entries of every listing, as in any folder
 SIBLINGS_AHEAD = 16  # files of a folder fetched ahead of one being read
 IMMUTABLE_TIMEOUT_S = 3600.0
 ROOT_TIMEOUT_S = 1.0
-_NAME_ERRNO = {"reserved": errno.EEXIST, "too long": errno.ENAMETOOLONG}  # BadName.reason; else EINVAL
+# BadName.reason -> the errno of mkdir; any other reason is EINVAL
+_NAME_ERRNO = {"reserved": errno.EEXIST, "taken": errno.EEXIST, "too long": errno.ENAMETOOLONG}
 
 
 def _number(*parts: bytes) -> int:
@@ -186,13 +188,10 @@ class SnapshotTree:
                 log.warning("%s", exc)
         for snapshot_id in self._snapshots.keys() - ids:
             del self._snapshots[snapshot_id]
-        shown = sorted((s for s in self._snapshots.values() if self.include(s)), key=lambda s: (s.time_ns, s.id))
-        labels: dict[bytes, Snapshot] = {}
-        for snapshot in shown:
-            label = os.fsencode(snapshot.label())
-            if label in labels or label == LATEST:
-                label += b"-" + snapshot.short_id.encode()
-            labels[label] = snapshot
+        # Named among all the repository's snapshots, shown or not: a folder name of .snapshots is
+        # the same as in mount-snapshots, and what `ls` and `restore` take (folder_names).
+        labels = {os.fsencode(label): snapshot for label, snapshot in folder_names(self._snapshots.values()).items()
+                  if self.include(snapshot)}
         self._labels = labels
         self._latest = next((label for label, s in reversed(labels.items())), None)
 
@@ -446,7 +445,10 @@ class SnapshotTree:
         except BadName as exc:
             raise pyfuse3.FUSEError(_NAME_ERRNO.get(exc.reason, errno.EINVAL)) from None
         try:
-            snapshot = await self.on_mkdir(label)
+            snapshot = await self.on_mkdir(label)  # refuses a name another snapshot has (check_name_free)
+        except BadName as exc:
+            log.warning("mkdir %r: %s", label, exc)
+            raise pyfuse3.FUSEError(_NAME_ERRNO.get(exc.reason, errno.EINVAL)) from None
         except FsmountError as exc:
             log.error("snapshot %r requested by mkdir failed: %s", label, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -43,7 +43,7 @@ import trio
 from backend.backup import Backup, BackupResult
 from backend.errors import FsmountError, StoreError
 from backend.repository import Repository
-from backend.snapshot import Snapshot
+from backend.snapshot import Snapshot, check_name, check_name_free
 
 from .changelog import Changelog
 from .frozen_view import FrozenView
@@ -112,6 +112,8 @@ class Uploader:
 
     async def _take(self, name: str | None, retry: bool, skip_if_unchanged: bool) -> Snapshot | None:
         async with self._lock:
+            if name is not None:  # mkdir .snapshots/NAME and the control socket alike, before the freeze
+                check_name_free(check_name(name), await trio.to_thread.run_sync(self.repo.snapshots))
             # The freeze: nothing below awaits until the view is in place.
             frozen = self.changelog.freeze()
             full_scan = frozen.full_scan or self.parent is None

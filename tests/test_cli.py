@@ -272,21 +272,18 @@ def test_a_snapshot_is_found_by_its_name(cli, tmp_path: Path) -> None:
     source = make_source(tmp_path / "src")
     cli("init")
     cli("backup", source, "--name", "before-refactor")
-    cli("backup", source, "--name", "twice")
-    cli("backup", source, "--name", "twice")
     assert b"/hello.txt" in cli("ls", "before-refactor").stdout
-    err = cli("ls", "twice", check=2).stderr.decode()
-    assert "2 snapshots are named 'twice'" in err, err
-    assert "not a snapshot id nor name" in cli("ls", "no-such", check=2).stderr.decode()
+    assert "not a snapshot id, name nor folder name" in cli("ls", "no-such", check=2).stderr.decode()
 
 
-def test_names_ls_would_read_otherwise_are_refused_and_a_second_use_warned(cli, tmp_path: Path) -> None:
+def test_names_ls_would_read_otherwise_or_taken_already_are_refused(cli, tmp_path: Path) -> None:
     source = make_source(tmp_path / "src")
     cli("init")
     for name in ("latest", "beef", "0123abcd"):
         assert "would be read as" in cli("backup", source, "--name", name, check=2).stderr.decode()
     cli("backup", source, "--name", "daily")
-    assert "named 'daily' already" in cli("backup", source, "--name", "daily").stderr.decode()
+    assert "named 'daily' already" in cli("backup", source, "--name", "daily", check=2).stderr.decode()
+    assert len(json.loads(cli("snapshots", "--json").stdout)) == 1
 
 
 def test_a_folder_backed_up_through_a_symlink_is_recorded_by_its_real_path(cli, tmp_path: Path) -> None:

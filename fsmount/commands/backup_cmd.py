@@ -7,7 +7,7 @@ import os
 import click
 
 from backend.backup import Backup
-from backend.snapshot import check_text
+from backend.snapshot import check_name_free, check_text, resolve_snapshot
 
 from ..context import AppContext
 from ..output import BarProgress, emit_json, human_bytes, json_option, say
@@ -28,7 +28,7 @@ def _tags(given: tuple[str, ...]) -> tuple[str, ...]:
               help="Tag the snapshot (repeatable; `--tag a,b` gives two tags, as in restic).")
 @click.option("--name", callback=snapshot_name_option,
               help="A name for the snapshot, shown in listings and mounted snapshot folders; `ls`, "
-                   "`restore` and `--parent` take it in place of an id.")
+                   "`restore` and `--parent` take it in place of an id. One no other snapshot has.")
 @click.option("--host", callback=host_option, help="Record this host name instead of this machine's.")
 @click.option("--parent", "parent_ref", metavar="SNAPSHOT",
               help="Compare against this snapshot instead of the latest of the same host and folder.")
@@ -45,14 +45,13 @@ def backup(app: AppContext, source: str, tags: tuple[str, ...], name: str | None
     the exit code is then 3.
     """
     with app.open_repository() as repo:
-        if name is not None and any(s.name == name for s in repo.snapshots()):
-            say(f"warning: another snapshot is named {name!r} already: `ls` and `restore` will want an id",
-                err=True)
+        if name is not None:
+            check_name_free(name, repo.snapshots())
         parent: object = "auto"
         if force:
             parent = None
         elif parent_ref:
-            parent = repo.resolve_snapshot(parent_ref)
+            parent = resolve_snapshot(repo, parent_ref)
         progress = BarProgress("backup", enabled=not app.quiet and not app.json)
         # The real path, so that a folder backed up through a symlink is the same folder (its
         # parent snapshot, `restore --in-place`).

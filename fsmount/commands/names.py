@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from backend.snapshot import check_name, check_text
+from backend.snapshot import BadName, check_name, check_text
 
 
 def snapshot_name_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -17,5 +17,8 @@ def snapshot_name_option(_ctx: click.Context, _param: click.Parameter, value: st
 
 
 def host_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    """`--host`: None, or printable UTF-8 text (a snapshot object cannot hold other bytes)."""
+    """`--host`: None, or printable UTF-8 text (a snapshot object cannot hold other bytes), not
+    empty (it would stand for this machine's name)."""
+    if value == "":
+        raise BadName("a host name may not be empty", "form")
     return check_text("a host name", value) if value is not None else None

@@ -10,7 +10,7 @@ import click
 
 from backend.errors import IntegrityError
 from backend.repository import DEFAULT_BLOCK_SIZE, Repository
-from backend.snapshot import Snapshot
+from backend.snapshot import Snapshot, resolve_snapshot
 from backend.tree import DIR, Node
 
 from ..context import AppContext
@@ -52,6 +52,7 @@ def snapshot_doc(snap: Snapshot) -> dict:
 
 
 _MIN_WIDTHS = {"id": 8, "time": 19, "size": 9, "added": 9}  # the `snapshots` columns that never shrink
+NAME_WIDTH = 32  # of the `snapshots` table: a longer name ends in "…" there (names may have 240 bytes)
 
 
 @click.command()
@@ -62,8 +63,10 @@ _MIN_WIDTHS = {"id": 8, "time": 19, "size": 9, "added": 9}  # the `snapshots` co
 def snapshots(app: AppContext, host: str | None, tags: tuple[str, ...]) -> None:
     """List the snapshots in the repository, oldest first.
 
-    Columns: id, time, host, source, tags, files, size (sum of file sizes) and the bytes that
-    snapshot added to the repository. Use an id prefix (or `latest`) wherever a SNAPSHOT is asked for.
+    Columns: id, time, host, source, tags, name, files, size (sum of file sizes) and the bytes
+    that snapshot added to the repository; a long name is cut short with "…" (--json has it whole).
+    Use an id prefix, a name, a folder name of the snapshot mounts, or `latest` wherever a SNAPSHOT
+    is asked for.
     """
     with app.open_repository() as repo:
         found = [s for s in repo.snapshots()
@@ -83,17 +86,18 @@ def _print_snapshots(found: list[Snapshot]) -> None:
     from rich.text import Text
 
     table = Table(box=None, header_style="bold")
-    for column in ("id", "time", "host", "source", "tags", "files", "size", "added"):
-        # The free text (source, tags and name) folds; the rest keeps its width, however long a
-        # name is (one of 255 bytes squeezed every other column out of the table).
+    for column in ("id", "time", "host", "source", "tags", "name", "files", "size", "added"):
+        # The source and tags fold; the name is cut short (one of 240 bytes made the table as
+        # wide); the rest keeps its width.
         wraps = column in ("source", "tags")
         table.add_column(column, justify="right" if column in ("files", "size", "added") else "left",
                          no_wrap=not wraps, overflow="fold" if wraps else "ellipsis",
-                         min_width=None if wraps else _MIN_WIDTHS.get(column, len(column)))
+                         min_width=None if wraps else _MIN_WIDTHS.get(column, len(column)),
+                         max_width=NAME_WIDTH if column == "name" else None)
     for s in found:  # Text, not markup: names and paths may hold brackets
         table.add_row(*map(Text, (
             s.short_id, s.time.strftime("%Y-%m-%d %H:%M:%S"), s.host, line_name(s.source),
-            line_name(",".join(s.tags).encode() + (f" [{s.name}]".encode() if s.name else b"")),
+            line_name(",".join(s.tags).encode()), line_name(s.name.encode()) if s.name else "",
             str(s.stats.get("files", "")),
             human_bytes(s.stats.get("size", 0)), human_bytes(s.stats.get("bytes_added", 0)))))
     console().print(table)
@@ -125,14 +129,15 @@ def _listing(repo: Repository, node: Node, path: bytes) -> Iterator[tuple[bytes,
 @json_option
 @click.pass_obj
 def ls(app: AppContext, snapshot_ref: str, path: str, long_format: bool) -> None:
-    """List the files of SNAPSHOT (an id prefix, a name or `latest`), from PATH down.
+    """List the files of SNAPSHOT (an id prefix, a name, its folder in the snapshot mounts, or
+    `latest`), from PATH down.
 
     Paths are relative to the backed-up folder, as a listing shows them or typed as they are.
     A byte that is not UTF-8 shows as \\xNN, a newline as \\n, a backslash doubled; --json gives
     each path in that form too, and also as `path_hex`, its bytes, when the two differ.
     """
     with app.open_repository() as repo:
-        snap = repo.resolve_snapshot(snapshot_ref)
+        snap = resolve_snapshot(repo, snapshot_ref)
         rel = snapshot_path(repo, snap, path) if path.strip("/") else b""
         start = repo.find_node(snap, rel)
         entries = _listing(repo, start, rel)
