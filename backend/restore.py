@@ -85,11 +85,22 @@ class RestoreStats:
     duration_ms: int = 0
 
 
+@dataclass(frozen=True)
+class Problem:
+    """An entry a restore did not restore (`RestoreResult.errors`) or left alone (`skipped`), and why."""
+
+    path: bytes  # relative to the target, as the snapshot names it
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path.decode(errors='backslashreplace')}: {self.message}"
+
+
 @dataclass
 class RestoreResult:
     stats: RestoreStats
-    errors: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # entries in the way, left alone without `delete`
+    errors: list[Problem] = field(default_factory=list)
+    skipped: list[Problem] = field(default_factory=list)  # entries in the way, left alone without `delete`
 
 
 class EntryInTheWay(FsmountError):
@@ -154,7 +165,9 @@ class Restore:
 
     def __init__(self, repo: Repository, snapshot: Snapshot, target: str | bytes, *,
                  paths: list[bytes] | None = None, delete: bool = False, progress: Progress | None = None,
-                 workers: int | None = None):
+                 workers: int | None = None, show_path: Callable[[bytes], str] | None = None):
+        """`show_path` is how log lines show a path (the CLI's `line_name`); by default a byte that
+        is not UTF-8 shows as \\xNN."""
         self.repo = repo
         self.snapshot = snapshot
         self.target = os.path.abspath(os.fsencode(target))
@@ -163,8 +176,9 @@ class Restore:
         self._kept = self._folders_kept()
         self.progress = progress or Progress()
         self.stats = RestoreStats()
-        self.errors: list[str] = []
-        self.skipped: list[str] = []
+        self.errors: list[Problem] = []
+        self.skipped: list[Problem] = []
+        self._show_path = show_path or (lambda path: path.decode(errors="backslashreplace"))
         self._lock = threading.Lock()
         self._block_size = repo.block_size
         scale = 1 if on_local_disk(repo.store) else REMOTE_TASK_SCALE
@@ -394,7 +408,6 @@ class Restore:
             self._batch_bytes += node.size
             if self._batch_bytes >= self._bytes_per_task or len(self._batch) >= self._files_per_task:
                 self._submit_batch()
-            self.stats.files += 1
             return
         self._files_in_flight.acquire()
         try:
@@ -408,7 +421,6 @@ class Restore:
         with self._lock:
             job.pending += 1
             self._open.add(opened)
-        self.stats.files += 1
         try:
             step = self._blocks_per_task
             for first in range(0, node.block_count, step):
@@ -435,7 +447,7 @@ class Restore:
             self._check_in_the_way(st, FILE)
             self._replace(job.fd, name)
         os.link(first, name, src_dir_fd=self._root_fd, dst_dir_fd=job.fd, follow_symlinks=False)
-        self.stats.files += 1
+        self._restored_file()
 
     def _open_file(self, job: _DirJob, node: Node) -> tuple[int, bool, bytes | None]:
         """An fd to write the file's content into, whether it has old content to compare, and the
@@ -716,6 +728,7 @@ class Restore:
             if temp is not None:
                 os.rename(temp, node.name, src_dir_fd=job.fd, dst_dir_fd=job.fd)
             apply_metadata(job.fd, node, fd, replace_xattrs=not created)
+            self._restored_file()
         except OSError as exc:
             self._error(path, _message(exc))
         finally:
@@ -759,21 +772,25 @@ class Restore:
     def _error(self, path: bytes, message: str) -> None:
         with self._lock:
             self.stats.failed += 1
-            self._report(self.errors, self.stats.failed, f"{os.fsdecode(path)}: {message}", logging.ERROR)
+            self._report(self.errors, self.stats.failed, Problem(path, message), logging.ERROR)
 
     def _skip(self, path: bytes, message: str) -> None:
         with self._lock:
             self.stats.skipped += 1
-            self._report(self.skipped, self.stats.skipped, f"{os.fsdecode(path)}: {message}", logging.WARNING)
+            self._report(self.skipped, self.stats.skipped, Problem(path, message), logging.WARNING)
 
-    @staticmethod
-    def _report(kept: list[str], count: int, text: str, level: int) -> None:
-        """Log and keep the first messages of a kind; count the rest. On a full disk every file
+    def _restored_file(self) -> None:
+        """One more file (or hard link) restored whole: `stats.files` counts no failed nor skipped one."""
+        with self._lock:
+            self.stats.files += 1
+
+    def _report(self, kept: list[Problem], count: int, problem: Problem, level: int) -> None:
+        """Log and keep the first problems of a kind; count the rest. On a full disk every file
         after the first failed and said so, 3,249 lines for a small folder."""
         if count <= MAX_MESSAGES_KEPT:
-            kept.append(text)
+            kept.append(problem)
         if count <= MAX_MESSAGES_SHOWN:
-            log.log(level, "%s", text)
+            log.log(level, "%s: %s", self._show_path(problem.path), problem.message)
         elif count == MAX_MESSAGES_SHOWN + 1:
             log.log(level, "more of these are not shown one by one; the summary counts them")
 

@@ -79,3 +79,29 @@ def test_mount_status_umount_and_mount_snapshots_name_paths_so_too(cli, tmp_path
             if is_mounted(Path(os.fsdecode(path))):
                 cli("umount", path, check=None)
                 force_unmount(Path(os.fsdecode(path)))
+
+
+def test_restore_names_what_it_could_not_restore_by_path_and_counts_only_what_it_did(
+        cli, tmp_path: Path, repo_path: Path) -> None:
+    """`restore --json` gave each failure as one string (no path, no path_hex), the plain line said
+    `w\\udcff/x\\udcfe` (a lone surrogate), and the summary said "1 files" of a file that failed."""
+    from test_integrity import locate_block
+
+    source = bytes(tmp_path) + b"/src"
+    os.makedirs(source + b"/w\xff")
+    with open(source + b"/w\xff/x\xfe", "wb") as f:
+        f.write(os.urandom(3000))
+    cli("init")
+    snapshot = strict_json(cli("backup", source, "--json").stdout)
+    pack, offset, _ = locate_block(repo_path, snapshot["id"], b"w\xff/x\xfe")
+    os.truncate(pack, offset)
+
+    done = strict_json(cli("restore", "latest", "--target", tmp_path / "r1", "--json", check=3).stdout)
+    [error] = done["errors"]
+    assert (error["path"], exact(error, "path")) == ("w\\xff/x\\xfe", b"w\xff/x\xfe"), error
+    assert "not restored" in error["error"] and "w\\x" not in error["error"], error
+    assert (done["stats"]["files"], done["stats"]["failed"]) == (0, 1)
+
+    proc = cli("restore", "latest", "--target", tmp_path / "r2", check=3)
+    assert "error: w\\xff/x\\xfe: " in proc.stderr.decode(errors="strict"), proc.stderr
+    assert ": 0 files, " in proc.stdout.decode() and "; 1 failed" in proc.stdout.decode(), proc.stdout

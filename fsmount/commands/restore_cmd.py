@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 import click
 
 from backend.errors import IntegrityError, UsageError
-from backend.restore import Restore, check_target
+from backend.restore import Problem, Restore, check_target
+from backend.snapshot import resolve_snapshot
 
 from ..context import AppContext
-from ..output import BarProgress, emit_json, human_bytes, json_option, json_path, say
+from ..output import BarProgress, emit_json, human_bytes, json_option, json_path, line_name, say
 from .snapshot_paths import snapshot_path
 
 if TYPE_CHECKING:
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
 @click.pass_obj
 def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: str | None,
             in_place: str | None, delete: bool, from_other_folder: bool) -> int:
-    """Restore SNAPSHOT (an id prefix, a snapshot's name, or `latest`) into a folder.
+    """Restore SNAPSHOT (an id prefix, a snapshot's name, its folder in the snapshot mounts, or
+    `latest`) into a folder.
 
     \b
       fsmount restore latest --target ~/restored                 everything, to a new folder
@@ -61,16 +63,17 @@ def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: 
     with app.open_repository() as repo:
         check_target(repo, os.fsencode(destination))
         if in_place is None:
-            snap = repo.resolve_snapshot(snapshot_ref)
+            snap = resolve_snapshot(repo, snapshot_ref)
         else:
             snap = _snapshot_of_folder(repo, snapshot_ref, os.fsencode(in_place), from_other_folder)
         progress = BarProgress("restore", enabled=not app.quiet and not app.json)
         result = Restore(repo, snap, os.fsencode(destination), paths=[snapshot_path(repo, snap, p) for p in paths],
-                         delete=delete, progress=progress).run()
+                         delete=delete, progress=progress, show_path=line_name).run()
     s = result.stats
     if app.json:
         emit_json({"snapshot": snap.id, **json_path("target", os.path.abspath(destination)), "stats": vars(s),
-                   "errors": result.errors, "skipped": result.skipped})
+                   "errors": [_problem_doc(p, "error") for p in result.errors],
+                   "skipped": [_problem_doc(p, "reason") for p in result.skipped]})
     elif not app.quiet:
         say(f"restored snapshot {snap.short_id} to {destination}: {s.files} files, {s.dirs} dirs; "
             f"wrote {human_bytes(s.bytes_written)}, {s.blocks_unchanged} blocks already matched"
@@ -79,6 +82,12 @@ def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: 
             + (f"; {s.failed} failed" if s.failed else "")
             + (f"; {s.skipped} skipped" if s.skipped else ""))
     return 3 if s.failed or s.skipped else 0
+
+
+def _problem_doc(problem: Problem, key: str) -> dict:
+    """An entry not restored (`error`) or left alone (`reason`), for --json: {path, path_hex when
+    the text is not the path's bytes, key: why}."""
+    return {**json_path("path", problem.path), key: problem.message}
 
 
 def _snapshot_of_folder(repo: Repository, ref: str, folder: bytes, from_other_folder: bool) -> Snapshot:
@@ -102,7 +111,7 @@ def _snapshot_of_folder(repo: Repository, ref: str, folder: bytes, from_other_fo
                              f"there, {hint})")
         here = [s for s in found if s.host == socket.gethostname()]
         return max(here or found, key=lambda s: (s.time_ns, s.id))
-    snap = repo.resolve_snapshot(ref)
+    snap = resolve_snapshot(repo, ref)
     if not from_other_folder and snap.source not in names and os.path.realpath(snap.source) not in names:
         raise UsageError(f"snapshot {snap.short_id} is of {os.fsdecode(snap.source)}, not of {shown}; "
                          "add --from-other-folder to restore it there in place")
