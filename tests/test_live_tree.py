@@ -271,6 +271,8 @@ def test_scheduled_and_final_snapshots_are_skipped_while_nothing_changes(cli, so
         status = lambda: json.loads(cli("status", mnt, "--json").stdout)
         wait_for(lambda: status()["snapshots_skipped"] >= 3, "scheduled snapshots not skipped")
         assert status()["snapshots_taken"] == 1  # the first: the folder had no snapshot
+        plain = cli("status", mnt).stdout.decode()  # only --json said it
+        assert re.search(r"\nskipped +\d+ scheduled snapshots \(nothing had changed\)\n", plain), plain
         os.chmod(mnt / "notes.md", 0o600)  # a change of metadata only is a change
         wait_for(lambda: status()["snapshots_taken"] == 2, "no scheduled snapshot after a chmod")
         said = json.loads(cli("umount", mnt, "--json").stdout)

@@ -195,6 +195,9 @@ def status(app: AppContext, mountpoint: str) -> None:
         *([uploaded] if uploaded else []),
         f"schedule     every {reply['every_s']:.0f} s" if reply.get("every_s") else "schedule     on demand",
     ]
+    if reply.get("snapshots_skipped"):
+        lines.append(f"skipped      {_count(reply['snapshots_skipped'], 'scheduled snapshot')} "
+                     "(nothing had changed)")
     if reply.get("pending_since"):
         since = dt.datetime.fromtimestamp(reply["pending_since"]).strftime("%Y-%m-%d %H:%M:%S")
         lines.append(f"behind       the snapshot of {since} is waiting "
