@@ -31,6 +31,7 @@ import atexit
 import ctypes
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -45,10 +46,12 @@ from typing import Any, Self
 
 import boto3
 import botocore.config
+import botocore.exceptions
 
 _MASTER_TOML = "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 1\ncopy_3 = 1\ncopy_other = 1\n"
 _GRPC_OFFSET = 10000
 _PR_SET_PDEATHSIG = 1
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's rule, which SeaweedFS applies
 
 
 class S3ServerError(Exception):
@@ -224,11 +227,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", help="data directory (default: a temporary one, removed at exit)")
     parser.add_argument("--bucket", help="create this bucket once the server is up")
     args = parser.parse_args(argv)
+    if args.bucket is not None and not _BUCKET_NAME.fullmatch(args.bucket):
+        print(f"s3_server: {args.bucket!r} is not an S3 bucket name: 3 to 63 of a-z, 0-9, '.' and '-', "
+              "beginning and ending with a letter or digit", file=sys.stderr)
+        return 2
     server = SeaweedServer(args.dir)
     try:
         server.start()
         if args.bucket:
-            server.client().create_bucket(Bucket=args.bucket)
+            try:
+                server.client().create_bucket(Bucket=args.bucket)
+            except botocore.exceptions.ClientError as exc:
+                raise S3ServerError(f"cannot create bucket {args.bucket!r}: {exc}") from exc
         print(f"export AWS_ENDPOINT_URL={server.endpoint}")
         print(f"export AWS_ACCESS_KEY_ID={server.credentials[0]}")
         print(f"export AWS_SECRET_ACCESS_KEY={server.credentials[1]}")
