@@ -37,7 +37,6 @@ from typing import TypeVar
 from .errors import (
     IntegrityError,
     ObjectNotFound,
-    RepositoryExists,
     RepositoryNotFound,
     StoreError,
     StoreUnreachable,
@@ -87,12 +86,14 @@ class MigrateReport:
 
 def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *, delete_source: bool = False,
             workers: int = 16, progress: Progress | None = None, cache_dir: str | None = None,
-            memory_budget: int = MEMORY_BUDGET, check_data: bool = False) -> MigrateReport:
+            memory_budget: int = MEMORY_BUDGET, check_data: bool = False,
+            report: MigrateReport | None = None) -> MigrateReport:
     """Copy `source` to `destination` (see the module docstring); `workers` objects travel at once,
     holding at most `memory_budget` bytes of object data between them (one larger object alone).
-    With `check_data`, no object is copied by the server: each is read here and checked."""
+    With `check_data`, no object is copied by the server: each is read here and checked. The counts
+    go into `report` (a new one if None) as they happen, so a caller still has them if this raises."""
     progress = progress or Progress()
-    report = MigrateReport()
+    report = report if report is not None else MigrateReport()
     return_large_buffers_to_the_os()
     try:
         config = source.get("config")
@@ -332,11 +333,13 @@ def _check_destination_repository(destination: ObjectStore, config: Config, sour
         there = existing = None
     if existing is not None:
         if existing.id != config.id:
-            raise RepositoryExists(f"{destination.location} already holds a different repository")
+            raise UsageError(f"{destination.location} already holds a different repository ({existing.id[:8]}): "
+                             "migrate into an empty location: nothing was copied")
         return there
     theirs = {k for k, _ in destination.list("keys/")}
     if theirs and not theirs <= {k for k, _ in source.list("keys/")}:
-        raise RepositoryExists(f"{destination.location} holds objects of a different repository")
+        raise UsageError(f"{destination.location} holds keys of a different repository: migrate into an "
+                         "empty location: nothing was copied")
     return None
 
 

@@ -165,9 +165,11 @@ class Repository:
 
     @classmethod
     def open(cls, store: ObjectStore, passphrase: bytes, *, cache_dir: str | None = None,
-             backlog: str | None = None, backlog_limit_bytes: int = DEFAULT_BACKLOG_LIMIT) -> Repository:
+             backlog: str | None = None, backlog_limit_bytes: int = DEFAULT_BACKLOG_LIMIT,
+             key: MasterKey | None = None) -> Repository:
         """The repository in `store`. With `backlog` (a name), writes the store cannot take now wait in
-        a local backlog of that name instead (stores/backlog.py); `repo.backlog` drains it."""
+        a local backlog of that name instead (stores/backlog.py); `repo.backlog` drains it. `key`:
+        the master key, when the caller has opened it already (to take a lock), saving a scrypt."""
         try:
             config = Config.decode(store.get("config"))
         except ObjectNotFound:
@@ -182,7 +184,8 @@ class Repository:
                                          "again to finish it") from None
             raise RepositoryNotFound(f"no repository at {store.location} (run `fsmount init` first)") from None
         check_replicas_hold_one_repository(store)
-        key = open_master_key(store, passphrase)
+        if key is None:
+            key = open_master_key(store, passphrase)
         if backlog is not None:
             directory = os.path.join(cache_dir or default_cache_dir(), config.id, BACKLOGS_DIR, backlog)
             store = BacklogStore(store, directory, backlog_limit_bytes)

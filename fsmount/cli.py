@@ -75,13 +75,16 @@ class _StderrHandler(logging.Handler):
 @click.option("--degraded", is_flag=True,
               help="With replicas: go on when one fails, record what it missed, heal later with "
                    "`fsmount replicas sync`.")
+@click.option("--no-lock", is_flag=True,
+              help="Take no repository lock: for read-only commands on a repository this process "
+                   "may not write (see `fsmount unlock --help`).")
 @click.option("--json", "json_output", is_flag=True, help="Print machine-readable JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors and warnings.")
 @click.option("-v", "--verbose", count=True, help="More log output (repeat for debug).")
 @click.version_option(package_name="fsmount")
 @click.pass_context
 def main(ctx: click.Context, repos: tuple[str, ...], profiles: tuple[str, ...], password_file: str | None, cache_dir: str | None,
-         degraded: bool, json_output: bool, quiet: bool, verbose: int) -> None:
+         degraded: bool, no_lock: bool, json_output: bool, quiet: bool, verbose: int) -> None:
     """Continuous, encrypted, incremental backup of your folders.
 
     \b
@@ -99,7 +102,7 @@ def main(ctx: click.Context, repos: tuple[str, ...], profiles: tuple[str, ...], 
     app = ctx.ensure_object(AppContext)  # the one `run` made, which it reads once the command is over
     app.repo_locations = [*repos, *(f"profile:{name}" for name in profiles)]
     app.password_file, app.cache_dir, app.degraded = password_file, cache_dir, degraded
-    app.json, app.quiet = json_output, quiet
+    app.json, app.quiet, app.no_lock = json_output, quiet, no_lock
     ctx.call_on_close(app.record_degraded_writes)
 
 
@@ -122,6 +125,13 @@ def run() -> None:
     """Console-script entry point: run the CLI and turn our errors into messages and exit codes."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     app = AppContext()
+    try:
+        _run(app)
+    finally:  # normal exit, errors, Ctrl-C and SIGTERM alike: the lock is removed
+        app.release_lock()
+
+
+def _run(app: AppContext) -> None:
     try:
         code = main.main(standalone_mode=False, prog_name="fsmount", obj=app)
     except FsmountError as exc:

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # imported where used: commands that only talk to a mount's socket need none
     from backend.replicas import DegradedLog
+    from backend.crypto import MasterKey
+    from backend.lock import RepositoryLock
     from backend.repository import Repository
     from backend.stores import ObjectStore
 
@@ -63,6 +65,9 @@ class AppContext:
     json: bool = False
     quiet: bool = False
     degraded: bool = False
+    no_lock: bool = False
+    _lock: RepositoryLock | None = field(default=None, repr=False)  # held until the command ends
+    _master_key: MasterKey | None = field(default=None, repr=False)  # opened to take the lock
     _passphrase: bytes | None = field(default=None, repr=False)
     _replicated: list = field(default_factory=list, repr=False)
     _warned: bool = field(default=False, repr=False)  # of degraded writes (see open_store)
@@ -77,6 +82,61 @@ class AppContext:
         raise UsageError("no repository given: use -r/--repo LOCATION or set FSMOUNT_REPOSITORY")
 
     def open_store(self) -> ObjectStore:
+        """The repository's store; the first time, the command's lock is taken in it (lock_policy.py)."""
+        store = self._open_store()
+        try:
+            self._take_lock(store)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _take_lock(self, store: ObjectStore) -> None:
+        """Take the lock the current command needs (lock_policy.py), once, after reading the config
+        and opening the key: without a repository there, the command says so itself."""
+        from .lock_policy import lock_mode
+
+        mode = lock_mode(click.get_current_context(silent=True))
+        if mode is None or self._lock is not None:
+            return
+        if self.no_lock:
+            if mode.exclusive:
+                raise UsageError("--no-lock is for commands that only read: this one deletes or rewrites "
+                                 "objects, which needs the repository to itself")
+            return
+        from backend.errors import StoreError
+        from backend.lock import RepositoryLock
+        from backend.repository import Config, open_master_key
+
+        try:
+            Config.decode(store.get("config"))
+        except StoreError:  # no repository (or no store) there: the command reports it
+            return
+        if self._master_key is None:
+            self._master_key = open_master_key(store, self.passphrase())
+        copies = [open_location(location) for location in self.locations()]  # stay open until released
+        try:
+            self._lock = RepositoryLock.acquire(copies, self._master_key, exclusive=mode.exclusive,
+                                                command=_command_line(), retake=mode.retake)
+        except BaseException:
+            for copy in copies:
+                copy.close()
+            raise
+
+    @property
+    def lock(self) -> RepositoryLock | None:
+        """The lock this command holds, if any."""
+        return self._lock
+
+    def release_lock(self) -> None:
+        """Remove the command's lock, if it took one (cli.py, at every exit)."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+            for copy in lock.copies:
+                copy.close()
+
+    def _open_store(self) -> ObjectStore:
         locations = self.locations()
         if len(locations) == 1:
             return open_location(locations[0])
@@ -166,9 +226,14 @@ class AppContext:
         from backend.repository import Repository
 
         store = self.open_store()
+        if self._lock is not None:  # once the lock is lost, the repository takes no more writes
+            from backend.lock import LockGuardedStore
+
+            store = LockGuardedStore(store, self._lock)  # type: ignore[assignment]
         try:
             with self.cache_folder_errors():
-                repo = Repository.open(store, self.passphrase(), cache_dir=self.cache_dir, **options)  # type: ignore[arg-type]
+                repo = Repository.open(store, self.passphrase(), cache_dir=self.cache_dir, key=self._master_key,
+                                       **options)  # type: ignore[arg-type]
             log.info("repository %s at %s (cache %s)", repo.config.id[:8], store.location, repo.cache_dir)
             return repo
         except BaseException:
@@ -185,3 +250,8 @@ class AppContext:
             where = os.fsdecode(exc.filename) if exc.filename else self.cache_dir or "(default)"
             raise UsageError(f"cannot use the cache folder {where}: {exc.strerror or exc} "
                              "(choose another with --cache-dir)") from exc
+
+
+def _command_line() -> str:
+    """The command as run, for a lock to name its holder: `fsmount backup ~/projects`."""
+    return " ".join(["fsmount", *sys.argv[1:]])[:300]

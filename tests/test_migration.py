@@ -247,3 +247,22 @@ def test_a_copy_in_use_since_its_migration_still_lets_it_delete_the_source(cli, 
     cli("migrate", "--to", moved, "--delete-source")
     assert list(repo_path.iterdir()) == []
     assert len(json.loads(cli("-r", moved, "snapshots", "--json").stdout)) == 2
+
+
+def test_a_destination_holding_another_repository_is_bad_usage_too(cli, tmp_path: Path, repo_path: Path) -> None:
+    """It exited 1 where a destination in use for anything else exits 2."""
+    make_repository(repo_path, tmp_path, snapshots=1)
+    other = tmp_path / "other"
+    cli("-r", other, "init")
+    failure = json.loads(cli("migrate", "--to", other, "--json", check=2).stdout)
+    assert "already holds a different repository" in failure["error"] and failure["exit_code"] == 2
+
+
+def test_a_failed_migration_still_reports_its_counts_in_json(cli, tmp_path: Path, repo_path: Path) -> None:
+    total = make_repository(repo_path, tmp_path, snapshots=3)
+    damaged = next((repo_path / "snapshots").iterdir())
+    damaged.write_bytes(b"not what its name says")
+    failure = json.loads(cli("migrate", "--to", tmp_path / "moved", "--json", check=14).stdout)
+    assert failure["exit_code"] == 14 and "could not be copied intact" in failure["error"], failure
+    assert failure["objects"] == total and failure["failed"] == 1, failure
+    assert failure["copied"] == total - 2 and failure["skipped"] == 0, failure  # all but it and config

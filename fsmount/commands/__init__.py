@@ -16,7 +16,7 @@ COMMAND_MODULES = {
     "init": "repository_cmds", "snapshots": "repository_cmds", "ls": "repository_cmds",
     "backup": "backup_cmd", "restore": "restore_cmd", "verify": "verify_cmd",
     "replicas": "replicas_cmd", "migrate": "migrate_cmd", "mount-snapshots": "browse_cmd",
-    "mount": "live_cmds", "snapshot": "live_cmds", "status": "live_cmds", "umount": "live_cmds",
+    "unlock": "unlock_cmd", "mount": "live_cmds", "snapshot": "live_cmds", "status": "live_cmds", "umount": "live_cmds",
 }
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
+from backend.migrate import MigrateReport
 from backend.migrate import migrate as run_migrate
 
 from ..context import AppContext, open_location
-from ..output import BarProgress, emit_json, human_bytes, json_option, say
+from ..output import BarProgress, add_to_json, emit_json, human_bytes, json_option, say
 
 
 @click.command()
@@ -32,13 +33,19 @@ def migrate(app: AppContext, destinations: tuple[str, ...], delete_source: bool,
     Objects already at the destination are skipped, so an interrupted migration resumes where it
     stopped when run again. The destination becomes a repository only once every object is there
     and intact; the source is deleted (with --delete-source) only after the copy has verified.
-    Nothing else may write to the repository meanwhile (this is a cold migration).
+    Nothing else may write to the repository meanwhile (this is a cold migration). With
+    --delete-source the migration takes an exclusive lock on the repository before it copies
+    anything: it is refused (exit 11) while a mount, a backup or any other command holds a lock
+    there, since what they write after the copy would be deleted with the source.
 
     Between two buckets of one S3 server and access key, the server copies each object itself, and
     each copy is checked by the MD5 the server reports for it. That trusts the server to have kept
     the source intact; --check-data, or `fsmount verify --read-data` beforehand, does not.
     """
-    source = app.open_store()
+    report = MigrateReport()
+    if app.json:  # a failure's JSON carries the counts so far too
+        add_to_json(lambda: vars(report))
+    source = app.open_store()  # with --delete-source, refused here while another lock exists
     if len(destinations) == 1:
         destination = open_location(destinations[0])
     else:
@@ -47,14 +54,14 @@ def migrate(app: AppContext, destinations: tuple[str, ...], delete_source: bool,
 
         destination = ReplicatedStore([open_location(loc) for loc in destinations], verify=object_intact)
     try:
-        report = run_migrate(source, destination, app.passphrase(), delete_source=delete_source,
+        run_migrate(source, destination, app.passphrase(), delete_source=delete_source, report=report,
                              workers=workers, cache_dir=app.cache_dir, check_data=check_data,
                              progress=BarProgress("migrate", enabled=not app.quiet and not app.json))
     finally:
         source.close()
         destination.close()
     if app.json:
-        emit_json(vars(report))
+        emit_json({})  # the counts come from add_to_json
     elif not app.quiet:
         say(f"migrated {report.objects} objects to {', '.join(destinations)}: copied {report.copied} "
             f"({human_bytes(report.bytes_copied)}"
