@@ -29,9 +29,9 @@ from typing import TypeVar
 import msgpack
 import zstandard
 
-from .crypto import MasterKey, content_hash
+from .crypto import SEAL_OVERHEAD, MasterKey, content_hash
 from .errors import IntegrityError, ObjectNotFound
-from .pack import BlobEntry, decode_entries, encode_entries, header_start, pack_key, read_header
+from .pack import ENTRY, HEADER_LENGTH, BlobEntry, decode_entries, encode_entries, header_start, pack_key, read_header
 from .stores import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,23 @@ class IndexObjects:
     def pack_ids(self) -> set[str]:
         """Every pack some readable index object names."""
         return {pack_id for packs in self.readable.values() for pack_id, _ in packs}
+
+    def pack_sizes(self) -> dict[str, int]:
+        """The size each pack some readable index object names must have (`packed_size`), from the
+        entries every object gives it (a pack may be named twice, after a repair)."""
+        entries: dict[str, set[BlobEntry]] = {}
+        for packs in self.readable.values():
+            for pack_id, listed in packs:
+                entries.setdefault(pack_id, set()).update(listed)
+        return {pack_id: packed_size(listed) for pack_id, listed in entries.items()}
+
+
+def packed_size(entries: Iterable[BlobEntry]) -> int:
+    """The size of the pack holding `entries` (pack.py's layout): its sealed blobs back to back,
+    its sealed header of one `ENTRY` each, and the header's length. What the store lists for the
+    pack must be that, as restic's check compares: a truncated pack shows without reading it."""
+    entries = list(entries)
+    return sum(e.length for e in entries) + SEAL_OVERHEAD + len(entries) * ENTRY.size + HEADER_LENGTH.size
 
 
 def read_index_objects(store: ObjectStore, key: MasterKey, names: Iterable[str] | None = None) -> IndexObjects:

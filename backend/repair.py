@@ -14,8 +14,11 @@ finds a blob in it does not upload the blob again. `repair_index` is restic's `r
 - **Unindexed packs join it.** A pack that no readable index object names (its index object is
   damaged or gone, or a backup stopped between its packs and its index object) still holds its
   data, and its own sealed header lists its blobs: the header is read with a ranged GET of the
-  pack's tail, and the packs go into new index objects. A pack whose header does not open stays
-  out, and verify names it.
+  pack's tail, and the packs go into new index objects. A pack whose header opens on no copy is
+  removed: no index names it and nothing can read it, so no snapshot can use it. (Objects are
+  written whole, a local file by rename and an S3 object by one PUT, so a pack a backup is storing
+  right now is either not listed yet or complete, with a header that opens.) While a live mount's
+  index objects wait in its backlog, the packs this machine's cache knows are kept.
 - **Damaged index objects go.** Only after the index objects that replace them are stored, so a
   crash in between leaves a complete index (blobs listed twice are allowed).
 - **Packs damaged on every copy are salvaged** (`salvage_packs`, restic's `repair packs`), once
@@ -26,7 +29,8 @@ finds a blob in it does not upload the blob again. `repair_index` is restic's `r
   them again. A pack whose blobs nothing names (no readable index object, its header damaged) is
   left as it is.
 - **Objects that are not ours are left alone.** A key under `data/` that is not a pack's name
-  (`data/<2 hex>/<64 hex>`) is a foreign object, which neither verify nor repair takes for a pack.
+  (`data/<2 hex>/<64 hex>`), or one under `index/`, `snapshots/` or `keys/` that is not 64 hex
+  digits, is a foreign object, which neither verify nor repair takes for one of ours.
 
 Every new object is written before the old one is deleted, and the index cache rebuilds itself from
 the store at the next sync (it sees objects gone). What is nowhere any more stays damaged, and
@@ -60,10 +64,13 @@ class IndexRepair:
     indexed_packs: int = 0  # packs no readable index object named, indexed from their own header
     blobs_indexed: int = 0
     deleted_index_objects: int = 0  # damaged ones, once their replacement was stored
-    unreadable_packs: dict[str, str] = field(default_factory=dict)  # not indexed, header unreadable -> why
+    removed_packs: dict[str, str] = field(default_factory=dict)  # not indexed, header opens on no copy -> why
+    unreadable_packs: dict[str, str] = field(default_factory=dict)  # the same, kept: a live mount's index may name them
 
 
 _PACK_KEY = re.compile(r"data/([0-9a-f]{2})/(\1[0-9a-f]{62})")
+_METADATA_KEY = re.compile(r"(index|snapshots|keys)/[0-9a-f]{64}")
+METADATA_PREFIXES = ("index/", "snapshots/", "keys/")
 
 
 def data_objects(repo: Repository) -> tuple[dict[str, int], list[str]]:
@@ -76,6 +83,23 @@ def data_objects(repo: Repository) -> tuple[dict[str, int], list[str]]:
         else:
             foreign.append(key)
     return packs, sorted(foreign)
+
+
+def foreign_metadata(repo: Repository) -> list[str]:
+    """The keys under `index/`, `snapshots/` and `keys/` that cannot be an object's name (not 64
+    hex digits): someone else's files, left alone as those under `data/` are."""
+    return sorted(key for prefix in METADATA_PREFIXES for key, _ in repo.store.list(prefix)
+                  if not _METADATA_KEY.fullmatch(key))
+
+
+def unindexed_to_check(repo: Repository, objects: IndexObjects, in_store: dict[str, int]) -> dict[str, int]:
+    """The packs of `in_store` that no readable index object names, but for those this machine's
+    cache knows while a live mount's index objects wait in its backlog (they may name them)."""
+    unindexed = packs_not_indexed(objects, in_store)
+    if repo.staged_keys("index/"):
+        cached = set(repo.index.pack_ids())
+        unindexed = {pack_id: size for pack_id, size in unindexed.items() if pack_id not in cached}
+    return unindexed
 
 
 def packs_in_store(repo: Repository) -> dict[str, int]:
@@ -133,9 +157,19 @@ def _index_unindexed_packs(repo: Repository, objects: IndexObjects, in_store: di
     unindexed = packs_not_indexed(objects, in_store)
     if not unindexed:
         return
-    headers, report.unreadable_packs = read_pack_headers(repo.store, repo.key, unindexed)
-    for pack_id, why in report.unreadable_packs.items():
-        log.warning("pack %s is in no index, and its header cannot be read: %s", pack_id, why)
+    headers, unreadable = read_pack_headers(repo.store, repo.key, unindexed)
+    removable = unindexed_to_check(repo, objects, in_store)
+    for pack_id, why in sorted(unreadable.items()):
+        entries = _header_of_any_copy(repo, pack_id)
+        if entries is not None:  # the copy read first is damaged; `verify --read-data --repair` heals it
+            headers[pack_id] = entries
+        elif pack_id in removable:
+            repo.store.delete(pack_key(pack_id))
+            report.removed_packs[pack_id] = why
+            log.info("pack %s is in no index, and its header opens on no copy: removed it (%s)", pack_id, why)
+        else:
+            report.unreadable_packs[pack_id] = why
+            log.warning("pack %s is in no index, and its header cannot be read: %s", pack_id, why)
     batch: list[tuple[str, list[BlobEntry]]] = []
     batch_blobs = 0
     for pack_id, entries in sorted(headers.items()):
@@ -148,6 +182,17 @@ def _index_unindexed_packs(repo: Repository, objects: IndexObjects, in_store: di
             batch, batch_blobs = [], 0
     if batch:
         _put_index(repo, batch)
+
+
+def _header_of_any_copy(repo: Repository, pack_id: str) -> list[BlobEntry] | None:
+    """The entries of the first copy of the pack whose header opens (None if none does): the
+    ranged read of its tail came from one copy only."""
+    for copy in _every_copy(repo, pack_key(pack_id)):
+        try:
+            return read_header(repo.key, copy, pack_id)
+        except (IntegrityError, ValueError):
+            continue
+    return None
 
 
 def _put_index(repo: Repository, packs: list[tuple[str, list[BlobEntry]]]) -> None:

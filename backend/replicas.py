@@ -4,8 +4,10 @@ Every object of a repository but `config` is named by the BLAKE3 hash of its con
 indexes, snapshots), so any copy can be checked on its own: `object_intact(key, data)`. That is
 what lets a replicated store fall back to another replica when one returns bad bytes, and what
 `check_replicas` uses to find, per replica, the objects it lacks (by listing) and, with
-`read_data`, the ones it holds damaged (by reading every copy). With `repair`, each of those is
-rewritten from a replica whose copy checks out; what no replica has a good copy of is reported.
+`read_data`, the ones it holds damaged (by reading every copy; without it, the copies of an object
+whose sizes differ between replicas, one of which must be damaged). With `repair`, each of those is
+rewritten from a replica whose copy checks out; what no replica has a good copy of is reported, and
+apart from it what could not be written (a replica that refuses writes: the copies exist).
 """
 
 from __future__ import annotations
@@ -58,12 +60,18 @@ class ReplicaState:
     missing: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)
     healed: int = 0
-    unhealed: list[str] = field(default_factory=list)
+    unhealed: list[str] = field(default_factory=list)  # no replica has a good copy
+    unwritten: list[str] = field(default_factory=list)  # a good copy was found, but writing it here failed
+    write_error: str | None = None  # why the first of `unwritten` failed
 
     def summary(self) -> dict:
         doc = asdict(self)
         doc["missing"], doc["damaged"] = len(self.missing), len(self.damaged)
         return doc
+
+    def failed_to_heal(self) -> list[str]:
+        """What is still missing or damaged here after `repair`, whatever the reason."""
+        return self.unhealed + self.unwritten
 
 
 METADATA_PREFIXES = ("index/", "snapshots/", "keys/")
@@ -95,8 +103,7 @@ def check_replicas(replicas: Sequence[ObjectStore], *, read_data: bool = False, 
     for state, listing in zip(states, listings):
         if state.reachable:
             state.missing = sorted(every.keys() - listing.keys())
-    if read_data or read_metadata:
-        _find_damage(replicas, states, listings, progress, everything=read_data)
+    _find_damage(replicas, states, listings, progress, everything=read_data, metadata=read_metadata)
     if repair:
         _heal(replicas, states, listings, progress)
     return states
@@ -125,9 +132,17 @@ def different_repositories(states: Sequence[ReplicaState]) -> str | None:
 
 
 def _find_damage(replicas: Sequence[ObjectStore], states: list[ReplicaState], listings: list[dict[str, int]],
-                 progress: Progress, *, everything: bool) -> None:
+                 progress: Progress, *, everything: bool, metadata: bool) -> None:
+    """Read and check the copies: all (`everything`), those of the metadata (`metadata`), and in any
+    case those of an object whose sizes differ between replicas (a truncated copy)."""
+    sizes: dict[str, set[int]] = {}
+    for listing in listings:
+        for key, size in listing.items():
+            sizes.setdefault(key, set()).add(size)
     jobs = [(i, key) for i, listing in enumerate(listings) for key in sorted(listing)
-            if everything or key.startswith(METADATA_PREFIXES)]
+            if everything or (metadata and key.startswith(METADATA_PREFIXES)) or len(sizes[key]) > 1]
+    if not jobs:
+        return
     progress.start(total_bytes=sum(listings[i][key] for i, key in jobs))
 
     def check(job: tuple[int, str]) -> tuple[int, str, bool]:
@@ -154,7 +169,8 @@ def _heal(replicas: Sequence[ObjectStore], states: list[ReplicaState], listings:
             for key in state.missing + state.damaged]
     progress.start(total_bytes=None)
 
-    def heal(job: tuple[int, str]) -> tuple[int, str, bool]:
+    def heal(job: tuple[int, str]) -> tuple[int, str, bool, StoreError | None]:
+        """(replica, key, healed, the write's failure if a good copy was found but not written)."""
         i, key = job
         bad = {j for j, state in enumerate(states) if key in state.damaged}
         for j, source in enumerate(replicas):
@@ -169,16 +185,19 @@ def _heal(replicas: Sequence[ObjectStore], states: list[ReplicaState], listings:
             try:
                 replicas[i].put(key, data)
             except StoreError as exc:
-                log.warning("replica %s: writing %s failed: %s", replicas[i].location, key, exc)
-                return i, key, False
+                log.debug("replica %s: writing %s failed: %s", replicas[i].location, key, exc)
+                return i, key, False, exc
             progress.advance(nbytes=len(data))
-            return i, key, True
-        return i, key, False
+            return i, key, True, None
+        return i, key, False, None
 
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="heal") as pool:
-        for i, key, healed in pool.map(heal, jobs):
+        for i, key, healed, write_failure in pool.map(heal, jobs):
             if healed:
                 states[i].healed += 1
+            elif write_failure is not None:
+                states[i].unwritten.append(key)
+                states[i].write_error = states[i].write_error or str(write_failure)
             else:
                 states[i].unhealed.append(key)
     progress.finish()

@@ -146,7 +146,7 @@ def test_a_copy_good_in_one_replica_heals_the_other_and_nothing_is_salvaged(cli,
     flip_bytes(bad, bad.stat().st_size // 2)
 
     out = run(cli, "verify", "--read-data", "--repair").stdout.decode()
-    assert f"{a}: healed 1 objects" in out and "damaged on every copy" not in out, out
+    assert f"{a}: healed 1 object\n" in out and "damaged on every copy" not in out, out
     assert bad.read_bytes() == whole
 
 
@@ -166,7 +166,8 @@ def test_json_names_each_damaged_copy_of_a_replica(cli, tmp_path: Path, two_repl
     assert len(doc["bad_copies"]) == 2 and not doc["ok"], doc
 
 
-@pytest.mark.parametrize("foreign", ["data/notes.txt", "data/ab/not-a-pack", "index/README"])
+@pytest.mark.parametrize("foreign", ["data/notes.txt", "data/ab/not-a-pack", "index/README", "index/foreign.json",
+                                     "snapshots/notes", "keys/old.json"])
 def test_a_foreign_file_is_named_and_left_alone(cli, tmp_path: Path, repo_path: Path, foreign: str) -> None:
     """A file under data/ that is no pack was counted as a pack not indexed, and --repair, which
     could do nothing with it, was advised again and again."""
@@ -179,11 +180,11 @@ def test_a_foreign_file_is_named_and_left_alone(cli, tmp_path: Path, repo_path: 
     for args in (("verify",), ("verify", "--repair"), ("verify", "--read-data", "--repair")):
         out = cli(*args).stdout.decode()
         assert "not indexed" not in out and "--repair" not in out, out
-        if foreign.startswith("data/"):
-            assert f"not packs, and are left alone: {foreign}" in out, out
+        assert f"1 object is not the repository's (no pack, index, snapshot or key), and left alone: {foreign}" \
+            in out, out
     assert path.read_text() == "someone else's\n"
     doc = json.loads(cli("verify", "--json").stdout)
-    assert doc["foreign_objects"] == ([foreign] if foreign.startswith("data/") else []), doc
+    assert doc["foreign_objects"] == [{"object": foreign}], doc
 
 
 @pytest.mark.s3
@@ -207,3 +208,98 @@ def test_a_damaged_pack_over_s3_is_salvaged_and_stored_again(cli, tmp_path: Path
     cli("verify", "--read-data")
     cli("restore", "latest", "--target", tmp_path / "restored")
     assert differences(source, tmp_path / "restored") == []
+
+
+def test_a_truncated_pack_is_found_by_plain_verify_and_salvaged_by_repair(cli, tmp_path: Path,
+                                                                          repo_path: Path) -> None:
+    """Plain verify said "no errors" over a pack cut short; only --read-data found it."""
+    source = make_source(tmp_path)
+    cli("init", "--block-size", "64K")
+    cli("backup", source)
+    bad = largest_pack(repo_path)
+    size = bad.stat().st_size
+    os.truncate(bad, size // 2)
+
+    out = cli("verify", check=14).stdout.decode()
+    assert f"pack {bad.name} is truncated: {size // 2} bytes in the store, {size} by its index entries" in out, out
+    assert "`fsmount verify --repair` keeps what still opens" in out and "damaged: snapshot" in out, out
+    out = cli("verify", "--repair", check=14).stdout.decode()  # the lost blocks are missing until a backup
+    assert f"pack {bad.name} was damaged on every copy: " in out and "went into pack" in out, out
+    assert not bad.exists() and "big.bin" in out, out
+    cli("backup", source)
+    cli("verify", "--read-data")
+    cli("restore", "latest", "--target", tmp_path / "restored")
+    assert differences(source, tmp_path / "restored") == []
+
+
+def test_a_pack_of_which_nothing_opens_says_none_could_be_kept(cli, tmp_path: Path, repo_path: Path) -> None:
+    """It said "0 blobs that still open 43 lost"."""
+    cli("init", "--block-size", "64K")
+    cli("backup", make_source(tmp_path))
+    bad = largest_pack(repo_path)
+    os.truncate(bad, 16)
+
+    out = cli("verify", "--read-data", "--repair", check=14).stdout.decode()
+    assert f"pack {bad.name} was damaged on every copy: none could be kept, 43 lost; the damaged pack is deleted" \
+        in out, out
+
+
+def test_a_garbage_file_with_a_packs_name_is_removed_by_repair(cli, tmp_path: Path, repo_path: Path) -> None:
+    """In no index and with no header to read, nothing could ever clean it: every verify, --repair
+    included, exited 14."""
+    cli("init", "--block-size", "64K")
+    cli("backup", make_source(tmp_path))
+    garbage = repo_path / "data" / "a6" / ("a6" + "0" * 62)
+    garbage.parent.mkdir(exist_ok=True)
+    garbage.write_text("w\n")
+
+    out = cli("verify", check=14).stdout.decode()
+    assert f"pack {garbage.name} is in no index, and its header cannot be read" in out, out
+    assert "`fsmount verify --repair` removes it" in out, out
+    out = cli("verify", "--read-data", "--repair").stdout.decode()
+    assert f"removed 1 pack that no index names and whose header opens on no copy (nothing can read it): " \
+           f"{garbage.name}" in out and "no errors" in out, out
+    assert not garbage.exists()
+    cli("verify")
+
+
+def test_foreign_names_that_are_not_utf8_print_as_escapes_and_json_gives_their_bytes(
+        cli, tmp_path: Path, repo_path: Path) -> None:
+    """Plain verify printed the raw bytes (`data/\\ufffd\\ufffd`); a name under index/ went unmentioned."""
+    cli("init", "--block-size", "64K")
+    cli("backup", make_source(tmp_path))
+    for name in (b"data/\xff\xfe", b"index/\xff"):
+        with open(os.fsencode(repo_path) + b"/" + name, "w") as f:
+            f.write("someone else's\n")
+
+    out = cli("verify").stdout.decode()
+    assert "2 objects are not the repository's (no pack, index, snapshot or key), and left alone: " \
+           "data/\\xff\\xfe, index/\\xff" in out, out
+    doc = json.loads(cli("verify", "--json").stdout)
+    assert doc["foreign_objects"] == [{"object": "data/\\xff\\xfe", "object_hex": b"data/\xff\xfe".hex()},
+                                      {"object": "index/\\xff", "object_hex": b"index/\xff".hex()}], doc
+
+
+def test_json_damage_and_errors_are_records_that_give_back_the_bytes_of_a_name(
+        cli, tmp_path: Path, repo_path: Path) -> None:
+    """"damaged" was free text ("snapshot 72a30b9c: w\\\\xff/x\\\\xfe"), and the one-line error counted
+    a file in two snapshots as two files."""
+    source = tmp_path / "src"
+    (source / os.fsdecode(b"w\xff")).mkdir(parents=True)
+    (source / os.fsdecode(b"w\xff/x\xfe")).write_bytes(os.urandom(3 * BLOCK))
+    cli("init", "--block-size", "64K")
+    cli("backup", source)
+    cli("backup", source)
+    bad = largest_pack(repo_path)
+    flip_bytes(bad, 100)  # the first blob: a block of x\xfe
+
+    proc = cli("verify", "--read-data", check=14)
+    assert "damaged: snapshot " in proc.stdout.decode() and ": w\\xff/x\\xfe\n" in proc.stdout.decode()
+    assert "the repository has 2 errors affecting 1 file in 2 snapshots" in proc.stderr.decode(), proc.stderr
+    doc = json.loads(cli("verify", "--read-data", "--json", check=14).stdout)
+    ids = sorted(s["id"] for s in snapshots(cli))
+    assert sorted(d["snapshot"] for d in doc["damaged"]) == ids
+    assert all(d == {"snapshot": d["snapshot"], "what": "file", "path": "w\\xff/x\\xfe",
+                     "path_hex": b"w\xff/x\xfe".hex()} for d in doc["damaged"]), doc["damaged"]
+    assert all(e["object"] == bad.relative_to(repo_path).as_posix() and e["message"] for e in doc["errors"]), doc
+    assert [e.get("blob") is not None for e in doc["errors"]] == [False, True], doc["errors"]

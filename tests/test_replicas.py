@@ -102,12 +102,12 @@ def test_flipped_bytes_in_one_replica_are_read_around_and_repaired(cli, tmp_path
     assert differences(source, tmp_path / "restored") == []
     cli("-r", a, "verify", "--read-data", check=14)  # replica a alone is damaged
     out = run(cli, "verify", "--read-data", check=14).stdout.decode()  # and so are the two, as one
-    assert f"replica {a} holds damaged copies of 1 objects" in out, out  # it said "no errors"
+    assert f"replica {a} holds damaged copies of 1 object," in out, out  # it said "no errors"
     (b / "index" / next(p.name for p in (b / "index").iterdir())).unlink()
-    assert f"replica {b} lacks 1 objects" in run(cli, "verify", check=14).stdout.decode()
+    assert f"replica {b} lacks 1 object," in run(cli, "verify", check=14).stdout.decode()
 
     out = run(cli, "verify", "--read-data", "--repair").stdout.decode()
-    assert f"{a}: healed 1 objects" in out and f"{b}: healed 1 objects" in out
+    assert f"{a}: healed 1 object\n" in out and f"{b}: healed 1 object\n" in out
     cli("-r", a, "verify", "--read-data")
     run(cli, "verify", "--read-data")
 
@@ -454,3 +454,26 @@ def test_a_damaged_index_copy_in_one_replica_is_found_and_healed_without_read_da
     run(cli, "verify", "--repair")
     run(cli, "verify")
     assert damaged.read_bytes() == (b / damaged.relative_to(a)).read_bytes()
+
+
+def test_a_replica_that_refuses_writes_is_named_as_a_storage_error(cli, tmp_path: Path, two_replicas) -> None:
+    """sync said "not healed (no replica has a good copy)" for every object though the other replica
+    held good copies, exited 14, and its --json counted 0 degraded writes where `replicas` said 4."""
+    a, b = two_replicas
+    source = make_source(tmp_path)
+    run(cli, "init")
+    if (b / "data").exists():
+        shutil.rmtree(b / "data")
+    (b / "data").write_text("not a directory: every pack write to this replica fails")
+    run(cli, "--degraded", "backup", source, check=3)
+    (b / "data").unlink()
+    for pack in (p for p in (a / "data").rglob("*") if p.is_file()):
+        (b / pack.relative_to(a)).mkdir(parents=True)  # a folder in the way: writing the copy there fails
+
+    proc = run(cli, "replicas", "sync", check=15)
+    out = proc.stdout.decode()
+    assert f"could not write to {b}: " in out and "Is a directory" in out and "no replica has a good copy" not in out
+    assert f"could not write to {b}: " in proc.stderr.decode(), proc.stderr
+    recorded = json.loads(run(cli, "replicas", "--json", check=14).stdout)["recorded_degraded_writes"]
+    doc = json.loads(run(cli, "replicas", "sync", "--json", check=15).stdout)
+    assert doc["recorded_degraded_writes"] == recorded >= 1 and doc["exit_code"] == 15, doc

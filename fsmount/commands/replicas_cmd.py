@@ -10,6 +10,7 @@ from backend.stores.replicated import ReplicatedStore
 
 from ..context import AppContext
 from ..output import BarProgress, emit_json, human_bytes, json_option, say
+from .verify_cmd import counted
 
 
 def _replicated(app: AppContext) -> ReplicatedStore:
@@ -31,17 +32,21 @@ def _print_states(app: AppContext, states: list[ReplicaState], *, recorded: int 
         if not state.reachable:
             say(f"{state.location}: UNREACHABLE ({state.error})")
             continue
-        line = (f"{state.location}: {state.objects} objects, {human_bytes(state.bytes)}, "
+        line = (f"{state.location}: {counted(state.objects, 'object')}, {human_bytes(state.bytes)}, "
                 f"{len(state.missing)} missing")
         if state.damaged:
             line += f", {len(state.damaged)} damaged"
-        if state.healed or state.unhealed:
-            line += f"; healed {state.healed}" + (f", could not heal {len(state.unhealed)}" if state.unhealed else "")
+        failed = state.failed_to_heal()
+        if state.healed or failed:
+            line += f"; healed {state.healed}" + (f", could not heal {len(failed)}" if failed else "")
         say(line)
+        if state.write_error is not None:
+            say(f"  could not write to {state.location}: {state.write_error}"
+                + (f" ({counted(len(state.unwritten), 'object')} not written)" if len(state.unwritten) > 1 else ""))
         for key in state.unhealed:
             say(f"  not healed (no replica has a good copy): {key}")
     if recorded:
-        say(f"{recorded} objects were recorded as missed by degraded writes")
+        say(f"{counted(recorded, 'object was', 'objects were')} recorded as missed by degraded writes")
 
 
 def _error_fields(failure: FsmountError | None) -> dict:
@@ -104,14 +109,18 @@ def sync(app: AppContext, read_data: bool) -> None:
     finally:
         store.close()
     failure: FsmountError | None = None
+    unwritable = [s for s in states if s.write_error is not None]
     if any(not s.reachable for s in states):
         failure = StoreError("a replica cannot be reached; it was not synced")
+    elif unwritable:
+        failure = StoreError(f"could not write to {unwritable[0].location}: {unwritable[0].write_error}")
     elif any(s.unhealed for s in states):
         failure = IntegrityError("some objects could not be healed")
-    _print_states(app, states, failure=failure)
+    if failure is None:
+        app.degraded_log().clear()  # what degraded writes missed is on every replica now
+    _print_states(app, states, recorded=len(app.degraded_log().entries()), failure=failure)
     if failure is not None:
         raise failure
-    app.degraded_log().clear()
 
 
 COMMANDS = [replicas]
