@@ -106,12 +106,13 @@ class AppContext:
             return
         from backend.errors import StoreError
         from backend.lock import RepositoryLock
-        from backend.repository import Config, open_master_key
+        from backend.repository import Config, check_replicas_hold_one_repository, open_master_key
 
         try:
             Config.decode(store.get("config"))
         except StoreError:  # no repository (or no store) there: the command reports it
             return
+        check_replicas_hold_one_repository(store)  # two repositories given as replicas: write nothing
         if self._master_key is None:
             self._master_key = open_master_key(store, self.passphrase())
         copies = [open_location(location) for location in self.locations()]  # stay open until released
@@ -254,4 +255,5 @@ class AppContext:
 
 def _command_line() -> str:
     """The command as run, for a lock to name its holder: `fsmount backup ~/projects`."""
-    return " ".join(["fsmount", *sys.argv[1:]])[:300]
+    args = (os.fsencode(arg).decode(errors="backslashreplace") for arg in sys.argv[1:])  # names may be bytes
+    return " ".join(["fsmount", *args])[:300]
