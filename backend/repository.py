@@ -38,7 +38,7 @@ from .errors import (
 from .index import IndexCache
 from .pack import DATA_BLOB, TREE_BLOB, pack_key
 from .replicas import REPOSITORY_PREFIXES
-from .snapshot import Snapshot, looks_like_id
+from .snapshot import Snapshot
 from .stores import ObjectStore, on_local_disk
 from .stores.backlog import BacklogStore, staged_keys
 from .tree import Node, decode_tree, encode_tree
@@ -348,36 +348,6 @@ class Repository:
         self.damaged_snapshots = damaged
         found.sort(key=lambda s: (s.time_ns, s.id))
         return found
-
-    def resolve_snapshot(self, ref: str, *, host: str | None = None, source: bytes | None = None) -> Snapshot:
-        """A snapshot by id prefix, by name (`.snapshots/NAME`), or `latest` (optionally the
-        latest of one host and source)."""
-        if ref == "latest":
-            candidates = [s for s in self.snapshots()
-                          if (host is None or s.host == host) and (source is None or s.source == source)]
-            if not candidates and self.damaged_snapshots:
-                raise IntegrityError(f"no readable snapshot: {len(self.damaged_snapshots)} are damaged "
-                                     "(`fsmount verify` says more)")
-            if not candidates:
-                raise UsageError("the repository has no snapshots yet" if host is None and source is None
-                                 else "no snapshot matches that host and source")
-            return candidates[-1]
-        is_id = looks_like_id(ref)
-        matches = [i for i in self.snapshot_ids() if i.startswith(ref)] if is_id else []
-        if len(matches) > 1:
-            raise UsageError(f"snapshot id {ref} is ambiguous ({len(matches)} snapshots match)")
-        if matches:
-            return self.load_snapshot(matches[0])
-        named = [s for s in self.snapshots() if s.name == ref]
-        if len(named) > 1:
-            raise UsageError(f"{len(named)} snapshots are named {ref!r}: give one's id "
-                             f"({', '.join(s.short_id for s in named)})")
-        if named:
-            return named[0]
-        if is_id:
-            raise UsageError(f"no snapshot with id {ref} (nor one named so)")
-        raise UsageError(f"{ref!r} is not a snapshot id nor name (give at least 4 hex digits of an id, a "
-                         "snapshot's name, or `latest`; `fsmount snapshots` lists them)")
 
     def find_node(self, snapshot: Snapshot, path: bytes) -> Node:
         """The node at `path` (relative, `/`-separated bytes) in a snapshot; b"" is the root."""

@@ -72,6 +72,11 @@ def parse_size(text: str) -> int:
     return size
 
 
+def counted(n: int, singular: str, plural: str | None = None) -> str:
+    """`n` and the noun it counts, singular for one: "1 pack", "2 packs"."""
+    return f"{n} {singular if n == 1 else plural or singular + 's'}"
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

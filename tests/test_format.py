@@ -15,6 +15,7 @@ from backend.errors import IntegrityError, WrongPassword
 from backend.pack import DATA_BLOB, TREE_BLOB, PackWriter, read_header
 from backend.repository import Repository
 from backend.restore import restore
+from backend.snapshot import resolve_snapshot
 from backend.stores import LocalStore
 
 DATA = Path(__file__).parent / "data"
@@ -85,7 +86,7 @@ def test_format_v1_repository_still_restores(tmp_path: Path) -> None:
     shutil.copytree(DATA / "format-v1", repo_copy)  # never write into the committed copy
     with Repository.open(LocalStore(repo_copy), expected["passphrase"].encode(),
                          cache_dir=str(tmp_path / "cache")) as repo:
-        snapshot = repo.resolve_snapshot("latest")
+        snapshot = resolve_snapshot(repo, "latest")
         assert (snapshot.host, snapshot.tags) == ("format-v1", ["v1"])
         restore(repo, snapshot, tmp_path / "out")
 

@@ -9,8 +9,7 @@ from backend.replicas import ReplicaState, check_replicas, different_repositorie
 from backend.stores.replicated import ReplicatedStore
 
 from ..context import AppContext
-from ..output import BarProgress, emit_json, human_bytes, json_option, say
-from .verify_cmd import counted
+from ..output import BarProgress, counted, emit_json, human_bytes, json_option, say
 
 
 def _replicated(app: AppContext) -> ReplicatedStore:

@@ -12,7 +12,7 @@ from backend.verify import DAMAGED_FILE, DAMAGED_SNAPSHOT, Damage, Problem, Veri
 from backend.verify import verify as run_verify
 
 from ..context import AppContext
-from ..output import BarProgress, display_name, emit_json, human_bytes, json_option, json_path, line_name, say
+from ..output import BarProgress, counted, display_name, emit_json, human_bytes, json_option, json_path, line_name, say
 
 if TYPE_CHECKING:
     from backend.repository import Repository
@@ -57,11 +57,6 @@ def verify(app: AppContext, read_data: bool, repair: bool) -> None:
         _print_report(report, read_data=read_data, quiet=app.quiet)
     if not report.ok:
         raise IntegrityError(f"the repository has {counted(len(report.errors), 'error')}" + _affected(report.damaged))
-
-
-def counted(n: int, singular: str, plural: str | None = None) -> str:
-    """`n` and the noun it counts, singular for one: "1 pack", "2 packs"."""
-    return f"{n} {singular if n == 1 else plural or singular + 's'}"
 
 
 def _affected(damaged: list[Damage]) -> str:
