@@ -39,7 +39,7 @@ import msgpack
 from .crypto import MasterKey, random_id
 from .errors import IntegrityError, LockedError, ObjectNotFound, StoreError
 from .stores.base import ObjectStore
-from .stores.local import LocalStore
+from .stores.local import LocalStore, process_exists
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class LockInfo:
 
     def stale_because(self, stale_s: float) -> str | None:
         """Why the lock is stale (its process is gone, or it was not refreshed for `stale_s`), or None."""
-        if self.host == socket.gethostname() and not _process_exists(self.pid):
+        if self.host == socket.gethostname() and not process_exists(self.pid):
             return f"its process {self.pid} on this host is gone"
         age_s = (time.time_ns() - self.refreshed_ns) / 1e9
         if age_s > stale_s:
@@ -105,16 +105,6 @@ class LockInfo:
                      if self.refreshed_ns - self.time_ns > 1e9 else "")
         return (f"{'an exclusive' if self.exclusive else 'a shared'} lock of {self.host} pid {self.pid} "
                 f"({self.command}), taken {_duration((now - self.time_ns) / 1e9)} ago{refreshed}")
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 def _duration(seconds: float) -> str:

@@ -176,7 +176,7 @@ def _remove_if_stale(entry: os.DirEntry[str]) -> None:
     space, _, rest = entry.name.removeprefix(_TMP_PREFIX).partition("-")
     pid, _, _ = rest.partition("-")
     if _PID_SPACE and space == _PID_SPACE and pid.isdigit():
-        stale = not _is_running(int(pid))
+        stale = not process_exists(int(pid))
     else:
         try:
             stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_TMP_S
@@ -186,7 +186,8 @@ def _remove_if_stale(entry: os.DirEntry[str]) -> None:
         _remove_quietly(entry.path)  # a folder only read (another user's, read-only) keeps it
 
 
-def _is_running(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
+    """Whether a process of this pid namespace has `pid` (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
