@@ -93,6 +93,12 @@ def random_id() -> str:
     return os.urandom(ID_SIZE).hex()
 
 
+def is_object_id(name: str) -> bool:
+    """Whether `name` can be an object's id (64 lowercase hex digits, as `content_hash` and
+    `random_id` make them): any other name in the store is someone else's file."""
+    return len(name) == 2 * ID_SIZE and all(c in "0123456789abcdef" for c in name)
+
+
 @dataclass(frozen=True)
 class MasterKey:
     """The repository's secret: an AEAD key and the key of the blob-id hash."""

@@ -29,7 +29,7 @@ from typing import TypeVar
 import msgpack
 import zstandard
 
-from .crypto import SEAL_OVERHEAD, MasterKey, content_hash
+from .crypto import SEAL_OVERHEAD, MasterKey, content_hash, is_object_id
 from .errors import IntegrityError, ObjectNotFound
 from .pack import ENTRY, HEADER_LENGTH, BlobEntry, decode_entries, encode_entries, header_start, pack_key, read_header
 from .stores import ObjectStore
@@ -41,7 +41,6 @@ INDEX_VERSION = 1
 LOOKUP_BATCH = 256  # ids per `lookup_many` statement (old SQLite builds allow 999 parameters)
 T = TypeVar("T")
 READ_WORKERS = 8  # index objects or pack headers fetched at once: small, so a remote store's latency dominates
-_HEX = frozenset("0123456789abcdef")
 HEADER_TAIL = 64 * 1024  # the end of a pack read for its header: ~1,400 blobs' records in one ranged read
 
 
@@ -114,8 +113,7 @@ def read_index_objects(store: ObjectStore, key: MasterKey, names: Iterable[str] 
 def index_names(store: ObjectStore) -> set[str]:
     """The names of the store's index objects. A key under `index/` that cannot be one (not 64 hex
     digits) is someone else's file: it is neither read as a damaged index object nor deleted."""
-    return {name for key, _ in store.list("index/")
-            if len(name := key.removeprefix("index/")) == 64 and all(c in _HEX for c in name)}
+    return {name for key, _ in store.list("index/") if is_object_id(name := key.removeprefix("index/"))}
 
 
 def read_pack_header(store: ObjectStore, key: MasterKey, pack_id: str, size: int) -> list[BlobEntry]:

@@ -47,10 +47,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .blob_writer import INDEX_BATCH_BLOBS
-from .crypto import content_hash
+from .crypto import content_hash, is_object_id
 from .errors import FsmountError, IntegrityError, ObjectNotFound
 from .index import IndexObjects, encode_index, read_index_objects, read_pack_headers
 from .pack import BlobEntry, PackWriter, pack_key, read_header
+from .replicas import METADATA_PREFIXES
 from .repository import Repository
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,6 @@ class IndexRepair:
 
 
 _PACK_KEY = re.compile(r"data/([0-9a-f]{2})/(\1[0-9a-f]{62})")
-_METADATA_KEY = re.compile(r"(index|snapshots|keys)/[0-9a-f]{64}")
-METADATA_PREFIXES = ("index/", "snapshots/", "keys/")
 
 
 def data_objects(repo: Repository) -> tuple[dict[str, int], list[str]]:
@@ -89,7 +88,7 @@ def foreign_metadata(repo: Repository) -> list[str]:
     """The keys under `index/`, `snapshots/` and `keys/` that cannot be an object's name (not 64
     hex digits): someone else's files, left alone as those under `data/` are."""
     return sorted(key for prefix in METADATA_PREFIXES for key, _ in repo.store.list(prefix)
-                  if not _METADATA_KEY.fullmatch(key))
+                  if not is_object_id(key.removeprefix(prefix)))
 
 
 def unindexed_to_check(repo: Repository, objects: IndexObjects, in_store: dict[str, int]) -> dict[str, int]:

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from .blob_writer import BlobWriter
-from .crypto import MasterKey, content_hash, random_id
+from .crypto import MasterKey, content_hash, is_object_id, random_id
 from .errors import (
     FsmountError,
     IntegrityError,
@@ -326,7 +326,10 @@ class Repository:
         return snapshot_id
 
     def snapshot_ids(self) -> list[str]:
-        return [k.removeprefix("snapshots/") for k, _ in self.store.list("snapshots/")]
+        """The ids of the store's snapshot objects; a file under `snapshots/` with another name is
+        someone else's (verify lists it as foreign) and no snapshot."""
+        return [name for key, _ in self.store.list("snapshots/")
+                if is_object_id(name := key.removeprefix("snapshots/"))]
 
     def load_snapshot(self, snapshot_id: str) -> Snapshot:
         try:

@@ -185,6 +185,8 @@ def test_a_foreign_file_is_named_and_left_alone(cli, tmp_path: Path, repo_path: 
     assert path.read_text() == "someone else's\n"
     doc = json.loads(cli("verify", "--json").stdout)
     assert doc["foreign_objects"] == [{"object": foreign}], doc
+    listed = cli("snapshots")  # a foreign file under snapshots/ is no damaged snapshot either
+    assert listed.stderr.decode() == "" and len(json.loads(cli("snapshots", "--json").stdout)) == 1
 
 
 @pytest.mark.s3
