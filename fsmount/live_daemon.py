@@ -74,8 +74,8 @@ def honoured_like(source_fd: int) -> set[str]:
     setuid file, not even for an instant (live_tree.py); and the kernel still clears setuid and
     setgid bits when a non-root user writes to a file. What the mount shows beyond the source,
     `.snapshots`, is data from the repository, which anyone with its passphrase can write: there
-    the live tree disarms setuid and setgid bits, file capabilities and device nodes
-    (`LiveTree.disarm_snapshots`), so no snapshot can carry a privilege into the machine
+    the snapshot tree disarms setuid and setgid bits, file capabilities and device nodes
+    (`SnapshotTree`'s `disarmed`), so no snapshot can carry a privilege into the machine
     (`fsmount restore` brings them back as they were). A mount by another user goes through
     fusermount3 and keeps libfuse's nosuid,nodev: it could not have more natively."""
     flags = os.fstatvfs(source_fd).f_flag
