@@ -43,6 +43,13 @@ def run(cli, *args, **kwargs):
     return cli(*cli.replicas, *args, **kwargs)
 
 
+def refuse_pack_writes(replica: Path) -> None:
+    """Make every pack write to a local replica fail: a file where its data/ folder should be."""
+    if (replica / "data").exists():
+        shutil.rmtree(replica / "data")
+    (replica / "data").write_text("not a directory: every pack write to this replica fails")
+
+
 def test_missing_objects_are_reported_then_synced(cli, tmp_path: Path, two_replicas) -> None:
     a, b = two_replicas
     source = make_source(tmp_path)
@@ -67,9 +74,7 @@ def test_a_replica_that_fails_stops_the_backup_unless_degraded(cli, tmp_path: Pa
     a, b = two_replicas
     source = make_source(tmp_path)
     run(cli, "init")
-    if (b / "data").exists():
-        shutil.rmtree(b / "data")
-    (b / "data").write_text("not a directory: every pack write to this replica fails")
+    refuse_pack_writes(b)
 
     proc = run(cli, "backup", source, check=15)
     assert str(b) in proc.stderr.decode()  # the message names the replica
@@ -462,9 +467,7 @@ def test_a_replica_that_refuses_writes_is_named_as_a_storage_error(cli, tmp_path
     a, b = two_replicas
     source = make_source(tmp_path)
     run(cli, "init")
-    if (b / "data").exists():
-        shutil.rmtree(b / "data")
-    (b / "data").write_text("not a directory: every pack write to this replica fails")
+    refuse_pack_writes(b)
     run(cli, "--degraded", "backup", source, check=3)
     (b / "data").unlink()
     for pack in (p for p in (a / "data").rglob("*") if p.is_file()):
