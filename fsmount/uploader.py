@@ -83,6 +83,9 @@ class Uploader:
         self.source = source
         self.source_fd = source_fd
         self.host = host
+        # Every snapshot of the repository seen so far: a name is checked against these while the
+        # store is down (_check_name).
+        self._known: dict[str, Snapshot] = {s.id: s for s in repo.snapshots()}
         self.parent: Snapshot | None = self._latest()
         self.status = UploaderStatus()
         if self.parent is not None:  # until this mount takes one, status shows the folder's last snapshot
@@ -95,7 +98,7 @@ class Uploader:
         self._no_more_retries = trio.Event()
 
     def _latest(self) -> Snapshot | None:
-        mine = [s for s in self.repo.snapshots() if s.host == self.host and s.source == self.source]
+        mine = [s for s in self._known.values() if s.host == self.host and s.source == self.source]
         return mine[-1] if mine else None
 
     async def snapshot(self, name: str | None = None, *, retry: bool = True) -> Snapshot:
@@ -113,7 +116,7 @@ class Uploader:
     async def _take(self, name: str | None, retry: bool, skip_if_unchanged: bool) -> Snapshot | None:
         async with self._lock:
             if name is not None:  # mkdir .snapshots/NAME and the control socket alike, before the freeze
-                check_name_free(check_name(name), await trio.to_thread.run_sync(self.repo.snapshots))
+                await self._check_name(name)
             # The freeze: nothing below awaits until the view is in place.
             frozen = self.changelog.freeze()
             full_scan = frozen.full_scan or self.parent is None
@@ -156,6 +159,7 @@ class Uploader:
                 self._skipped("the scan found no change since snapshot")
                 return None
             self.parent = result.snapshot
+            self._known[result.snapshot.id] = result.snapshot
             if self.on_snapshot is not None:
                 self.on_snapshot(result.snapshot)
             self.status.snapshots_taken += 1
@@ -170,6 +174,44 @@ class Uploader:
             for warning in result.warnings:
                 log.warning("snapshot %s: %s", result.snapshot.short_id, warning)
             return result.snapshot
+
+    async def _check_name(self, name: str) -> None:
+        """Refuse `name` (BadName) unless it is valid and free.
+
+        Free among the store's snapshots while the store takes writes. While it does not (the
+        backlog holds what it could not take), or when its listing fails, free among the snapshots
+        known here instead: the last listing, this mount's, and those waiting in the backlog. Asking
+        a store that is down held the snapshot's instant for the whole retry budget and then failed
+        it, where an unnamed one waits on local disk. What this misses is a snapshot another machine
+        named so since the last listing; the two then get folders apart (`folder_names` appends the
+        short id), as when two machines take one name at the same moment with the store up."""
+        check_name(name)
+        backlog = self.repo.backlog
+        if backlog is None or backlog.is_empty():
+            try:
+                listed = await trio.to_thread.run_sync(self.repo.snapshots)
+            except StoreError as exc:
+                log.warning("cannot list the store's snapshots (%s); checking the name %r against those "
+                            "known here", exc, name)
+            else:
+                self._known = {s.id: s for s in listed}
+                check_name_free(name, listed)
+                return
+        check_name_free(name, await trio.to_thread.run_sync(self._snapshots_known_here))
+
+    def _snapshots_known_here(self) -> list[Snapshot]:
+        """The snapshots this mount knows without the store: `_known`, and the backlog's (read from
+        local disk; one a previous mount left there after `umount --lazy` may not be in `_known`)."""
+        known = dict(self._known)
+        backlog = self.repo.backlog
+        for key in backlog.keys_waiting("snapshots/") if backlog is not None else ():
+            snapshot_id = key.removeprefix("snapshots/")
+            if snapshot_id not in known:
+                try:
+                    known[snapshot_id] = self.repo.load_snapshot(snapshot_id)
+                except FsmountError as exc:  # uploaded meanwhile, so read from the store, which failed
+                    log.debug("snapshot %s left out of the name check: %s", snapshot_id[:8], exc)
+        return list(known.values())
 
     def _skipped(self, why: str) -> None:
         assert self.parent is not None

@@ -818,3 +818,38 @@ def test_mount_names_the_programs_whose_writes_would_bypass_it(cli, source: Path
         os.close(ready_r)
     assert "bypasses" not in cli("mount", source).stderr.decode()  # nobody holds anything there now
     cli("umount", source)
+
+
+def wait_for_empty_backlog(cli, mnt: Path, timeout_s: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while (status := json.loads(cli("status", mnt, "--json").stdout))["backlog"]["objects"]:
+        assert time.monotonic() < deadline, f"the backlog was never uploaded: {status['backlog']}"
+        time.sleep(0.2)
+    return status
+
+
+def test_a_named_snapshot_while_the_store_is_down_waits_on_local_disk_as_an_unnamed_one(
+        cli, source: Path, tmp_path: Path) -> None:
+    """Its name was checked against the store's listing first, so with the store down it failed
+    (on S3 after the whole retry budget) where an unnamed one waited in the backlog."""
+    repo = Path(cli.env["FSMOUNT_REPOSITORY"])
+    away = tmp_path / "repository-unreachable"
+    with live_mount(cli, source) as mnt:
+        cli("snapshot", mnt, "--name", "before")
+        repo.rename(away)
+        try:
+            (mnt / "during.txt").write_text("written while the store was down\n")
+            out = cli("snapshot", mnt, "--name", "during").stdout.decode()
+            assert "waits on local disk" in out and "uploaded when the store is back" in out, out
+            assert "during" in out
+            # The names known here are still refused: one in the store, one in the backlog.
+            for taken in ("before", "during"):
+                err = cli("snapshot", mnt, "--name", taken, check=2).stderr.decode()
+                assert f"named {taken!r} already" in err, err
+        finally:
+            away.rename(repo)
+        wait_for_empty_backlog(cli, mnt)
+    assert sorted(s["name"] for s in snapshots(cli) if s["name"]) == ["before", "during"]
+    restored = tmp_path / "restored"
+    cli("restore", "during", "--target", restored)
+    assert (restored / "during.txt").read_text() == "written while the store was down\n"

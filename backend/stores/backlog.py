@@ -147,6 +147,12 @@ class BacklogStore:
         with self._lock:
             return key in self._staged
 
+    def keys_waiting(self, prefix: str = "") -> list[str]:
+        """The keys starting with `prefix` that wait here for the store, oldest first."""
+        with self._lock:
+            staged = sorted(self._staged.values(), key=lambda s: s.sequence)
+        return [s.key for s in staged if s.key.startswith(prefix)]
+
     def is_empty(self) -> bool:
         with self._lock:
             return not self._staged and not self._staging
