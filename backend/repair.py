@@ -42,16 +42,15 @@ indexed yet may be indexed here too, which costs a duplicate entry and nothing e
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .blob_writer import INDEX_BATCH_BLOBS
-from .crypto import content_hash, is_object_id
+from .crypto import content_hash
 from .errors import FsmountError, IntegrityError, ObjectNotFound
 from .index import IndexObjects, encode_index, read_index_objects, read_pack_headers
 from .pack import BlobEntry, PackWriter, pack_key, read_header
-from .replicas import METADATA_PREFIXES
+from .replicas import METADATA_PREFIXES, is_repository_object
 from .repository import Repository
 
 log = logging.getLogger(__name__)
@@ -69,16 +68,13 @@ class IndexRepair:
     unreadable_packs: dict[str, str] = field(default_factory=dict)  # the same, kept: a live mount's index may name them
 
 
-_PACK_KEY = re.compile(r"data/([0-9a-f]{2})/(\1[0-9a-f]{62})")
-
-
 def data_objects(repo: Repository) -> tuple[dict[str, int], list[str]]:
     """(pack id -> size of every pack in the store, the keys under `data/` that are no pack's name):
     the second were left there by someone else, and are left alone."""
     packs, foreign = {}, []
     for key, size in repo.store.list("data/"):
-        if match := _PACK_KEY.fullmatch(key):
-            packs[match[2]] = size
+        if is_repository_object(key):
+            packs[key.rpartition("/")[2]] = size
         else:
             foreign.append(key)
     return packs, sorted(foreign)
@@ -88,7 +84,7 @@ def foreign_metadata(repo: Repository) -> list[str]:
     """The keys under `index/`, `snapshots/` and `keys/` that cannot be an object's name (not 64
     hex digits): someone else's files, left alone as those under `data/` are."""
     return sorted(key for prefix in METADATA_PREFIXES for key, _ in repo.store.list(prefix)
-                  if not is_object_id(key.removeprefix(prefix)))
+                  if not is_repository_object(key))
 
 
 def unindexed_to_check(repo: Repository, objects: IndexObjects, in_store: dict[str, int]) -> dict[str, int]:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from .crypto import content_hash
+from .crypto import content_hash, is_object_id
 from .errors import FsmountError, ObjectNotFound, StoreError
 from .progress import Progress
 from .stores.base import ObjectStore
@@ -32,11 +32,19 @@ WORKERS = 8
 # With `config`, all a repository holds; in the order a migration copies them (what lets a reader
 # make sense of the rest comes last).
 REPOSITORY_PREFIXES = ("keys/", "data/", "index/", "snapshots/")
+METADATA_PREFIXES = ("index/", "snapshots/", "keys/")
 
 
 def is_repository_object(key: str) -> bool:
-    """Whether `key` is one of the repository's objects, not a file someone left in its folder."""
-    return key == "config" or key.startswith(REPOSITORY_PREFIXES)
+    """Whether `key` is one of the repository's objects (FORMAT.md: `config`, `data/<2 hex>/<id>`,
+    `keys/`, `index/` or `snapshots/` then `<id>`), not a file someone left in its folder."""
+    if key == "config":
+        return True
+    prefix, _, name = key.partition("/")
+    if prefix == "data":
+        fan_out, _, name = name.partition("/")
+        return is_object_id(name) and fan_out == name[:2]
+    return f"{prefix}/" in METADATA_PREFIXES and is_object_id(name)
 
 
 def object_intact(key: str, data: bytes) -> bool:
@@ -72,9 +80,6 @@ class ReplicaState:
     def failed_to_heal(self) -> list[str]:
         """What is still missing or damaged here after `repair`, whatever the reason."""
         return self.unhealed + self.unwritten
-
-
-METADATA_PREFIXES = ("index/", "snapshots/", "keys/")
 
 
 def check_replicas(replicas: Sequence[ObjectStore], *, read_data: bool = False, read_metadata: bool = False,

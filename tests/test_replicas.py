@@ -480,3 +480,21 @@ def test_a_replica_that_refuses_writes_is_named_as_a_storage_error(cli, tmp_path
     recorded = json.loads(run(cli, "replicas", "--json", check=14).stdout)["recorded_degraded_writes"]
     doc = json.loads(run(cli, "replicas", "sync", "--json", check=15).stdout)
     assert doc["recorded_degraded_writes"] == recorded >= 1 and doc["exit_code"] == 15, doc
+
+
+def test_a_foreign_file_under_index_is_left_alone_on_every_replica(cli, tmp_path: Path, two_replicas) -> None:
+    """Any file under index/ counted as an object: one on a single replica was "missing" on the
+    other (exit 14), and one on both was "damaged" everywhere, which `verify --repair` could not heal."""
+    a, b = two_replicas
+    run(cli, "init")
+    run(cli, "backup", make_source(tmp_path))
+    (a / "index" / "notes.txt").write_text("a user's file, not an index object\n")
+    states = json.loads(run(cli, "replicas", "--json").stdout)["replicas"]
+    assert [s["missing"] for s in states] == [0, 0] and states[0]["objects"] == states[1]["objects"], states
+    run(cli, "replicas", "sync", "--read-data")
+    assert not (b / "index" / "notes.txt").exists()
+
+    (b / "index" / "notes.txt").write_text("the same on the other replica\n")
+    out = run(cli, "verify", "--repair").stdout.decode()
+    assert "could not heal" not in out and "index/notes.txt" in out and "left alone" in out, out
+    assert (a / "index" / "notes.txt").exists() and (b / "index" / "notes.txt").exists()
