@@ -111,8 +111,11 @@ class SourceLock:
 
 class LiveMount:
     def __init__(self, repo: Repository, source: bytes, mountpoint: bytes, *, every_s: float | None = None,
-                 host: str | None = None, cache_bytes: int = 1 << 30):
+                 host: str | None = None, cache_bytes: int = 1 << 30,
+                 missed_by_replicas: Callable[[], list[dict]] = list):
         self.repo = repo
+        # What --degraded writes of this mount left out, per replica (AppContext.missed_by_replicas)
+        self.missed_by_replicas = missed_by_replicas
         self.cache_bytes = cache_bytes  # bound of the block cache behind .snapshots
         self.source = os.path.realpath(source)
         self.mountpoint = os.path.realpath(mountpoint)
@@ -327,7 +330,8 @@ class LiveMount:
             return {"mountpoint": os.fsdecode(self.mountpoint), "pid": os.getpid(),
                     "every_s": self.every_s, "unmounting": self.unmounting,
                     **self.uploader.describe(),
-                    "backlog": vars(backlog.status()) if backlog is not None else None}
+                    "backlog": vars(backlog.status()) if backlog is not None else None,
+                    "missed_by_replicas": self.missed_by_replicas()}
         if op == "snapshot":
             snapshot = await self.uploader.snapshot(request.get("name"))
             backlog = self.repo.backlog

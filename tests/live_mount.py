@@ -69,10 +69,12 @@ def is_mounted(mountpoint: Path) -> bool:
 
 
 @contextlib.contextmanager
-def live_mount(cli, source: Path, mountpoint: Path | None = None, *extra: str) -> Iterator[Path]:
+def live_mount(cli, source: Path, mountpoint: Path | None = None, *extra: str,
+               options: tuple[str, ...] = ()) -> Iterator[Path]:
+    """`options` go before `mount`: the global ones, such as `-r` and `--degraded`."""
     require_fuse()
     target = mountpoint or source
-    out = cli("mount", source, *([target] if mountpoint else []), *extra).stdout.decode()
+    out = cli(*options, "mount", source, *([target] if mountpoint else []), *extra).stdout.decode()
     pid = int(re.search(r"daemon pid (\d+)", out).group(1))  # type: ignore[union-attr]
     try:
         yield target

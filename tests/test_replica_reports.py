@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from live_mount import live_mount
 
 
 @pytest.fixture
@@ -44,6 +45,27 @@ def test_a_degraded_backup_that_left_a_replica_behind_says_so(cli, tmp_path: Pat
     (source / "new.txt").write_text("new\n")
     report = json.loads(cli(*replicas, "--degraded", "--json", "backup", source).stdout)  # nothing missed: 0
     assert "missed_by_replicas" not in report and report["warnings"] == []
+
+
+def test_a_degraded_live_mount_shows_in_its_status_what_a_replica_missed(cli, tmp_path: Path, replicas) -> None:
+    """The daemon was started without --degraded, so one failing replica sent every snapshot to the
+    backlog; and in the foreground, what the replica missed was only in the daemon's log."""
+    source = tmp_path / "src"
+    source.mkdir()
+    cli(*replicas, "init")
+    with live_mount(cli, source, options=(*replicas, "--degraded")) as mnt:
+        assert json.loads(cli("status", mnt, "--json").stdout)["missed_by_replicas"] == []
+        break_writes(tmp_path / "b", "data")
+        (mnt / "big.bin").write_bytes(os.urandom(300_000))
+        assert not json.loads(cli("snapshot", mnt, "--json").stdout)["in_backlog"]  # replica a took it
+        [missed] = json.loads(cli("status", mnt, "--json").stdout)["missed_by_replicas"]
+        assert missed["replica"] == str(tmp_path / "b") and missed["objects"] >= 1
+        listed = cli("status", mnt).stdout.decode()
+        assert f"{tmp_path / 'b'} missed {missed['objects']} objects" in listed and "replicas sync" in listed
+    (tmp_path / "b" / "data").unlink()
+    states = json.loads(cli(*replicas, "replicas", "--json", check=14).stdout)  # recorded for the sync
+    assert "replicas sync" in states["error"]
+    cli(*replicas, "replicas", "sync")
 
 
 def test_every_command_that_left_a_replica_behind_exits_3(cli, tmp_path: Path, replicas) -> None:

@@ -77,6 +77,8 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
         argv = [*(arg for loc in app.locations() for arg in ("-r", loc)), "mount", "-f", source, target]
         if app.cache_dir:
             argv = ["--cache-dir", app.cache_dir, *argv]
+        if app.degraded:  # the daemon writes to the replicas: without it, one failing sent all to the backlog
+            argv = ["--degraded", *argv]
         if every:
             argv += ["--every", every]
         if host:
@@ -96,7 +98,8 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
     from ..live_daemon import LiveMount, source_id
 
     with app.open_repository(backlog=source_id(os.fsencode(source)), backlog_limit_bytes=backlog_bytes) as repo:
-        live = LiveMount(repo, os.fsencode(source), os.fsencode(target), every_s=every_s, host=host)
+        live = LiveMount(repo, os.fsencode(source), os.fsencode(target), every_s=every_s, host=host,
+                         missed_by_replicas=app.missed_by_replicas)
 
         def ready() -> None:
             background.report_ready()
@@ -210,6 +213,9 @@ def status(app: AppContext, mountpoint: str) -> None:
                      f"waiting for the store (limit {human_bytes(backlog['limit_bytes'])})")
         if backlog.get("last_error"):
             lines.append(f"store error  {backlog['last_error']}")
+    for missed in reply.get("missed_by_replicas") or ():
+        lines.append(f"replica      {missed['replica']} missed {_count(missed['objects'], 'object')} of this mount "
+                     "(--degraded): run `fsmount replicas sync`")
     if reply.get("tracking"):
         lines.append(f"tracking     {reply['tracking']}")
     if reply.get("last_error"):
