@@ -22,7 +22,10 @@ A file that cannot be restored (for example a corrupt blob) is reported, a half-
 removed, and the rest of the restore goes on. A file already there is either restored whole or
 left as it was: every block is fetched and authenticated before the first one is written (a large
 file's blocks wait in an unlinked spill file), and a file that replaces another entry is made
-under a temporary name and renamed over it once complete. Without `delete`, nothing holding data
+under a temporary name and renamed over it once complete; a restore killed before the rename leaves
+that file, and the next one removes it. The other names of a hard-link group are linked to the first
+once it is complete; a local file that already has other names is kept if it matches, else copied
+and the copy changed, never written through. Without `delete`, nothing holding data
 is removed: a directory where the snapshot has a file, or a file where it has a directory, is
 skipped and reported (`RestoreResult.skipped`).
 """
@@ -33,6 +36,7 @@ import dataclasses
 import errno
 import logging
 import os
+import re
 import stat
 import tempfile
 import threading
@@ -45,7 +49,7 @@ import xxhash
 
 from .blob_reader import BlobReader
 from .errors import FsmountError, UsageError
-from .fsnode import IS_ROOT, apply_metadata, is_within, make_dir, open_dir, raise_fd_limit, remove_entry
+from .fsnode import IS_ROOT, apply_metadata, is_within, make_dir, open_dir, raise_fd_limit, read_xattrs, remove_entry
 from .pack import DATA_BLOB
 from .progress import Progress
 from .repository import Repository
@@ -68,6 +72,7 @@ REMOTE_TASK_SCALE = 8
 
 _ALL, _PARTIAL = "all", "partial"  # restore a whole subtree / only toward selected paths
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_TEMP_NAME = re.compile(rb"\.fsmount-restore-[0-9a-f]{16}")  # what `_create_temp` names a file, exactly
 _FAILURES = (FsmountError, OSError)  # what fails one file; anything else is a bug and stops the restore
 
 
@@ -139,11 +144,23 @@ class _OpenFile:
     path: bytes
     compare: bool
     temp: bytes | None = None  # the name it is made under, renamed to node.name once complete
+    shared: bool = False  # a local file with other names, compared only: kept if equal, else copied
     pending: int = 1  # tasks not ended yet, plus one while the walker submits them
     failure: Exception | None = None
     end: int = 0  # where the last byte written so far ends
     spill_fd: int | None = None  # in place: fetched blocks wait here until every one has come
     staged: list[int] = field(default_factory=list)  # blocks in the spill file (and holes) to write
+
+
+@dataclass(eq=False)
+class _LinkGroup:
+    """A hard-link group of the snapshot: the name restored first, and the other names, which wait
+    until it is complete to be linked to it (before, it may still be the local file, or a copy
+    under a temporary name)."""
+
+    first: bytes
+    restored: bool | None = None  # whether the first name was restored; None until it is finished
+    waiting: list[tuple[_DirJob, Node, bytes]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -189,7 +206,7 @@ class Restore:
         self._workers = ThreadPoolExecutor(workers or _default_workers(repo), thread_name_prefix="restore")
         self._tasks_in_flight = threading.Semaphore(MAX_TASKS_IN_FLIGHT)
         self._files_in_flight = threading.Semaphore(MAX_FILES_IN_FLIGHT)
-        self._links: dict[tuple[int, int], bytes] = {}  # hard-link group -> first restored path
+        self._links: dict[tuple[int, int], _LinkGroup] = {}  # by the snapshot's (dev, ino)
         self._batch: list[tuple[_DirJob, Node, bytes]] = []  # small files not handed out yet
         self._batch_bytes = 0
         self._open: set[_DirJob | _OpenFile] = set()  # what holds an fd, closed at the end if aborted
@@ -212,6 +229,8 @@ class Restore:
             root_nodes = self.repo.load_tree(self.snapshot.tree)
             root = _DirJob(self._root_fd, b"", root_nodes, _PARTIAL if self.paths else _ALL, None, None,
                            fresh=not os.listdir(self._root_fd))
+            if not root.fresh:
+                self._remove_leftovers(root)
             self._walk(root)
             self._done.wait()  # the root's count drops to zero once everything inside is finished
             if self._crash is not None:
@@ -269,6 +288,8 @@ class Restore:
                 with self._lock:
                     job.pending += 1
                     self._open.add(child)
+                if not fresh:
+                    self._remove_leftovers(child)
                 return child
             if node.type == FILE:
                 self._restore_file(job, node, path)
@@ -282,12 +303,22 @@ class Restore:
             self._error(path, exc.strerror or str(exc))
         return None
 
+    def _remove_leftovers(self, job: _DirJob) -> None:
+        """Remove what a restore killed half-way left in this folder: regular files named exactly
+        as `_create_temp` names them, and not so named in the snapshot. Done before any entry here is
+        restored, so that none of them is this restore's own."""
+        in_snapshot = {node.name for node in job.nodes}
+        for name in map(os.fsencode, os.listdir(job.fd)):
+            ours = _TEMP_NAME.fullmatch(name) and name not in in_snapshot
+            if ours and stat.S_ISREG(os.lstat(name, dir_fd=job.fd).st_mode):
+                os.unlink(name, dir_fd=job.fd)
+
     def _delete_extra(self, job: _DirJob) -> None:
         wanted = {n.name for n in job.nodes}
         for name in os.listdir(job.fd):
             name_b = os.fsencode(name)
-            if name_b in wanted:
-                continue
+            if name_b in wanted or _TEMP_NAME.fullmatch(name_b):
+                continue  # a temporary name is a file of this restore still being made (leftovers are gone)
             if self._kept and key_of(os.stat(name_b, dir_fd=job.fd, follow_symlinks=False)) in self._kept:
                 continue  # the repository or its cache, or a folder that holds them
             remove_entry(job.fd, name_b)
@@ -397,9 +428,7 @@ class Restore:
     def _restore_file(self, job: _DirJob, node: Node, path: bytes) -> None:
         group = (node.dev, node.ino)
         if node.is_hardlinked:
-            first = self._links.get(group)
-            if first is not None:
-                self._link(job, node, first)
+            if self._link_later(job, node, path, group):
                 return
         elif node.block_count <= self._blocks_per_task:
             self._batch.append((job, node, path))
@@ -415,9 +444,11 @@ class Restore:
         except BaseException:
             self._files_in_flight.release()
             raise
+        shared = compare and node.is_hardlinked and os.fstat(fd).st_nlink > 1
         if node.is_hardlinked:
-            self._links[group] = path  # created now (never under a temporary name): later names link to it
-        opened = _OpenFile(fd, job, node, path, compare, temp)
+            with self._lock:
+                self._links[group] = _LinkGroup(path)
+        opened = _OpenFile(fd, job, node, path, compare, temp, shared)
         with self._lock:
             job.pending += 1
             self._open.add(opened)
@@ -434,6 +465,42 @@ class Restore:
                     raise
         finally:
             self._part_done(opened)
+
+    def _link_later(self, job: _DirJob, node: Node, path: bytes, group: tuple[int, int]) -> bool:
+        """Whether `node` is another name of a hard-link group already begun: it is linked to the
+        first name once that is complete (at once if it is)."""
+        with self._lock:
+            links = self._links.get(group)
+            if links is None:
+                return False
+            job.pending += 1
+            if links.restored is None:
+                links.waiting.append((job, node, path))
+                return True
+        self._link_name(job, node, path, links)
+        return True
+
+    def _group_finished(self, node: Node, restored: bool) -> None:
+        with self._lock:
+            links = self._links[(node.dev, node.ino)]
+            links.restored = restored
+            waiting, links.waiting = links.waiting, []
+        for job, name_node, path in waiting:
+            self._link_name(job, name_node, path, links)
+
+    def _link_name(self, job: _DirJob, node: Node, path: bytes, links: _LinkGroup) -> None:
+        """Link one more name of a group to its first name, reported as `_visit` reports an entry."""
+        try:
+            if links.restored:
+                self._link(job, node, links.first)
+            else:
+                self._error(path, f"not restored: its hard link {self._show_path(links.first)} was not")
+        except EntryInTheWay as exc:
+            self._skip(path, str(exc))
+        except _FAILURES as exc:
+            self._error(path, _message(exc))
+        finally:
+            self._dir_done(job)
 
     def _link(self, job: _DirJob, node: Node, first: bytes) -> None:
         name = node.name
@@ -471,21 +538,19 @@ class Restore:
             st = os.lstat(name, dir_fd=dir_fd)
         except FileNotFoundError:
             st = None
-        compare = st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
-        if compare:
+        regular = st is not None and stat.S_ISREG(st.st_mode)
+        if regular and st.st_nlink == 1:
             return os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd), True, None
+        if regular and node.is_hardlinked:  # only read: kept if it matches, else copied (`_settle_shared`)
+            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd), True, None
         if st is None:
             return os.open(name, _CREATE, 0o600, dir_fd=dir_fd), False, None
         self._check_in_the_way(st, FILE)
-        if stat.S_ISDIR(st.st_mode) or node.is_hardlinked:
+        if stat.S_ISDIR(st.st_mode):
             self._replace(dir_fd, name)
             return os.open(name, _CREATE, 0o600, dir_fd=dir_fd), False, None
-        while True:
-            temp = b".fsmount-restore-" + os.urandom(8).hex().encode()
-            try:
-                return os.open(temp, _CREATE, 0o600, dir_fd=dir_fd), False, temp
-            except FileExistsError:
-                continue
+        fd, temp = _create_temp(dir_fd)
+        return fd, False, temp
 
     def _submit_batch(self) -> None:
         if self._batch:
@@ -693,27 +758,58 @@ class Restore:
                 return
             self._open.discard(opened)
         failure = opened.failure
+        untouched = False
         try:
-            if failure is None and opened.staged:
+            if failure is None and opened.shared:
+                untouched = self._settle_shared(opened)
+            elif failure is None and opened.staged:
                 self._write_staged(opened)
         except _FAILURES as exc:  # past the first write: the file is partly restored, and says so
-            failure = PartlyWritten(f"{_message(exc)} while writing it; partly restored, restore it again")
+            failure = exc if opened.shared else PartlyWritten(
+                f"{_message(exc)} while writing it; partly restored, restore it again")
         finally:
             if opened.spill_fd is not None:
                 os.close(opened.spill_fd)
         try:
-            self._finish_file(opened.fd, opened.job, opened.node, opened.path, failure,
-                              created=not opened.compare, size_reached=opened.end == opened.node.size,
-                              temp=opened.temp)
+            restored = self._finish_file(opened.fd, opened.job, opened.node, opened.path, failure,
+                                         created=not opened.compare, size_reached=opened.end == opened.node.size,
+                                         temp=opened.temp, untouched=untouched)
         finally:
             self._files_in_flight.release()
+        if opened.node.is_hardlinked:
+            self._group_finished(opened.node, restored)
+
+    def _settle_shared(self, opened: _OpenFile) -> bool:
+        """A local file with other names, compared with a hard-linked file of the snapshot: whether
+        it already matches (content and metadata), and is kept as it is. If not, it must not be
+        written through (its other names, perhaps outside the target, would change too): a copy
+        of it under a temporary name takes the blocks that differ, and is renamed over it."""
+        if not opened.staged and _metadata_matches(opened.fd, opened.node):
+            return True
+        fd, temp = _create_temp(opened.job.fd)
+        try:
+            _copy_range(opened.fd, fd, 0, min(os.fstat(opened.fd).st_size, opened.node.size))
+        except BaseException:
+            os.close(fd)
+            os.unlink(temp, dir_fd=opened.job.fd)
+            raise
+        os.close(opened.fd)
+        opened.fd, opened.temp, opened.compare = fd, temp, False  # from now on a new file, as any other
+        if opened.staged:
+            self._write_staged(opened)
+        return False
 
     def _finish_file(self, fd: int, job: _DirJob, node: Node, path: bytes, failure: Exception | None,
-                     created: bool, size_reached: bool = False, temp: bytes | None = None) -> None:
+                     created: bool, size_reached: bool = False, temp: bytes | None = None,
+                     untouched: bool = False) -> bool:
         """Truncate, set metadata, close; or report the failure and remove a half-made copy.
         A new file whose last byte was written has its size already and is not truncated; one
-        made under a temporary name takes its own name only now, complete."""
+        made under a temporary name takes its own name only now, complete; one `untouched`
+        matched already. Returns whether the file is restored."""
         try:
+            if untouched:
+                self._restored_file()
+                return True
             if failure is not None:
                 if isinstance(failure, PartlyWritten):
                     self._error(path, str(failure))
@@ -722,15 +818,17 @@ class Restore:
                     self._error(path, _message(failure) + kept)
                 if created:
                     os.unlink(temp or node.name, dir_fd=job.fd)
-                return
+                return False
             if not (created and size_reached):
                 os.ftruncate(fd, node.size)
             if temp is not None:
                 os.rename(temp, node.name, src_dir_fd=job.fd, dst_dir_fd=job.fd)
             apply_metadata(job.fd, node, fd, replace_xattrs=not created)
             self._restored_file()
+            return True
         except OSError as exc:
             self._error(path, _message(exc))
+            return False
         finally:
             os.close(fd)
             self._dir_done(job)
@@ -817,6 +915,25 @@ def _repository_folders(repo: Repository) -> list[bytes]:
     """The real paths of a local repository (each replica) and of the cache."""
     return [os.path.realpath(os.fsencode(folder)) for folder in (*local_folders(repo.store), repo.cache_dir)
             if folder]
+
+
+def _metadata_matches(fd: int, node: Node) -> bool:
+    """Whether the open file has the size, mode, owner (as root), mtime and xattrs of `node`."""
+    st = os.fstat(fd)
+    owner_matches = not IS_ROOT or (st.st_uid, st.st_gid) == (node.uid, node.gid)
+    return (st.st_size == node.size and stat.S_IMODE(st.st_mode) == node.mode and owner_matches
+            and st.st_mtime_ns == node.mtime_ns and read_xattrs(fd) == node.xattrs)
+
+
+def _create_temp(dir_fd: int) -> tuple[int, bytes]:
+    """A new file in `dir_fd` under a temporary name, for an entry to be renamed over once complete.
+    A restore killed before the rename leaves it; the next one removes it (`_remove_leftovers`)."""
+    while True:
+        temp = b".fsmount-restore-" + os.urandom(8).hex().encode()
+        try:
+            return os.open(temp, _CREATE, 0o600, dir_fd=dir_fd), temp
+        except FileExistsError:
+            continue
 
 
 def _open_spill(dir_fd: int) -> int:

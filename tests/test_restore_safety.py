@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -287,3 +288,117 @@ def test_in_place_latest_is_this_machine_s_when_it_has_one(cli, tmp_path: Path) 
     (folder / "f").write_bytes(b"now\n")
     cli("restore", "latest", "--in-place", folder)
     assert (folder / "f").read_bytes() == b"mine\n"
+
+
+# -- leftovers of a killed restore, and hard-link groups in place -------------------------------------
+
+LEFTOVER = ".fsmount-restore-0123456789abcdef"  # what a restore killed before its rename leaves
+
+
+def test_a_killed_restore_s_temporary_files_are_removed_by_the_next(cli, tmp_path: Path) -> None:
+    """They stayed for good: a 600 MB restore killed half-way left 500 MB under a hidden name."""
+    source = write_tree(tmp_path / "src", {"a.txt": b"a\n", "sub/b.txt": b"b\n"})
+    cli("init", "--block-size", "64K")
+    cli("backup", source)
+    users = write_tree(source, {".fsmount-restore-notes": b"mine\n", ".fsmount-restore-0123456789ABCDEF": b"mine\n",
+                                ".fsmount-restore-fedcba9876543210/inside": b"mine\n"})
+    for leftover in (source / LEFTOVER, source / "sub" / LEFTOVER):
+        leftover.write_bytes(os.urandom(3 * BLOCK))
+
+    cli("restore", "latest", "--in-place", source)
+
+    assert not (source / LEFTOVER).exists() and not (source / "sub" / LEFTOVER).exists()
+    assert (users / ".fsmount-restore-notes").read_bytes() == b"mine\n"
+    assert (users / ".fsmount-restore-0123456789ABCDEF").read_bytes() == b"mine\n"
+    assert (users / ".fsmount-restore-fedcba9876543210" / "inside").read_bytes() == b"mine\n"
+
+
+def test_delete_leaves_the_restore_s_own_temporary_files_alone(cli, tmp_path: Path) -> None:
+    """A large file replacing a symlink is made under a temporary name; --delete removed that name
+    as an extra file before the rename, and the file failed (No such file or directory)."""
+    source = write_tree(tmp_path / "src", {"big.bin": os.urandom(40 * BLOCK)})
+    cli("init", "--block-size", "64K")
+    cli("backup", source)
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "big.bin").symlink_to("nowhere")
+
+    cli("restore", "latest", "--target", tmp_path / "target", "--delete")
+
+    assert differences(source, tmp_path / "target") == []
+
+
+def hard_linked_source(cli, tmp_path: Path) -> Path:
+    """`a.bin` and `sub/b.bin` one file (20 blocks), `c.txt` another, all backed up."""
+    source = write_tree(tmp_path / "src", {"a.bin": os.urandom(20 * BLOCK), "c.txt": b"c\n"})
+    (source / "sub").mkdir()
+    os.link(source / "a.bin", source / "sub" / "b.bin")
+    cli("init", "--block-size", "64K")
+    cli("backup", source)
+    cli("restore", "latest", "--target", tmp_path / "as-backed-up")
+    return source
+
+
+def restore_in_place(cli, source: Path) -> dict:
+    return json.loads(cli("--json", "restore", "latest", "--in-place", source).stdout)["stats"]
+
+
+def assert_linked_as_backed_up(tmp_path: Path, source: Path) -> None:
+    a, b = os.stat(source / "a.bin"), os.stat(source / "sub" / "b.bin")
+    assert (a.st_ino, a.st_nlink) == (b.st_ino, 2)
+    assert differences(tmp_path / "as-backed-up", source) == []
+
+
+def test_in_place_hard_links_that_already_match_are_not_rewritten(cli, tmp_path: Path) -> None:
+    """Every in-place restore wrote every hard-linked file again, in full."""
+    source = hard_linked_source(cli, tmp_path)
+    inode = os.stat(source / "a.bin").st_ino
+
+    stats = restore_in_place(cli, source)
+
+    assert stats["blocks_written"] == 0 and stats["blocks_unchanged"] == 21, stats
+    assert os.stat(source / "a.bin").st_ino == inode
+    assert_linked_as_backed_up(tmp_path, source)
+
+
+def test_in_place_hard_links_made_separate_files_are_linked_again(cli, tmp_path: Path) -> None:
+    source = hard_linked_source(cli, tmp_path)
+    (source / "sub" / "b.bin").unlink()
+    shutil.copy2(source / "a.bin", source / "sub" / "b.bin")
+
+    stats = restore_in_place(cli, source)
+
+    assert stats["blocks_written"] == 0, stats
+    assert_linked_as_backed_up(tmp_path, source)
+
+
+def test_in_place_hard_links_linked_wrongly_are_put_right(cli, tmp_path: Path) -> None:
+    """`a.bin` linked to `c.txt` (another file of the snapshot), `b.bin` a file of its own."""
+    source = hard_linked_source(cli, tmp_path)
+    (source / "sub" / "b.bin").unlink()
+    (source / "sub" / "b.bin").write_bytes(b"another content\n")
+    (source / "c.txt").unlink()
+    os.link(source / "a.bin", source / "c.txt")
+
+    restore_in_place(cli, source)
+
+    assert_linked_as_backed_up(tmp_path, source)
+    assert os.stat(source / "c.txt").st_nlink == 1
+
+
+@pytest.mark.parametrize("change", ["content", "mode"])
+def test_in_place_hard_links_shared_outside_are_not_written_through(cli, tmp_path: Path, change: str) -> None:
+    """A local file with a name outside the target that differs is copied, never changed through."""
+    source = hard_linked_source(cli, tmp_path)
+    if change == "content":
+        scrambled(source, ["a.bin"])
+    else:
+        (source / "a.bin").chmod(0o600)
+    os.link(source / "a.bin", tmp_path / "outside")
+    outside = (tmp_path / "outside").read_bytes(), os.stat(tmp_path / "outside").st_mode
+
+    stats = restore_in_place(cli, source)
+
+    assert ((tmp_path / "outside").read_bytes(), os.stat(tmp_path / "outside").st_mode) == outside
+    assert os.stat(tmp_path / "outside").st_nlink == 1
+    assert stats["blocks_written"] == (20 if change == "content" else 0), stats
+    assert_linked_as_backed_up(tmp_path, source)
