@@ -328,3 +328,9 @@ class LockGuardedStore:
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         return getattr(self.inner, name)
+
+
+def guard_writes(stores: Sequence[ObjectStore], lock: RepositoryLock | None) -> list[ObjectStore]:
+    """Each of `stores` refusing writes once `lock` is lost (`LockGuardedStore`); as they are without
+    a lock (`--no-lock`)."""
+    return [store if lock is None else LockGuardedStore(store, lock) for store in stores]  # type: ignore[misc]

@@ -7,7 +7,9 @@ what lets a replicated store fall back to another replica when one returns bad b
 `read_data`, the ones it holds damaged (by reading every copy; without it, the copies of an object
 whose sizes differ between replicas, one of which must be damaged). With `repair`, each of those is
 rewritten from a replica whose copy checks out; what no replica has a good copy of is reported, and
-apart from it what could not be written (a replica that refuses writes: the copies exist).
+apart from it what could not be written (a replica that refuses writes: the copies exist). Healing
+stops at the first write refused because the command lost its repository lock (`LockLost`, given
+replicas wrapped by `guard_writes`): others may be deleting what it would bring back.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 from .crypto import content_hash, is_object_id
 from .errors import FsmountError, ObjectNotFound, StoreError
+from .lock import LockLost
 from .progress import Progress
 from .stores.base import ObjectStore
 
@@ -189,6 +192,8 @@ def _heal(replicas: Sequence[ObjectStore], states: list[ReplicaState], listings:
                 continue
             try:
                 replicas[i].put(key, data)
+            except LockLost:
+                raise
             except StoreError as exc:
                 log.debug("replica %s: writing %s failed: %s", replicas[i].location, key, exc)
                 return i, key, False, exc
@@ -197,14 +202,18 @@ def _heal(replicas: Sequence[ObjectStore], states: list[ReplicaState], listings:
         return i, key, False, None
 
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="heal") as pool:
-        for i, key, healed, write_failure in pool.map(heal, jobs):
-            if healed:
-                states[i].healed += 1
-            elif write_failure is not None:
-                states[i].unwritten.append(key)
-                states[i].write_error = states[i].write_error or str(write_failure)
-            else:
-                states[i].unhealed.append(key)
+        try:
+            for i, key, healed, write_failure in pool.map(heal, jobs):
+                if healed:
+                    states[i].healed += 1
+                elif write_failure is not None:
+                    states[i].unwritten.append(key)
+                    states[i].write_error = states[i].write_error or str(write_failure)
+                else:
+                    states[i].unhealed.append(key)
+        except LockLost:  # every write from now on is refused: do not start the rest
+            pool.shutdown(cancel_futures=True)
+            raise
     progress.finish()
 
 

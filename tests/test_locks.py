@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from conftest import PASSPHRASE
 from live_mount import force_unmount, is_mounted, live_mount, snapshot_mount
 
 from backend.lock import LockInfo, list_locks
-from backend.repository import open_master_key
+from backend.repository import Repository, open_master_key
 from backend.stores import LocalStore
 
 
@@ -151,3 +155,63 @@ def test_the_live_mount_refreshes_its_lock_and_takes_a_new_one_if_it_is_removed(
         (folder / "later").write_text("later\n")
         cli("snapshot", folder)  # writes again
     assert "later" in json.dumps(json.loads(cli("ls", "latest", "--json").stdout))
+
+
+def held_locks_in(folder: Path) -> list[str]:
+    """The lock objects in a local repository folder (not a lock still being written)."""
+    try:
+        return [name for name in os.listdir(folder / "locks") if not name.startswith(".tmp-")]
+    except FileNotFoundError:
+        return []
+
+
+@contextlib.contextmanager
+def paused_once_locked(proc: subprocess.Popen, *replicas: Path) -> Iterator[None]:
+    """`proc` stopped (SIGSTOP) from the moment its lock is in every one of `replicas` until the
+    block ends (a lock removed from some replicas only is still held)."""
+    deadline = time.monotonic() + 30
+    while not all(held_locks_in(replica) for replica in replicas):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.001)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
+def replicas_to_heal(cli, tmp_path: Path) -> tuple[Path, Path]:
+    """Replica a holding a repository of many small packs (so healing takes many writes), replica b
+    its config and keys only, as if its disk had lost the rest."""
+    a, b = tmp_path / "replica-a", tmp_path / "replica-b"
+    Repository.init(LocalStore(a), PASSPHRASE.encode(), pack_size=256 * 1024).close()
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "big.bin").write_bytes(os.urandom(32 * 1024 * 1024))
+    cli("-r", a, "backup", folder)
+    b.mkdir()
+    shutil.copy(a / "config", b / "config")
+    shutil.copytree(a / "keys", b / "keys")
+    cli.env.pop("FSMOUNT_REPOSITORY")
+    cli.env["FSMOUNT_LOCK_REFRESH_S"] = "0.05"
+    return a, b
+
+
+@pytest.mark.parametrize("command", [("replicas", "sync"), ("verify", "--repair")])
+def test_healing_replicas_stops_writing_once_its_lock_is_removed(cli, tmp_path: Path, command) -> None:
+    """`replicas sync` and the replica phase of `verify --repair` went on copying after
+    `fsmount unlock --remove-all`: the lock no longer kept out a migration deleting what they brought back."""
+    a, b = replicas_to_heal(cli, tmp_path)
+    both = ("-r", a, "-r", b)
+    proc = cli.popen(*both, *command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with paused_once_locked(proc, a, b):
+        cli(*both, "unlock", "--remove-all")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 11, (out, err)
+    lines = err.decode().strip().splitlines()
+    assert lines[-1].startswith("fsmount: this process lost its repository lock (it was removed"), err
+    assert "so it stopped writing" in lines[-1], err
+    packs = [p for p in (a / "data").rglob("*") if p.is_file()]
+    healed = [p for p in packs if (b / p.relative_to(a)).exists()]
+    assert len(healed) < len(packs), (len(healed), len(packs))
+    assert held_locks_in(a) == held_locks_in(b) == []

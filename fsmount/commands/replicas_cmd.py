@@ -96,14 +96,17 @@ def replicas(ctx: click.Context) -> None:
 @json_option
 @click.pass_obj
 def sync(app: AppContext, read_data: bool) -> None:
-    """Copy to each replica what it lacks (after a --degraded backup), from a replica with a good copy."""
+    """Copy to each replica what it lacks (after a --degraded backup), from a replica with a good copy.
+
+    It stops writing (exit 11) if its lock is lost, as a backup does (`fsmount unlock --help`)."""
+    from backend.lock import guard_writes
     from backend.repository import check_replicas_hold_one_repository
 
     store = _replicated(app)
     try:
         check_replicas_hold_one_repository(store)
         store.create_if_missing()  # a replica added in a new folder or bucket
-        states = check_replicas(store.replicas, read_data=read_data, repair=True,
+        states = check_replicas(guard_writes(store.replicas, app.lock), read_data=read_data, repair=True,
                                 progress=BarProgress("sync", enabled=not app.quiet and not app.json))
     finally:
         store.close()

@@ -163,13 +163,15 @@ def _repair_index(app: AppContext, repo: Repository) -> None:
 
 
 def _repair(app: AppContext, read_data: bool) -> None:
+    from backend.lock import guard_writes
     from backend.replicas import check_replicas
     from backend.stores.replicated import ReplicatedStore
 
     store = app.open_store()
     try:
         assert isinstance(store, ReplicatedStore)
-        states = check_replicas(store.replicas, read_data=read_data, read_metadata=True, repair=True,
+        states = check_replicas(guard_writes(store.replicas, app.lock), read_data=read_data, read_metadata=True,
+                                repair=True,
                                 progress=BarProgress("repair", enabled=not app.quiet and not app.json))
     finally:
         store.close()
