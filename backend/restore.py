@@ -224,6 +224,10 @@ class Restore:
         except OSError as exc:
             why = "it is not a folder" if exc.errno in (errno.EEXIST, errno.ENOTDIR) else exc.strerror
             raise UsageError(f"cannot use {os.fsdecode(self.target)} as restore target: {why}") from exc
+        if os.fstatvfs(self._root_fd).f_flag & os.ST_RDONLY:  # else every entry fails on its own line
+            os.close(self._root_fd)
+            raise UsageError(f"cannot use {os.fsdecode(self.target)} as restore target: it is on a "
+                             "read-only file system")
         self.progress.start(total_bytes=None if self.paths else self.snapshot.stats.get("size"))
         try:
             root_nodes = self.repo.load_tree(self.snapshot.tree)

@@ -402,3 +402,22 @@ def test_in_place_hard_links_shared_outside_are_not_written_through(cli, tmp_pat
     assert os.stat(tmp_path / "outside").st_nlink == 1
     assert stats["blocks_written"] == (20 if change == "content" else 0), stats
     assert_linked_as_backed_up(tmp_path, source)
+
+
+def test_a_read_only_target_is_refused_in_one_line(cli, tmp_path: Path) -> None:
+    """Every entry failed on a line of its own, and the target folder itself on one more."""
+    require_root("mounting a read-only tmpfs needs root")
+    source = write_tree(tmp_path / "src", {f"f{i}": b"x\n" for i in range(5)})
+    cli("init")
+    cli("backup", source)
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", read_only], check=True)
+    try:
+        (read_only / "keep").write_bytes(b"mine\n")
+        subprocess.run(["mount", "-o", "remount,ro", read_only], check=True)
+        err = cli("restore", "latest", "--target", read_only, check=2).stderr.decode()
+        assert os.listdir(read_only) == ["keep"] and (read_only / "keep").read_bytes() == b"mine\n"
+    finally:
+        subprocess.run(["umount", "-l", read_only], check=False)
+    assert "read-only file system" in err and len(err.splitlines()) == 1, err
