@@ -43,6 +43,7 @@ from .errors import (
     TransientStoreError,
     UsageError,
 )
+from .lock import LOCK_PREFIX, LockLost
 from .progress import Progress
 from .replicas import REPOSITORY_PREFIXES, is_repository_object, object_intact
 from .repository import Config, Repository, open_master_key
@@ -181,6 +182,8 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
     def copy(key: str) -> None:
         try:
             size, server = copy_one(key)
+        except LockLost:  # the destination's lock: no more writes there, so no point in going on
+            raise
         except (StoreError, IntegrityError) as exc:
             with lock:
                 report.failed += 1
@@ -211,7 +214,7 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
                 if key is None:
                     return
                 copy(key)
-        except BaseException as exc:  # a bug: stop every thread and raise it below
+        except BaseException as exc:  # a bug, or the lock lost: stop every thread and raise it below
             crashed.append(exc)
 
     threads = [threading.Thread(target=worker, name=f"migrate-{i}", daemon=True)
@@ -323,6 +326,12 @@ class _ByteBudget:
             self._changed.notify_all()
 
 
+def check_destination(source: ObjectStore, destination: ObjectStore) -> None:
+    """Refuse a destination that holds another repository, or its keys (UsageError), before anything
+    is written there: a caller's lock, say. `migrate` checks it too."""
+    _check_destination_repository(destination, Config.decode(source.get("config")), source)
+
+
 def _check_destination_repository(destination: ObjectStore, config: Config, source: ObjectStore) -> bytes | None:
     """Refuse a destination that holds another repository, or its keys; the destination's config
     if it is already this repository's (a migration run again after it finished)."""
@@ -346,8 +355,9 @@ def _check_destination_repository(destination: ObjectStore, config: Config, sour
 def _refuse_foreign_objects(destination: ObjectStore, objects: dict[str, int], present: dict[str, int]) -> None:
     """Refuse a destination that holds anything but objects of this repository (`objects`, as the
     source lists them): a migration only ever writes those (and its probe, which a migration killed
-    in its moment may leave), so anything else means the folder or prefix is used for something else."""
-    foreign = sorted(k for k in present if k not in objects and not k.startswith(PROBE_PREFIX))
+    in its moment may leave, and its lock), so anything else means the folder or prefix is used for
+    something else."""
+    foreign = sorted(k for k in present if k not in objects and not k.startswith((PROBE_PREFIX, LOCK_PREFIX)))
     if foreign:
         raise UsageError(f"{destination.location} is not empty: it holds {len(foreign)} object"
                          f"{'s' if len(foreign) > 1 else ''} that {'are' if len(foreign) > 1 else 'is'} no part "

@@ -118,7 +118,7 @@ class AppContext:
         copies = [open_location(location) for location in self.locations()]  # stay open until released
         try:
             self._lock = RepositoryLock.acquire(copies, self._master_key, exclusive=mode.exclusive,
-                                                command=_command_line(), retake=mode.retake)
+                                                command=command_line(), retake=mode.retake)
         except BaseException:
             for copy in copies:
                 copy.close()
@@ -253,7 +253,7 @@ class AppContext:
                              "(choose another with --cache-dir)") from exc
 
 
-def _command_line() -> str:
+def command_line() -> str:
     """The command as run, for a lock to name its holder: `fsmount backup ~/projects`."""
     args = (os.fsencode(arg).decode(errors="backslashreplace") for arg in sys.argv[1:])  # names may be bytes
     return " ".join(["fsmount", *args])[:300]

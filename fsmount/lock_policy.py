@@ -9,7 +9,8 @@ after its config and key are read, and released when the command ends, however i
   but must not bring back what a repair or migration is deleting);
 - exclusive: `migrate --delete-source` (for the whole migration: a backup during the copy would
   add objects the copy lacks, which the deletion would then orphan), `verify --repair` (it deletes
-  and rewrites index objects and packs);
+  and rewrites index objects and packs); and every `migrate` on its destination, besides its lock
+  on the source (migrate_cmd.py: a half-copied repository is nobody's to use);
 - none: `init` (no repository yet), `unlock` (it removes locks), plain `replicas` (it only lists
   and compares copies, and is how one finds a replica that is down, where a lock could not be
   written), and the commands that only talk to a running mount (`snapshot`, `status`, `umount`).

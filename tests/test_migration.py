@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import PASSPHRASE
 from flaky_proxy import FlakyProxy
+from test_locks import held_locks_in, paused_once_locked
 
 from backend.backup import backup
 from backend.errors import StoreError, StoreUnreachable, TransientStoreError
@@ -76,10 +78,11 @@ def test_a_destination_that_stops_answering_stops_the_migration_at_once(cli, tmp
         started = time.monotonic()
         err = cli("migrate", "--to", destination, "--workers", "1", check=15).stderr.decode()
         took = time.monotonic() - started
-        copied = len(list(s3_bucket.open_store("moved").list("")))
+        copied = len([key for key, _ in s3_bucket.open_store("moved").list("") if not key.startswith("locks/")])
         assert 0 < copied < total - 10, copied
-        assert f"{destination} is not answering" in err and "run migrate again to resume" in err, err
-        assert len(err.strip().splitlines()) == 1, err
+        *warnings, message = err.strip().splitlines()
+        assert f"{destination} is not answering" in message and "run migrate again to resume" in message, err
+        assert all("could not remove the repository lock" in line for line in warnings), err  # it goes stale
         assert took < (UNREACHABLE_IN_A_ROW + 4) * RETRY_S + 5, took  # not one budget per object left
 
         proxy.up()
@@ -266,3 +269,28 @@ def test_a_failed_migration_still_reports_its_counts_in_json(cli, tmp_path: Path
     assert failure["exit_code"] == 14 and "could not be copied intact" in failure["error"], failure
     assert failure["objects"] == total and failure["failed"] == 1, failure
     assert failure["copied"] == total - 2 and failure["skipped"] == 0, failure  # all but it and config
+
+
+def test_the_destination_is_locked_exclusively_for_the_whole_migration(cli, tmp_path: Path, repo_path: Path) -> None:
+    """Nothing kept a second migration out of a destination being filled, nor a backup out of a
+    copy being brought up to date (a migration run again) and verified."""
+    make_repository(repo_path, tmp_path)
+    moved = tmp_path / "moved"  # not there yet: the lock is the first thing in it
+    first = cli.popen("migrate", "--to", moved, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with paused_once_locked(first, moved):
+        err = cli("migrate", "--to", moved, check=11).stderr.decode()
+    assert first.wait(timeout=60) == 0, first.communicate()
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"the destination {moved} is locked: " in err, err
+    assert (f"an exclusive lock of {socket.gethostname()} pid {first.pid} (fsmount migrate --to {moved})"
+            in err), err
+
+    (tmp_path / "src" / "later.txt").write_text("to copy too\n")
+    cli("backup", tmp_path / "src")
+    again = cli.popen("migrate", "--to", moved, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with paused_once_locked(again, moved):
+        err = cli("-r", moved, "backup", tmp_path / "src", check=11).stderr.decode()
+        assert f"pid {again.pid} (fsmount migrate --to {moved})" in err, err
+    assert again.wait(timeout=60) == 0, again.communicate()
+    assert held_locks_in(moved) == []
+    cli("-r", moved, "backup", tmp_path / "src")  # once the migration is over
