@@ -151,7 +151,7 @@ class LiveMount:
                 self.repo, self.cache_bytes, on_mkdir=self.uploader.snapshot,
                 include=lambda s: s.host == self.host and s.source == self.source,
                 disarmed=bool(options & {"suid", "dev"}))
-            self.uploader.on_snapshot = snapshot_tree.invalidate
+            self.uploader.on_snapshot = snapshot_tree.add
             self.operations = LiveTree(source_fd, changelog, snapshot_tree)
             self.uploader.live_tree = self.operations
             os.umask(0)

@@ -152,6 +152,8 @@ class SnapshotTree:
         self._labels: dict[bytes, Snapshot] = {}
         self._latest: bytes | None = None
         self._refreshed = -float("inf")
+        self._listing_failed = False
+        self._added_at: dict[str, float] = {}  # snapshot id -> when this mount took it (`add`)
         self._refresh_lock = trio.Lock()
 
     def owns(self, number: int) -> bool:
@@ -163,31 +165,55 @@ class SnapshotTree:
     # -- the root: one folder per snapshot ----------------------------------------------------------
 
     async def refresh(self, *, force: bool = False) -> None:
-        """Re-read the list of snapshots when it is older than `refresh_s` (or now, with force)."""
+        """Re-read the list of snapshots when it is older than `refresh_s` (or now, with force).
+
+        A listing that failed is not forced again for `refresh_s`: on a store that is down, each
+        one waits out the store's whole retry budget."""
         async with self._refresh_lock:
-            if not force and time.monotonic() - self._refreshed < self.refresh_s:
+            age_s = time.monotonic() - self._refreshed
+            if age_s < self.refresh_s and (not force or self._listing_failed):
                 return
+            started = time.monotonic()
             try:
-                await trio.to_thread.run_sync(self._load_snapshots)
+                listed = await trio.to_thread.run_sync(self._list_snapshots, dict(self._snapshots))
             except FsmountError as exc:
                 log.error("cannot list snapshots: %s", exc)
+                self._listing_failed = True
                 if not self._snapshots:
                     raise pyfuse3.FUSEError(errno.EIO) from None
+            else:
+                self._listing_failed = False
+                self._adopt(listed, started)
             self._refreshed = time.monotonic()
 
-    def invalidate(self, *_: object) -> None:
-        """Re-read the list of snapshots at the next request (a snapshot was just stored)."""
-        self._refreshed = -float("inf")
+    def add(self, snapshot: Snapshot) -> None:
+        """Show `snapshot`, just stored (or staged in the backlog), at once: a listing of the store
+        would fail while the store is down, and wait out its retry budget first."""
+        self._snapshots[snapshot.id] = snapshot
+        self._added_at[snapshot.id] = time.monotonic()
+        self._relabel()
 
-    def _load_snapshots(self) -> None:
-        ids = set(self.repo.snapshot_ids())
-        for snapshot_id in ids - self._snapshots.keys():
+    def _list_snapshots(self, known: dict[str, Snapshot]) -> dict[str, Snapshot]:
+        """The repository's snapshots, reading only those not in `known` (on a worker thread)."""
+        listed = {}
+        for snapshot_id in self.repo.snapshot_ids():
             try:
-                self._snapshots[snapshot_id] = self.repo.load_snapshot(snapshot_id)
+                listed[snapshot_id] = known.get(snapshot_id) or self.repo.load_snapshot(snapshot_id)
             except FsmountError as exc:
                 log.warning("%s", exc)
-        for snapshot_id in self._snapshots.keys() - ids:
-            del self._snapshots[snapshot_id]
+        return listed
+
+    def _adopt(self, listed: dict[str, Snapshot], started: float) -> None:
+        """Take `listed` as the snapshots, keeping those added since the listing `started`."""
+        for snapshot_id, added_at in list(self._added_at.items()):
+            if added_at >= started:
+                listed.setdefault(snapshot_id, self._snapshots[snapshot_id])
+            else:
+                del self._added_at[snapshot_id]
+        self._snapshots = listed
+        self._relabel()
+
+    def _relabel(self) -> None:
         # Named among all the repository's snapshots, shown or not: a folder name of .snapshots is
         # the same as in mount-snapshots, and what `ls` and `restore` take (folder_names).
         labels = {os.fsencode(label): snapshot for label, snapshot in folder_names(self._snapshots.values()).items()
@@ -435,7 +461,6 @@ class SnapshotTree:
                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         if parent_number != self.root_number or self.on_mkdir is None:
             raise pyfuse3.FUSEError(errno.EROFS)
-        await self.refresh(force=True)
         if name in self._labels:
             raise pyfuse3.FUSEError(errno.EEXIST)
         try:
@@ -452,7 +477,7 @@ class SnapshotTree:
         except FsmountError as exc:
             log.error("snapshot %r requested by mkdir failed: %s", label, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        await self.refresh(force=True)
+        self.add(snapshot)  # in the backlog, while the store is down: no listing would show it
         for shown, candidate in self._labels.items():
             if candidate.id == snapshot.id:
                 inode = self._snapshot_inode(shown, snapshot)

@@ -828,6 +828,27 @@ def wait_for_empty_backlog(cli, mnt: Path, timeout_s: float = 60.0) -> dict:
     return status
 
 
+def test_mkdir_in_snapshots_while_the_store_is_down_takes_the_snapshot_and_shows_it(
+        cli, source: Path, tmp_path: Path) -> None:
+    """The snapshot went to the backlog, but mkdir said EIO: the listing after it failed on the
+    store and did not find the new snapshot."""
+    repo = Path(cli.env["FSMOUNT_REPOSITORY"])
+    away = tmp_path / "repository-unreachable"
+    with live_mount(cli, source) as mnt:
+        cli("snapshot", mnt, "--name", "before")
+        repo.rename(away)
+        try:
+            (mnt / "during.txt").write_text("written while the store was down\n")
+            os.mkdir(mnt / ".snapshots" / "during")
+            assert (mnt / ".snapshots" / "during" / "during.txt").read_text() == "written while the store was down\n"
+            assert {"before", "during"} <= set(os.listdir(mnt / ".snapshots"))
+            assert json.loads(cli("status", mnt, "--json").stdout)["backlog"]["snapshots"] == 1
+        finally:
+            away.rename(repo)
+        wait_for_empty_backlog(cli, mnt)
+    assert sorted(s["name"] for s in snapshots(cli) if s["name"]) == ["before", "during"]
+
+
 def test_a_named_snapshot_while_the_store_is_down_waits_on_local_disk_as_an_unnamed_one(
         cli, source: Path, tmp_path: Path) -> None:
     """Its name was checked against the store's listing first, so with the store down it failed
