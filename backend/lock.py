@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Self
 
 import msgpack
 
@@ -293,7 +294,7 @@ class RepositoryLock:
             if isinstance(copy, LocalStore) and not copy.exists("config"):
                 copy.remove_empty_folders()
 
-    def __enter__(self) -> RepositoryLock:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -214,7 +214,7 @@ def migrate(source: ObjectStore, destination: ObjectStore, passphrase: bytes, *,
                 if key is None:
                     return
                 copy(key)
-        except BaseException as exc:  # a bug, or the lock lost: stop every thread and raise it below
+        except BaseException as exc:  # noqa: BLE001 - a bug, or the lock lost: stop every thread, raise it below
             crashed.append(exc)
 
     threads = [threading.Thread(target=worker, name=f"migrate-{i}", daemon=True)

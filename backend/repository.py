@@ -21,6 +21,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Self
 
 from .blob_writer import BlobWriter
 from .crypto import MasterKey, content_hash, is_object_id, random_id
@@ -216,7 +217,7 @@ class Repository:
         self.index.close()
         self.store.close()
 
-    def __enter__(self) -> Repository:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

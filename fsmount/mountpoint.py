@@ -184,9 +184,13 @@ async def raise_readahead(mountpoint: bytes, kib: int = READAHEAD_KIB) -> None:
     device = device_of_mount(mountpoint)
     if device is None or os.geteuid() != 0:
         return
+    await trio.to_thread.run_sync(_write_sysfs, f"/sys/class/bdi/{device}/read_ahead_kb", str(kib))
+
+
+def _write_sysfs(path: str, value: str) -> None:
     try:
-        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
-            f.write(str(kib))
+        with open(path, "w") as f:
+            f.write(value)
     except OSError:
         pass
 

@@ -51,6 +51,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent
 FSMOUNT = [sys.executable, "-m", "fsmount"]
@@ -189,7 +190,7 @@ def mutate(root: Path, seed: int = 7) -> int:
 
 class Tool:
     name = ""
-    argv_backup: list[str] = []
+    argv_backup: ClassVar[list[str]] = []
 
     def __init__(self, work: Path):
         self.repo = work / f"repo-{self.name}"
@@ -437,7 +438,11 @@ def _io_suite(root: Path, big: int) -> dict[str, tuple[float, int]]:
             tar.add(ROOT / "backend", arcname="backend")
             tar.add(ROOT / "fsmount", arcname="fsmount")
             tar.add(ROOT / "tests", arcname="tests")
-    out["untar a source tree"] = (_timed(lambda: tarfile.open(tarball).extractall(root / "untarred", filter="tar")), 1)
+    def untar() -> None:
+        with tarfile.open(tarball) as tar:
+            tar.extractall(root / "untarred", filter="tar")
+
+    out["untar a source tree"] = (_timed(untar), 1)
     return out
 
 
@@ -565,7 +570,7 @@ def bench_pressure(work: Path, size: int, results: Results) -> None:
         seconds, _ = run([*FSMOUNT, "snapshot", str(source)], fs.env)
         results.add(Row("pressure", "fsmount", "first snapshot after the crash (rescan)", seconds))
     finally:
-        subprocess.run([*FSMOUNT, "umount", str(source)], env=fs.env, capture_output=True)
+        subprocess.run([*FSMOUNT, "umount", str(source)], env=fs.env, capture_output=True, check=False)
 
 
 def bench_scale(work: Path, size: int, results: Results) -> None:
@@ -584,14 +589,14 @@ def bench_scale(work: Path, size: int, results: Results) -> None:
             (directory / f"f{i % 1000:03d}").write_bytes(b"x" * 100)
         run([*FSMOUNT, "mount", str(source)], fs.env)
         try:
-            seconds = _timed(lambda: os.mkdir(source / ".snapshots" / "first"))
+            seconds = _timed(lambda source=source: os.mkdir(source / ".snapshots" / "first"))
             results.add(Row("scale", "fsmount", f"first snapshot, {files // 1000}k files (scan)", seconds))
-            times = sorted(_timed(lambda n=n: os.mkdir(source / ".snapshots" / f"idle-{n}")) for n in range(5))
+            times = sorted(_timed(lambda n=n, source=source: os.mkdir(source / ".snapshots" / f"idle-{n}")) for n in range(5))
             idle_s[files] = times[len(times) // 2]
             results.add(Row("scale", "fsmount", f"no-change snapshot, {files // 1000}k files", idle_s[files],
                             note=f"median of 5; min {times[0]:.3f} s, max {times[-1]:.3f} s"))
         finally:
-            subprocess.run([*FSMOUNT, "umount", str(source)], env=fs.env, capture_output=True)
+            subprocess.run([*FSMOUNT, "umount", str(source)], env=fs.env, capture_output=True, check=False)
     results.check("no-change snapshot at 28k files <= 0.2 s", idle_s[28_000] <= 0.2, f"{idle_s[28_000]:.3f} s")
     results.check("no-change snapshot at 280k files no slower (<= 0.2 s)", idle_s[280_000] <= 0.2,
                   f"{idle_s[280_000]:.3f} s ({idle_s[280_000] / idle_s[28_000]:.2f}x the 28k figure)")
@@ -628,7 +633,7 @@ def bench_browse(work: Path, size: int, results: Results) -> None:
     run([*FSMOUNT, "mount-snapshots", str(mnt)], fs.env)
     try:
         pid = int(subprocess.run(["pgrep", "-f", f"mount-snapshots -f .*{mnt}"], capture_output=True,
-                                 text=True).stdout.split()[0])
+                                 text=True, check=False).stdout.split()[0])
         snapshot = mnt / os.readlink(mnt / "latest")  # the folder itself: find and cp -a do not follow links
         for phase in ("cold", "warm"):
             seconds, _ = run(["find", str(snapshot)], fs.env)

@@ -12,7 +12,7 @@ import random
 import socket
 import socketserver
 import threading
-from typing import BinaryIO
+from typing import BinaryIO, Self
 from urllib.parse import urlsplit
 
 _SLOW_DOWN = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>"
@@ -126,7 +126,7 @@ class FlakyProxy(socketserver.ThreadingTCPServer):
                 self.forwarded += 1
             return fail
 
-    def __enter__(self) -> FlakyProxy:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

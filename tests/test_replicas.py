@@ -71,7 +71,7 @@ def test_missing_objects_are_reported_then_synced(cli, tmp_path: Path, two_repli
 
 
 def test_a_replica_that_fails_stops_the_backup_unless_degraded(cli, tmp_path: Path, two_replicas) -> None:
-    a, b = two_replicas
+    _, b = two_replicas
     source = make_source(tmp_path)
     run(cli, "init")
     refuse_pack_writes(b)

@@ -53,7 +53,7 @@ def test_two_hosts_back_up_into_one_repository_at_once(cli, tmp_path: Path) -> N
     procs = [cli.popen("backup", src, "--host", src.name, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for src in sources]
     for p in procs:
-        out, err = p.communicate(timeout=120)
+        _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()
 
     snapshots = json.loads(cli("snapshots", "--json").stdout)

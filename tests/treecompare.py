@@ -94,9 +94,9 @@ def differences(a: bytes | str, b: bytes | str, *, file_mtime_slack_ns: int = 0,
     if file_mtime_slack_ns:
         for rel in da.keys() & db.keys():
             ea, eb = da[rel], db[rel]
-            if "sha256" in ea and "mtime_ns" in ea and "mtime_ns" in eb:
-                if abs(ea["mtime_ns"] - eb["mtime_ns"]) <= file_mtime_slack_ns:
-                    eb["mtime_ns"] = ea["mtime_ns"]
+            if ("sha256" in ea and "mtime_ns" in ea and "mtime_ns" in eb
+                    and abs(ea["mtime_ns"] - eb["mtime_ns"]) <= file_mtime_slack_ns):
+                eb["mtime_ns"] = ea["mtime_ns"]
     out = []
     for rel in sorted(da.keys() | db.keys()):
         shown = rel.decode(errors="backslashreplace")
