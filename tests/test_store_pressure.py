@@ -137,3 +137,31 @@ def test_a_minute_without_the_store_loses_no_snapshot(cli, own_s3_server, tmp_pa
         cli("restore", snapshot_id, "--target", restored)
         assert differences(state, restored, file_mtime_slack_ns=2 * 10**9) == [], snapshot_id[:8]
     cli("verify", "--read-data")
+
+
+def test_the_first_named_snapshot_of_an_outage_waits_out_one_retry_budget_not_two(
+        cli, own_s3_server, tmp_path: Path) -> None:
+    """With the backlog empty, its name was checked on the store's listing (one retry budget),
+    then its first write waited out another before the snapshot went to local disk."""
+    server = own_s3_server
+    use_s3(cli, server, server.endpoint, "first-named")
+    budget_s = 4.0
+    cli.env["FSMOUNT_STORE_RETRY_S"] = str(budget_s)
+    cli("init")
+    source = tmp_path / "work"
+    source.mkdir()
+    (source / "kept.txt").write_text("there all along\n")
+    with live_mount(cli, source) as mnt:
+        assert not json.loads(cli("snapshot", mnt, "--json").stdout)["in_backlog"]
+        server.pause()
+        try:
+            (mnt / "notes.txt").write_text("written during the outage\n")
+            started = time.monotonic()
+            reply = json.loads(cli("snapshot", mnt, "--name", "during", "--json").stdout)
+            took_s = time.monotonic() - started
+        finally:
+            server.resume()
+        assert reply["in_backlog"] and reply["label"] == "during"
+        assert took_s < 1.5 * budget_s, f"{took_s:.1f} s for a retry budget of {budget_s:.0f} s"
+        wait_for_status(cli, mnt, lambda s: not s["backlog"]["objects"])
+    assert "during" in {s["name"] for s in json.loads(cli("snapshots", "--json").stdout)}

@@ -1,8 +1,9 @@
 """The backlog: a store in front of another that writers never wait on while it is down.
 
 A live mount writes through it. While the backlog is empty, a write goes straight to the store.
-When one fails (the store unreachable, too slow, out of space), that object and every write after
-it are kept on local disk instead, in the order they were made, and `drain()` (run by the mount in
+When one fails (the store unreachable, too slow, out of space), or a read or listing has just
+failed (so a write would only wait out the same retry budget before failing too), that object and
+every write after it are kept on local disk instead, in the order they were made, and `drain()` (run by the mount in
 the background) writes them to the store in that order, removing each once it is stored. A snapshot
 is therefore done once it is on local disk, and later snapshots queue behind it, each keeping its
 own instant. The order keeps the repository's rule that a snapshot object is written only after
@@ -28,9 +29,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import quote, unquote
 
 from ..errors import ObjectNotFound, StoreError
@@ -39,6 +41,8 @@ from .base import ObjectStore
 from .local import LocalStore
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DRAIN_PARALLEL = 4  # data objects written to the store at once while draining
 _ORDERED_FREELY = "data/"  # packs reference nothing: they may reach the store in any order
@@ -115,6 +119,7 @@ class BacklogStore:
         self._staging = 0  # writes to local disk in progress
         self._bytes = 0
         self._hold = False
+        self._store_failing = False  # its last read or listing failed, and it has answered none since
         self._draining = threading.Lock()  # one drain at a time: each object is stored once
         self._pool = ThreadPoolExecutor(DRAIN_PARALLEL, thread_name_prefix="backlog")
         self.last_error: str | None = None
@@ -157,6 +162,29 @@ class BacklogStore:
         with self._lock:
             return not self._staged and not self._staging
 
+    def writes_go_to_store(self) -> bool:
+        """Whether a write now goes straight to the store: nothing waits here, nothing holds the
+        backlog, and the store answered its last read."""
+        with self._lock:
+            return self._writes_go_to_store()
+
+    def _writes_go_to_store(self) -> bool:
+        return not self._staged and not self._staging and not self._hold and not self._store_failing
+
+    def _store_failed(self, exc: StoreError) -> None:
+        """A read or listing failed: keep the next writes here rather than wait on the store again."""
+        if isinstance(exc, ObjectNotFound):
+            return  # an answer, not a failure
+        with self._lock:
+            failing, self._store_failing = self._store_failing, True
+        self.last_error = str(exc)
+        if not failing:
+            log.warning("%s; writes wait on local disk until the store answers", exc)
+
+    def _store_answered(self) -> None:
+        with self._lock:
+            self._store_failing = False
+
     # -- the ObjectStore operations -------------------------------------------------------------------
 
     def create_if_missing(self) -> object:
@@ -166,7 +194,7 @@ class BacklogStore:
         with self._lock:
             if key in self._staged:
                 return  # keys name their content: the staged copy is this object
-            direct = not self._staged and not self._staging and not self._hold
+            direct = self._writes_go_to_store()
         if direct:
             try:
                 self.inner.put(key, data)
@@ -208,22 +236,36 @@ class BacklogStore:
                 return self._files.get(staged.file_name, offset, length)
             except ObjectNotFound:
                 pass  # stored and removed from the backlog meanwhile
-        return self.inner.get(key, offset, length)
+        return self._ask_store(lambda: self.inner.get(key, offset, length))
 
     def exists(self, key: str) -> bool:
         with self._lock:
             if key in self._staged:
                 return True
-        return self.inner.exists(key)
+        return self._ask_store(lambda: self.inner.exists(key))
+
+    def _ask_store(self, read: Callable[[], T]) -> T:
+        try:
+            answer = read()
+        except StoreError as exc:
+            self._store_failed(exc)
+            raise
+        self._store_answered()
+        return answer
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         with self._lock:
             staged = [(s.key, s.size) for s in self._staged.values() if s.key.startswith(prefix)]
         yield from staged
         seen = {key for key, _ in staged}
-        for key, size in self.inner.list(prefix):
-            if key not in seen:
-                yield key, size
+        try:
+            for key, size in self.inner.list(prefix):
+                if key not in seen:
+                    yield key, size
+        except StoreError as exc:
+            self._store_failed(exc)
+            raise
+        self._store_answered()
 
     def delete(self, key: str) -> None:
         with self._lock:
@@ -283,6 +325,7 @@ class BacklogStore:
             self.last_error = str(exc)
             raise
         with self._lock:
+            self._store_failing = False
             if self._staged.pop(staged.key, None) is not None:
                 self._bytes -= staged.size
         self._files.delete(staged.file_name)  # a crash before this only writes it to the store again
