@@ -36,7 +36,7 @@ from .changes import ALL, CLEAN, ChangeSet
 from .errors import IntegrityError, ObjectNotFound, UsageError
 from .fsnode import node_from_stat, raise_fd_limit, read_xattrs
 from .pack import DATA_BLOB
-from .progress import Progress
+from .progress import HonestTotal, Progress
 from .repository import Repository
 from .snapshot import Snapshot
 from .source import Key, LiveSource, Source, SourceChanged, SourceFile, key_of
@@ -163,6 +163,10 @@ class Backup:
             self._initial_totals = self.parent.stats["size"], self.parent.stats.get("files", 0)
         self._count_totals = count_totals and changes is None and self._initial_totals is None
         self._count: FolderCount | None = None
+        # The parent's size revised by what the walk finds different (see `_revise_total`).
+        self._estimate: int | None = self._initial_totals[0] if self._initial_totals else None
+        if count_totals:  # estimates both, so never shown passing 100%
+            self.progress = HonestTotal(self.progress)
 
     def _excluded_dirs(self) -> set[tuple[int, int]]:
         """A local repository (any of its replicas) or the cache inside the source must not back
@@ -263,11 +267,14 @@ class Backup:
             assert self.parent is not None
             os.close(root_fd)
             # nothing changed anywhere: not even a listing
+            self.progress.advance(nbytes=self.parent.stats.get("size", 0), items=self.parent.stats.get("files", 0))
             return _Known((self.parent.tree, self.parent.stats.get("files", 0), self.parent.stats.get("size", 0)))
         parent_root = self._parent_nodes(self.parent.tree) if self.parent else {}
         root_key = key_of(os.fstat(root_fd))
         stack = [_DirJob(root_fd, root_key, b"", self._list(root_fd, root_key, b""), parent_root, None,
                          self.parent.tree if self.parent else None)]
+        if self._estimate is not None:
+            self._revise_total(_kept_size(stack[0]) - self._estimate)
         try:
             return self._walk_stack(stack)
         finally:
@@ -332,6 +339,27 @@ class Backup:
 
     def _visit(self, job: _DirJob, name: bytes) -> _DirJob | None:
         """Back up one entry of `job`; returns a job to push for a subdirectory."""
+        if self._estimate is None:
+            return self._visit_entry(job, name)
+        entries_before = len(job.entries)
+        child = self._visit_entry(job, name)
+        counted = _counted_size(job.parent_nodes.get(name))
+        if child is not None:  # what its parent counted below it, against what is still there
+            self._revise_total(_kept_size(child) - counted)
+        elif len(job.entries) > entries_before:
+            self._revise_total(_counted_size(job.entries[-1].node) - counted)
+        else:  # left out
+            self._revise_total(-counted)
+        return child
+
+    def _revise_total(self, delta: int) -> None:
+        """The bar's total is the parent's size: what the walk finds grown, new, shrunk or gone
+        since revises it as it goes, so that it ends exactly at the folder's size."""
+        if delta and self._estimate is not None:
+            self._estimate += delta
+            self.progress.set_totals(total_bytes=self._estimate)
+
+    def _visit_entry(self, job: _DirJob, name: bytes) -> _DirJob | None:
         path = job.path + b"/" + name if job.path else name
         try:
             st = self.view.lstat(job.fd, job.key, name)
@@ -397,6 +425,7 @@ class Backup:
             node.xattrs = self._xattrs(job, node, previous)
             job.entries.append(_Entry(node))
             self.stats.dirs += 1
+            self.progress.advance(nbytes=node.bytes_below, items=node.files_below)
             return None
         fd = self.view.open_dir(job.fd, node.name, key_of(st))
         try:
@@ -566,6 +595,21 @@ class Backup:
 def backup(repo: Repository, source: str | bytes, **options: object) -> BackupResult:
     """Back up `source` into `repo`; see `Backup` for the options."""
     return Backup(repo, source, **options).run()  # type: ignore[arg-type]
+
+
+def _counted_size(node: Node | None) -> int:
+    """The bytes a snapshot's size counts for one of its entries: a file's size, a directory's
+    files' below it."""
+    if node is None:
+        return 0
+    return node.size if node.type == FILE else node.bytes_below if node.type == DIR else 0
+
+
+def _kept_size(job: _DirJob) -> int:
+    """What the parent snapshot counted for those of its entries of `job`'s directory whose names
+    are still listed."""
+    listed = set(job.names)
+    return sum(_counted_size(node) for name, node in job.parent_nodes.items() if name in listed)
 
 
 def _unchanged(previous: Node, node: Node) -> bool:
