@@ -19,7 +19,7 @@ from backend.errors import FsmountError
 from . import background
 from .commands import LazyGroup
 from .context import AppContext
-from .output import emit_json, json_emitted, say, say_styled
+from .output import emit_json, json_emitted, one_line, say, say_styled
 
 EXIT_WARNINGS = 3
 EXIT_INTERRUPTED = 130
@@ -135,9 +135,10 @@ def _run(app: AppContext) -> None:
     try:
         code = main.main(standalone_mode=False, prog_name="fsmount", obj=app)
     except FsmountError as exc:
-        background.report_failure(str(exc), exc.exit_code)
-        say_styled("fsmount:", str(exc), bold=True, fg="red")
-        _exit_failed(app, str(exc), exc.exit_code)
+        message = one_line(str(exc))
+        background.report_failure(message, exc.exit_code)
+        say_styled("fsmount:", message, bold=True, fg="red")
+        _exit_failed(app, message, exc.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
         say("fsmount: interrupted", err=True)
         _exit_failed(app, "interrupted", EXIT_INTERRUPTED)
@@ -149,7 +150,7 @@ def _run(app: AppContext) -> None:
         sys.exit(exc.exit_code)
     except click.UsageError as exc:  # one line, like every other error
         where = exc.ctx.command_path if exc.ctx is not None else "fsmount"
-        message = f"{exc.format_message().rstrip('.')} (see `{where} --help`)"
+        message = one_line(f"{exc.format_message().rstrip('.')} (see `{where} --help`)")
         say(f"fsmount: {message}", err=True)
         _exit_failed(app, message, exc.exit_code)
     except click.ClickException as exc:

@@ -14,6 +14,7 @@ import getpass
 import hashlib
 import logging
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -29,9 +30,9 @@ from .background import inherited_passphrase
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # imported where used: commands that only talk to a mount's socket need none
-    from backend.replicas import DegradedLog
     from backend.crypto import MasterKey
     from backend.lock import RepositoryLock
+    from backend.replicas import DegradedLog
     from backend.repository import Repository
     from backend.stores import ObjectStore
 
@@ -45,6 +46,7 @@ def open_location(location: str) -> ObjectStore:
 
     from .profiles import load_profile
 
+    check_location(location)
     options: dict = {}
     if os.environ.get("FSMOUNT_STORE_RETRY_S"):
         try:
@@ -55,6 +57,24 @@ def open_location(location: str) -> ObjectStore:
         profile = load_profile(location.removeprefix("profile:"))
         return open_store(profile.location, **{**profile.store_options(), **options})
     return open_store(location, **options)
+
+
+# restic's other back-ends, and URLs: a restic user's `-r sftp:host:/srv` would otherwise be a
+# local folder `sftp:host:` made in the working directory by `init`, and backed up to there.
+_FOREIGN_LOCATION = re.compile(r"(sftp|rest|b2|azure|gs|swift|rclone|[a-z][a-z0-9+.-]*(?=://)):", re.IGNORECASE)
+
+
+def check_location(location: str) -> None:
+    """UsageError for a location no store of ours serves: empty (an unset variable in `-r "$REPO"`
+    would make it the working directory), or of another tool's back-end."""
+    if not location.removeprefix("local:").strip():
+        raise UsageError("the repository location is empty: give a directory, local:DIR, s3:BUCKET/PREFIX, "
+                         "s3:https://HOST/BUCKET/PREFIX or profile:NAME")
+    foreign = _FOREIGN_LOCATION.match(location)
+    if foreign:
+        raise UsageError(f"{location}: fsmount has no {foreign.group(1)}: store; a location is a directory, "
+                         "local:DIR, s3:BUCKET/PREFIX, s3:https://HOST/BUCKET/PREFIX or profile:NAME "
+                         f"(a local folder of that name: ./{location})")
 
 
 @dataclass

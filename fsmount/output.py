@@ -158,6 +158,18 @@ def line_name(name: bytes) -> str:
     return display_name(name.replace(b"\\", b"\\\\")).translate(_CONTROLS)
 
 
+def path_line(path: str | bytes) -> str:
+    """A path or location as a plain line names it: `line_name` of its bytes (a folder given on
+    the command line may hold any byte, a newline too)."""
+    return line_name(os.fsencode(path))
+
+
+def one_line(message: str) -> str:
+    """A message, an error's above all, as one line of valid text: a path in it that holds bytes
+    that are not UTF-8 shows them as \\xNN, and a newline or other control character is escaped."""
+    return display_name(message.encode(errors="surrogateescape")).translate(_CONTROLS)
+
+
 _ESCAPE = re.compile(rb"\\(\\|n|t|x[0-9a-fA-F]{2})")
 _UNESCAPED = {b"\\": b"\\", b"n": b"\n", b"t": b"\t"}
 

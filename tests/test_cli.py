@@ -87,7 +87,7 @@ def test_password_file_and_missing_password(cli, tmp_path: Path) -> None:
     cli.env["FSMOUNT_PASSWORD_FILE"] = str(secret)
     cli("snapshots")
     del cli.env["FSMOUNT_PASSWORD_FILE"]
-    proc = cli("snapshots", check=2, stdin=open(os.devnull))
+    proc = cli("snapshots", check=2, stdin=subprocess.DEVNULL)
     assert "no passphrase" in proc.stderr.decode()
     # piped in, as restic reads it
     cli("snapshots", input=secret.read_bytes())
@@ -334,3 +334,25 @@ def test_sockets_fifos_and_devices_come_back_as_cp_a_makes_them(cli, tmp_path: P
     cli("restore", "latest", "--target", tmp_path / "all")
     assert sorted(os.listdir(tmp_path / "all" / "meta")) == ["blockdev", "chardev", "fifo", "sock"]
     assert differences(copied, tmp_path / "all") == []
+
+
+def test_an_error_naming_a_path_is_one_line_with_its_bytes_as_ls_shows_them(cli, tmp_path: Path) -> None:
+    """A newline in a path split the error over two lines, and a byte that is not UTF-8 showed as
+    `\\udcff` on stderr (Python's escape of a lone surrogate, which no tool reads back)."""
+    missing = bytes(tmp_path) + b"/no\nrepo\xff"
+    err = cli("-r", missing, "snapshots", check=10).stderr.decode()
+    assert err == f"fsmount: no repository at {tmp_path}/no\\nrepo\\xff (run `fsmount init` first)\n", err
+    doc = json.loads(cli("-r", missing, "--json", "snapshots", check=10).stdout)
+    assert doc == {"error": err.removeprefix("fsmount: ").rstrip("\n"), "exit_code": 10}
+
+
+@pytest.mark.parametrize("location", ["", "local:", "sftp:host:/srv/repo", "rest:http://host:8000/",
+                                      "https://s3.example.net/bucket/repo"])
+def test_an_empty_or_foreign_location_is_refused_and_nothing_is_made(cli, tmp_path: Path, location: str) -> None:
+    """`-r ""` (an unset variable) made the repository in the working directory, and a restic
+    location such as `sftp:host:/srv` a local folder `sftp:host:` there."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    err = cli("-r", location, "init", check=2, cwd=workdir).stderr.decode()
+    assert len(err.splitlines()) == 1 and ("is empty" in err or "fsmount has no" in err), err
+    assert os.listdir(workdir) == []

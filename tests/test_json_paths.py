@@ -105,3 +105,22 @@ def test_restore_names_what_it_could_not_restore_by_path_and_counts_only_what_it
     proc = cli("restore", "latest", "--target", tmp_path / "r2", check=3)
     assert "error: w\\xff/x\\xfe: " in proc.stderr.decode(errors="strict"), proc.stderr
     assert ": 0 files, " in proc.stdout.decode() and "; 1 failed" in proc.stdout.decode(), proc.stdout
+
+
+def test_init_migrate_and_restore_name_their_folders_as_the_listing_does(cli, tmp_path: Path) -> None:
+    """Their plain lines printed a folder's newline and bytes raw (a line broken in two, U+FFFD),
+    and `init --json` had the location without `location_hex`."""
+    odd = bytes(tmp_path) + b"/re\xffpo\nx"
+    shown = f"{tmp_path}/re\\xffpo\\nx"
+    line = cli("-r", odd, "init").stdout.decode()
+    assert line.startswith("created repository ") and f" at {shown} (block size" in line and line.count("\n") == 1
+    doc = strict_json(cli("-r", odd + b"2", "init", "--json").stdout)
+    assert (doc["location"], exact(doc, "location")) == (shown + "2", odd + b"2")
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "f").write_text("x")
+    cli("-r", odd, "backup", source)
+    line = cli("-r", odd, "restore", "latest", "--target", odd + b"-restored").stdout.decode()
+    assert f" to {shown}-restored: 1 files" in line and line.count("\n") == 1, line
+    line = cli("-r", odd, "migrate", "--to", odd + b"-copy").stdout.decode()
+    assert f" to {shown}-copy: copied " in line and line.count("\n") == 1, line

@@ -9,7 +9,7 @@ import click
 
 from .. import background
 from ..context import AppContext
-from ..output import emit_json, json_option, json_path, parse_size, say
+from ..output import emit_json, json_option, json_path, parse_size, path_line, say
 
 
 @click.command("mount-snapshots")
@@ -53,7 +53,7 @@ def mount_snapshots(app: AppContext, mountpoint: str, foreground: bool, cache_si
         if app.json:
             emit_json({**json_path("mountpoint", os.path.abspath(mountpoint)), "pid": pid, **json_path("log", log_path)})
         elif not app.quiet:
-            say(f"snapshots mounted at {mountpoint} (daemon pid {pid}, log {log_path})")
+            say(f"snapshots mounted at {path_line(mountpoint)} (daemon pid {pid}, log {log_path})")
         return
     from ..snapshot_mount import SnapshotMount
 
@@ -66,7 +66,7 @@ def mount_snapshots(app: AppContext, mountpoint: str, foreground: bool, cache_si
                 emit_json({**json_path("mountpoint", os.path.abspath(mountpoint)), "pid": os.getpid()})
                 sys.stdout.flush()
             elif not app.quiet:
-                say(f"snapshots mounted at {mountpoint}; Ctrl-C or `fsmount umount {mountpoint}` unmounts")
+                say(f"snapshots mounted at {path_line(mountpoint)}; Ctrl-C or `fsmount umount {path_line(mountpoint)}` unmounts")
 
         mount.run(ready)
 

@@ -9,6 +9,7 @@ import re
 import stat
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from functools import partial
 
 import click
 
@@ -17,7 +18,7 @@ from backend.fsnode import is_within
 
 from .. import background
 from ..context import AppContext
-from ..output import console, emit_json, human_bytes, json_option, json_path, line_name, parse_size, say
+from ..output import console, emit_json, human_bytes, json_option, json_path, line_name, parse_size, path_line, say
 from .names import host_option, snapshot_name_option
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
@@ -89,7 +90,7 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
             emit_json({**json_path("mountpoint", target), **json_path("source", source), "pid": pid,
                        **json_path("log", log_path)})
         elif not app.quiet:
-            say(f"mounted {source} at {target} (daemon pid {pid}, log {log_path})")
+            say(f"mounted {path_line(source)} at {path_line(target)} (daemon pid {pid}, log {log_path})")
         if not app.quiet:
             _warn_if_cwd_is_underneath(target)
         for warning in warnings:
@@ -99,7 +100,8 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
 
     with app.open_repository(backlog=source_id(os.fsencode(source)), backlog_limit_bytes=backlog_bytes) as repo:
         live = LiveMount(repo, os.fsencode(source), os.fsencode(target), every_s=every_s, host=host,
-                         missed_by_replicas=app.missed_by_replicas)
+                         missed_by_replicas=app.missed_by_replicas,
+                         record_missed=partial(_record_degraded_writes_durably, app))
 
         def ready() -> None:
             background.report_ready()
@@ -107,7 +109,7 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
                 emit_json({**json_path("mountpoint", target), **json_path("source", source), "pid": os.getpid()})
                 sys.stdout.flush()
             elif not app.quiet:
-                say(f"mounted {source} at {target}; Ctrl-C or `fsmount umount {target}` unmounts")
+                say(f"mounted {path_line(source)} at {path_line(target)}; Ctrl-C or `fsmount umount {path_line(target)}` unmounts")
             if not app.quiet:
                 _warn_if_cwd_is_underneath(target)
             for warning in warnings:
@@ -116,6 +118,17 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
         live.run(ready)
     if live.final_error:
         raise FsmountError(f"unmounted, but the final snapshot failed: {live.final_error}")
+
+
+def _record_degraded_writes_durably(app: AppContext) -> None:
+    """Record what degraded writes left out of a replica so far, fsync'd: the daemon may be
+    killed any moment, and the record is what tells every later command to `replicas sync`."""
+    if app.record_degraded_writes():
+        fd = os.open(app.degraded_log().path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _check_source(source: str) -> None:
@@ -246,13 +259,14 @@ def _ask(mountpoint: str, request: dict, *, timeout: float | None = 30.0) -> dic
     return reply
 
 
-def unmount_live(mountpoint: str, app: AppContext, *, lazy: bool = False) -> bool:
-    """Unmount a live mount through its control socket; False if MOUNTPOINT is not one."""
+def unmount_live(mountpoint: str, app: AppContext, *, lazy: bool = False) -> int | None:
+    """Unmount a live mount through its control socket: the exit code (3 when a replica missed
+    objects of the mount, --degraded), or None if MOUNTPOINT is not a live mount."""
     from .. import control
     try:
         control.request(mountpoint, {"op": "status"}, timeout=10)
     except UsageError:
-        return False
+        return None
     with ThreadPoolExecutor(1) as waiter:
         unmounted = waiter.submit(_ask, mountpoint, {"op": "unmount", "lazy": lazy}, timeout=None)
         if sys.stderr.isatty() and not app.quiet:
@@ -266,10 +280,15 @@ def unmount_live(mountpoint: str, app: AppContext, *, lazy: bool = False) -> boo
         raise StoreError(f"unmounted {mountpoint}; {human_bytes(backlog['bytes'])} of snapshots could not be "
                          f"uploaded ({reply.get('backlog_error')}); they stay on local disk and the next "
                          f"mount of this folder uploads them")
+    missed = reply.get("missed_by_replicas") or []
+    for replica in missed:
+        say(f"warning: replica {replica['replica']} missed {_count(replica['objects'], 'object')} of this mount "
+            "(--degraded): run `fsmount replicas sync`", err=True)
     if app.json:
         emit_json({**json_path("mountpoint", os.path.abspath(mountpoint)), "kind": "live", "final_snapshot": final,
                    "final_unchanged": bool(reply.get("final_unchanged")),
-                   "backlog_objects": backlog["objects"], "backlog_bytes": backlog["bytes"]})
+                   "backlog_objects": backlog["objects"], "backlog_bytes": backlog["bytes"],
+                   **({"missed_by_replicas": missed} if missed else {})})
     elif not app.quiet:
         if final and reply.get("final_unchanged"):
             said = f"nothing changed since snapshot {final[:8]}"
@@ -280,8 +299,8 @@ def unmount_live(mountpoint: str, app: AppContext, *, lazy: bool = False) -> boo
         if backlog["objects"]:
             said += (f"; {human_bytes(backlog['bytes'])} of snapshots wait on local disk for the next mount "
                      f"to upload")
-        say(f"unmounted {mountpoint}; {said}")
-    return True
+        say(f"unmounted {path_line(mountpoint)}; {said}")
+    return 3 if missed else 0  # finished with a warning, as the --degraded run that left the replica behind
 
 
 def _show_final_upload(mountpoint: str, unmounted: Future, lazy: bool) -> None:
@@ -399,8 +418,9 @@ def umount(app: AppContext, mountpoint: str, lazy: bool) -> int:
 
     if is_stale(os.fsencode(mountpoint)):
         return _clear_dead_mount(mountpoint, app)
-    if unmount_live(mountpoint, app, lazy=lazy):
-        return 0
+    code = unmount_live(mountpoint, app, lazy=lazy)
+    if code is not None:
+        return code
 
     if not mounted_at(os.path.realpath(os.fsencode(mountpoint))):
         raise UsageError(f"{mountpoint} is not mounted")
@@ -414,7 +434,7 @@ def umount(app: AppContext, mountpoint: str, lazy: bool) -> int:
     if app.json:
         emit_json({**json_path("mountpoint", os.path.abspath(mountpoint)), "kind": "snapshots"})
     elif not app.quiet:
-        say(f"unmounted {mountpoint}")
+        say(f"unmounted {path_line(mountpoint)}")
     return 0
 
 
@@ -433,7 +453,7 @@ def _clear_dead_mount(path: str, app: AppContext) -> int:
     where, kind = os.fsdecode(found[0]), found[1]
     live = kind == "fuse.fsmount"  # mount-snapshots' is fuse.fsmount-snapshots: it had nothing to save
     if live:
-        say(f"warning: the daemon of {where} had died: no final snapshot was taken; the next mount of the "
+        say(f"warning: the daemon of {path_line(where)} had died: no final snapshot was taken; the next mount of the "
             "folder scans it and picks up the changes", err=True)
     proc = subprocess.run(["fusermount3", "-uz", where], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -442,7 +462,7 @@ def _clear_dead_mount(path: str, app: AppContext) -> int:
         emit_json({**json_path("mountpoint", where), "kind": "live" if live else "snapshots", "daemon_was_gone": True,
                    "final_snapshot": None})
     elif not app.quiet:
-        say(f"unmounted {where} (its daemon was gone)")
+        say(f"unmounted {path_line(where)} (its daemon was gone)")
     return 3 if live else 0
 
 

@@ -19,7 +19,7 @@ from ..context import AppContext, command_line, open_location
 if TYPE_CHECKING:
     from backend.crypto import MasterKey
     from backend.stores import ObjectStore
-from ..output import BarProgress, add_to_json, emit_json, human_bytes, json_option, say
+from ..output import BarProgress, add_to_json, emit_json, human_bytes, json_option, path_line, say
 
 
 @click.command()
@@ -77,7 +77,7 @@ def migrate(app: AppContext, destinations: tuple[str, ...], delete_source: bool,
     if app.json:
         emit_json({})  # the counts come from add_to_json
     elif not app.quiet:
-        say(f"migrated {report.objects} objects to {', '.join(destinations)}: copied {report.copied} "
+        say(f"migrated {report.objects} objects to {', '.join(map(path_line, destinations))}: copied {report.copied} "
             f"({human_bytes(report.bytes_copied)}"
             + (f", {report.copied_by_server} by the server" if report.copied_by_server else "")
             + f"), {report.skipped} already there; the copy verifies"

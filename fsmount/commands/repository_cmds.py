@@ -14,7 +14,7 @@ from backend.snapshot import Snapshot, resolve_snapshot
 from backend.tree import DIR, Node
 
 from ..context import AppContext
-from ..output import console, emit_json, human_bytes, json_option, json_path, line_name, parse_size, say
+from ..output import console, emit_json, human_bytes, json_option, json_path, line_name, parse_size, path_line, say
 from .snapshot_paths import snapshot_path
 
 
@@ -39,9 +39,9 @@ def init(app: AppContext, block_size: str) -> None:
         repo = Repository.init(store, app.passphrase(confirm=True), block_size=size, cache_dir=app.cache_dir)
     with repo:
         if app.json:
-            emit_json({"id": repo.config.id, "location": store.location, "block_size": repo.block_size})
+            emit_json({"id": repo.config.id, **json_path("location", store.location), "block_size": repo.block_size})
         elif not app.quiet:
-            say(f"created repository {repo.config.id[:8]} at {store.location} "
+            say(f"created repository {repo.config.id[:8]} at {path_line(store.location)} "
                 f"(block size {human_bytes(repo.block_size)})")
 
 

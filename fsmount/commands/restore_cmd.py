@@ -13,7 +13,7 @@ from backend.restore import Problem, Restore, check_target
 from backend.snapshot import resolve_snapshot
 
 from ..context import AppContext
-from ..output import BarProgress, emit_json, human_bytes, json_option, json_path, line_name, say
+from ..output import BarProgress, emit_json, human_bytes, json_option, json_path, line_name, path_line, say
 from .snapshot_paths import snapshot_path
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: 
                    "errors": [_problem_doc(p, "error") for p in result.errors],
                    "skipped": [_problem_doc(p, "reason") for p in result.skipped]})
     elif not app.quiet:
-        say(f"restored snapshot {snap.short_id} to {destination}: {s.files} files, {s.dirs} dirs; "
+        say(f"restored snapshot {snap.short_id} to {path_line(destination)}: {s.files} files, {s.dirs} dirs; "
             f"wrote {human_bytes(s.bytes_written)}, {s.blocks_unchanged} blocks already matched"
             + (f", deleted {s.deleted}" if s.deleted else "")
             + f" in {s.duration_ms / 1000:.1f} s"
