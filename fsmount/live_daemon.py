@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 from collections.abc import Callable
 from functools import partial
 
@@ -112,10 +113,13 @@ class SourceLock:
 class LiveMount:
     def __init__(self, repo: Repository, source: bytes, mountpoint: bytes, *, every_s: float | None = None,
                  host: str | None = None, cache_bytes: int = 1 << 30,
-                 missed_by_replicas: Callable[[], list[dict]] = list):
+                 missed_by_replicas: Callable[[], list[dict]] = list, record_missed: Callable[[], object] = int):
         self.repo = repo
-        # What --degraded writes of this mount left out, per replica (AppContext.missed_by_replicas)
+        # What --degraded writes of this mount left out, per replica (AppContext.missed_by_replicas),
+        # and how it is recorded for `fsmount replicas sync` (AppContext.record_degraded_writes)
         self.missed_by_replicas = missed_by_replicas
+        self._record_missed = record_missed
+        self._recording = threading.Lock()  # objects reach the store from several threads
         self.cache_bytes = cache_bytes  # bound of the block cache behind .snapshots
         self.source = os.path.realpath(source)
         self.mountpoint = os.path.realpath(mountpoint)
@@ -152,6 +156,8 @@ class LiveMount:
                 include=lambda s: s.host == self.host and s.source == self.source,
                 disarmed=bool(options & {"suid", "dev"}))
             self.uploader.on_snapshot = snapshot_tree.add
+            if self.repo.backlog is not None:
+                self.repo.backlog.on_stored = self._record_what_replicas_missed
             self.operations = LiveTree(source_fd, changelog, snapshot_tree)
             self.uploader.live_tree = self.operations
             os.umask(0)
@@ -168,6 +174,12 @@ class LiveMount:
             changelog.close(clean=True)
             lock.release()
             os.close(source_fd)
+
+    def _record_what_replicas_missed(self) -> None:
+        """Record, as each object reaches the store, what a replica left behind by --degraded lacks:
+        recorded at exit only, a kill -9 of the daemon lost it, and with it `replicas sync`'s hint."""
+        with self._recording:
+            self._record_missed()
 
     def _refuse_covering_own_files(self) -> None:
         """The mount must not cover the daemon's own files. Its event loop would wait on itself to
@@ -344,5 +356,6 @@ class LiveMount:
             return {"final_snapshot": self.final_snapshot, "final_unchanged": self.final_unchanged,
                     "final_error": self.final_error,
                     "backlog_error": self.backlog_error,
+                    "missed_by_replicas": self.missed_by_replicas(),
                     "backlog": vars(backlog.status()) if backlog is not None else None}
         raise UsageError(f"unknown control request {op!r}")

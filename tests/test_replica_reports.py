@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -62,9 +63,37 @@ def test_a_degraded_live_mount_shows_in_its_status_what_a_replica_missed(cli, tm
         assert missed["replica"] == str(tmp_path / "b") and missed["objects"] >= 1
         listed = cli("status", mnt).stdout.decode()
         assert f"{tmp_path / 'b'} missed {missed['objects']} objects" in listed and "replicas sync" in listed
+        # umount says it too, and exits 3 as the --degraded run that left the replica behind
+        unmounted = cli("umount", mnt, "--json", check=3)
+        [line] = unmounted.stderr.decode().splitlines()
+        assert f"replica {tmp_path / 'b'} missed" in line and "replicas sync" in line, line
+        [said] = json.loads(unmounted.stdout)["missed_by_replicas"]
+        assert said["replica"] == str(tmp_path / "b") and said["objects"] >= missed["objects"]
     (tmp_path / "b" / "data").unlink()
     states = json.loads(cli(*replicas, "replicas", "--json", check=14).stdout)  # recorded for the sync
     assert "replicas sync" in states["error"]
+    cli(*replicas, "replicas", "sync")
+
+
+def test_what_a_degraded_live_mount_left_out_of_a_replica_survives_kill_9_of_its_daemon(
+        cli, tmp_path: Path, replicas) -> None:
+    """It was recorded only when the daemon exited, so after a kill -9 no command knew that the
+    replica lacked anything."""
+    source = tmp_path / "src"
+    source.mkdir()
+    cli(*replicas, "init")
+    with live_mount(cli, source, options=(*replicas, "--degraded")) as mnt:
+        break_writes(tmp_path / "b", "data")
+        (mnt / "big.bin").write_bytes(os.urandom(300_000))
+        cli("snapshot", mnt)
+        [missed] = json.loads(cli("status", mnt, "--json").stdout)["missed_by_replicas"]
+        os.kill(json.loads(cli("status", mnt, "--json").stdout)["pid"], signal.SIGKILL)
+        cli("umount", mnt, check=3)  # the dead mount cleared
+    (tmp_path / "b" / "data").unlink()
+    states = json.loads(cli(*replicas, "replicas", "--json", check=14).stdout)
+    assert states["recorded_degraded_writes"] == missed["objects"]
+    warned = cli(*replicas, "snapshots").stderr.decode()
+    assert f"{missed['objects']} objects" in warned and "replicas sync" in warned, warned
     cli(*replicas, "replicas", "sync")
 
 

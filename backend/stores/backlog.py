@@ -123,6 +123,9 @@ class BacklogStore:
         self._draining = threading.Lock()  # one drain at a time: each object is stored once
         self._pool = ThreadPoolExecutor(DRAIN_PARALLEL, thread_name_prefix="backlog")
         self.last_error: str | None = None
+        # Called (on the writing thread) each time an object has reached the store, before the write
+        # returns: the live mount records then what a --degraded replica missed.
+        self.on_stored: Callable[[], None] | None = None
         found = [s for s in (_parse(n, size) for n, size in self._files.list()) if s is not None]
         for staged in sorted(found, key=lambda s: s.sequence):
             self._staged[staged.key] = staged
@@ -198,6 +201,7 @@ class BacklogStore:
         if direct:
             try:
                 self.inner.put(key, data)
+                self._stored()
                 return
             except StoreError as exc:
                 self.last_error = str(exc)
@@ -329,4 +333,9 @@ class BacklogStore:
             if self._staged.pop(staged.key, None) is not None:
                 self._bytes -= staged.size
         self._files.delete(staged.file_name)  # a crash before this only writes it to the store again
+        self._stored()
         return staged
+
+    def _stored(self) -> None:
+        if self.on_stored is not None:
+            self.on_stored()
