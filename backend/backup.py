@@ -124,7 +124,8 @@ class Backup:
                  parent: Snapshot | None | str = "auto", progress: Progress | None = None,
                  workers: int | None = None, changes: ChangeSet | None = None,
                  source_fd: int | None = None, view: Source | None = None, time_ns: int | None = None,
-                 skip_if_unchanged: bool = False, count_totals: bool = False):
+                 skip_if_unchanged: bool = False, count_totals: bool = False,
+                 snapshots: list[Snapshot] | None = None):
         self.repo = repo
         self.source = os.path.abspath(os.fsencode(source))
         self.host = host or socket.gethostname()
@@ -133,8 +134,9 @@ class Backup:
         self.progress = progress or Progress()
         self.stats = BackupStats()
         self.warnings: list[str] = []
-        if parent == "auto":
-            parents = [s for s in repo.snapshots() if s.host == self.host and s.source == self.source]
+        if parent == "auto":  # the latest of this host and folder, among `snapshots` if the caller has them
+            every = repo.snapshots() if snapshots is None else snapshots
+            parents = [s for s in every if s.host == self.host and s.source == self.source]
             parent = parents[-1] if parents else None
         self.parent: Snapshot | None = parent  # type: ignore[assignment]
         if changes is not None and self.parent is None:

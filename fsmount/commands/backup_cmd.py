@@ -45,8 +45,10 @@ def backup(app: AppContext, source: str, tags: tuple[str, ...], name: str | None
     the exit code is then 3.
     """
     with app.open_repository() as repo:
+        snapshots = None  # loaded once, for the name's check and the parent alike
         if name is not None:
-            check_name_free(name, repo.snapshots())
+            snapshots = repo.snapshots()
+            check_name_free(name, snapshots)
         parent: object = "auto"
         if force:
             parent = None
@@ -56,7 +58,8 @@ def backup(app: AppContext, source: str, tags: tuple[str, ...], name: str | None
         # The real path, so that a folder backed up through a symlink is the same folder (its
         # parent snapshot, `restore --in-place`).
         result = Backup(repo, os.path.realpath(os.fsencode(source)), host=host, tags=list(tags), name=name,
-                        parent=parent, progress=progress, count_totals=progress.enabled).run()  # type: ignore[arg-type]
+                        parent=parent, progress=progress, count_totals=progress.enabled,
+                        snapshots=snapshots).run()  # type: ignore[arg-type]
     s = result.stats
     # A replica that --degraded left behind lacks this snapshot until `replicas sync` (the CLI's edge
     # says so on stderr, adds `missed_by_replicas` to the JSON and exits 3).
