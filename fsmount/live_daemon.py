@@ -155,6 +155,7 @@ class LiveMount:
                 self.repo, self.cache_bytes, on_mkdir=self.uploader.snapshot,
                 include=lambda s: s.host == self.host and s.source == self.source,
                 disarmed=bool(options & {"suid", "dev"}))
+            snapshot_tree.take_listing(self.uploader.known_snapshots())
             self.uploader.on_snapshot = snapshot_tree.add
             if self.repo.backlog is not None:
                 self.repo.backlog.on_stored = self._record_what_replicas_missed

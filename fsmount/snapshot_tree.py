@@ -153,6 +153,7 @@ class SnapshotTree:
         self._latest: bytes | None = None
         self._refreshed = -float("inf")
         self._listing_failed = False
+        self._listed_once = False
         self._added_at: dict[str, float] = {}  # snapshot id -> when this mount took it (`add`)
         self._refresh_lock = trio.Lock()
 
@@ -179,12 +180,18 @@ class SnapshotTree:
             except FsmountError as exc:
                 log.error("cannot list snapshots: %s", exc)
                 self._listing_failed = True
-                if not self._snapshots:
+                if not self._listed_once:
                     raise pyfuse3.FUSEError(errno.EIO) from None
             else:
                 self._listing_failed = False
                 self._adopt(listed, started)
             self._refreshed = time.monotonic()
+
+    def take_listing(self, snapshots: list[Snapshot]) -> None:
+        """Take `snapshots` as the repository's, listed a moment ago (the live mount lists them as
+        it starts: `.snapshots` then shows them even if the store is down before its first use)."""
+        self._adopt({s.id: s for s in snapshots}, time.monotonic())
+        self._refreshed = time.monotonic()
 
     def add(self, snapshot: Snapshot) -> None:
         """Show `snapshot`, just stored (or staged in the backlog), at once: a listing of the store
@@ -211,6 +218,7 @@ class SnapshotTree:
             else:
                 del self._added_at[snapshot_id]
         self._snapshots = listed
+        self._listed_once = True
         self._relabel()
 
     def _relabel(self) -> None:

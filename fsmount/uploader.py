@@ -97,6 +97,10 @@ class Uploader:
         self._lock = trio.Lock()
         self._no_more_retries = trio.Event()
 
+    def known_snapshots(self) -> list[Snapshot]:
+        """The repository's snapshots as last listed here, with this mount's since."""
+        return list(self._known.values())
+
     def _latest(self) -> Snapshot | None:
         mine = [s for s in self._known.values() if s.host == self.host and s.source == self.source]
         return mine[-1] if mine else None

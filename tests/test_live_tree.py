@@ -849,6 +849,22 @@ def test_mkdir_in_snapshots_while_the_store_is_down_takes_the_snapshot_and_shows
     assert sorted(s["name"] for s in snapshots(cli) if s["name"]) == ["before", "during"]
 
 
+def test_snapshots_shows_what_the_mount_found_at_start_when_the_store_is_down_before_its_first_use(
+        cli, source: Path, tmp_path: Path) -> None:
+    """Its first listing failed with nothing known yet: `ls .snapshots` and every mkdir there said EIO."""
+    cli("backup", source, "--name", "earlier")
+    repo = Path(cli.env["FSMOUNT_REPOSITORY"])
+    away = tmp_path / "repository-unreachable"
+    with live_mount(cli, source) as mnt:
+        repo.rename(away)
+        try:
+            os.mkdir(mnt / ".snapshots" / "during")
+            assert {"earlier", "during"} <= set(os.listdir(mnt / ".snapshots"))
+        finally:
+            away.rename(repo)
+        wait_for_empty_backlog(cli, mnt)
+
+
 def test_a_named_snapshot_while_the_store_is_down_waits_on_local_disk_as_an_unnamed_one(
         cli, source: Path, tmp_path: Path) -> None:
     """Its name was checked against the store's listing first, so with the store down it failed
