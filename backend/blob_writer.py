@@ -12,7 +12,10 @@ Durability order, which makes a crash at any point leave a valid repository:
   2. an index object describing only uploaded packs is put, then added to the local cache;
   3. only then (`flush()` returned) may the caller write a snapshot that references the blobs.
 Packs without an index after a crash are harmless: `verify` lists them, and `verify --repair` indexes them
-from their own headers.
+from their own headers. So that a run cut short leaves few of them, and the next run finds the
+blobs it had stored instead of storing them again, an index object is also written when
+`INDEX_INTERVAL_S` has passed since the first pack it would describe went up, and by `settle()`,
+which ends a run that did not reach `flush()` (an error, Ctrl-C).
 
 A failed upload is raised once (by the next `save()` or `flush()`) and forgotten, and its blobs are
 no longer counted as stored, so a long-running writer (the live mount's) recovers when the store does.
@@ -20,7 +23,9 @@ no longer counted as stored, so a long-running writer (the live mount's) recover
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -30,8 +35,12 @@ from .index import IndexCache, encode_index
 from .pack import BlobEntry, PackWriter, pack_key
 from .stores import ObjectStore
 
-# Write an index object once this many blobs are described by uploaded packs, or at flush().
+log = logging.getLogger(__name__)
+
+# Write an index object once this many blobs are described by uploaded packs, or this long after
+# the first of them went up (whichever comes first), and at flush().
 INDEX_BATCH_BLOBS = 50_000
+INDEX_INTERVAL_S = 300.0
 
 
 @dataclass
@@ -57,6 +66,7 @@ class BlobWriter:
         self._reserved: set[bytes] = set()  # ids saved this session and not yet in the index cache
         self._uploaded: list[tuple[str, list[BlobEntry]]] = []  # packs awaiting an index object
         self._uploaded_blobs = 0
+        self._first_unindexed: float | None = None  # when the oldest pack in _uploaded went up
         self._uploads: set[Future] = set()
         self._upload_slots = threading.BoundedSemaphore(uploads_in_flight)
         self._pool = ThreadPoolExecutor(upload_workers, thread_name_prefix="pack-upload")
@@ -122,11 +132,15 @@ class BlobWriter:
         except BaseException:
             self._unreserve(blob_ids)
             raise
+        now = time.monotonic()
         with self._lock:
             self._uploaded.append((pack_id, entries))
             self._uploaded_blobs += len(entries)
             self.statistics.packs_uploaded += 1
-            write_index = self._uploaded_blobs >= INDEX_BATCH_BLOBS
+            if self._first_unindexed is None:
+                self._first_unindexed = now
+            write_index = (self._uploaded_blobs >= INDEX_BATCH_BLOBS
+                           or now - self._first_unindexed >= INDEX_INTERVAL_S)
         if write_index:
             self._write_index()
 
@@ -147,6 +161,7 @@ class BlobWriter:
     def _write_index(self) -> None:
         with self._lock:
             packs, self._uploaded, self._uploaded_blobs = self._uploaded, [], 0
+            first_unindexed, self._first_unindexed = self._first_unindexed, None
         if not packs:
             return
         name, data = encode_index(self._key, packs)
@@ -156,6 +171,7 @@ class BlobWriter:
             with self._lock:  # stored but not indexed: the next index object names them
                 self._uploaded[:0] = packs
                 self._uploaded_blobs += sum(len(entries) for _, entries in packs)
+                self._first_unindexed = first_unindexed
             raise
         self._index.add(name, packs)
         with self._lock:
@@ -183,12 +199,19 @@ class BlobWriter:
         self._write_index()
 
     def settle(self) -> None:
-        """Wait for the uploads in flight and forget how they failed. A run that failed has
-        reported its own error; without this, a pack of it failing a moment later would fail the
-        next run too. Blobs whose upload failed are stored again when saved again."""
+        """Wait for the uploads in flight, forget how they failed, and index the packs that did go
+        up. A run that failed has reported its own error; without this, a pack of it failing a
+        moment later would fail the next run too. Blobs whose upload failed are stored again when
+        saved again; those of the indexed packs are found by the next run (a backup cut short
+        with Ctrl-C had its next run store them all again). Nothing refers to them yet, so an
+        index that cannot be written now is only written later, by the next `flush()`."""
         self._wait_for_uploads()
         with self._lock:
             self._failure = None
+        try:
+            self._write_index()
+        except StoreError as exc:
+            log.info("the packs uploaded so far are indexed later: %s", exc)
 
     def _wait_for_uploads(self) -> None:
         while True:
