@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import BinaryIO
 
 from .crypto import content_hash, is_object_id
 from .errors import FsmountError, ObjectNotFound, StoreError
@@ -218,7 +219,12 @@ def _heal(replicas: Sequence[ObjectStore], states: list[ReplicaState], listings:
 
 
 class DegradedLog:
-    """Objects that degraded writes could not put on a replica, kept in a JSON-lines file."""
+    """Objects that degraded writes could not put on a replica, kept in a JSON-lines file.
+
+    `record` is durable when it returns (the file, and on creation its folder, fsync'd): a crash
+    right after a --degraded run must not forget what a replica lacks, since only this record
+    makes later commands say `replicas sync`. Each (replica, key) is kept once, however often it is
+    recorded. A last line torn by a crash mid-write is ignored: its `record` never returned."""
 
     def __init__(self, path: str):
         self.path = path
@@ -226,20 +232,91 @@ class DegradedLog:
     def record(self, entries: list[tuple[str, str]]) -> None:
         if not entries:
             return
-        with open(self.path, "a") as f:
-            f.writelines(json.dumps({"replica": replica, "key": key}) + "\n" for replica, key in entries)
+        known = self._known()
+        new = [entry for entry in dict.fromkeys(entries) if entry not in known]
+        if not new:
+            return
+        created = not os.path.exists(self.path)
+        lines = "".join(json.dumps({"replica": replica, "key": key}) + "\n" for replica, key in new)
+        with open(self.path, "a+b") as f:
+            _drop_torn_last_line(f)
+            f.write(lines.encode())
+            f.flush()
+            os.fsync(f.fileno())
+            _KNOWN[self.path] = (_identity(os.fstat(f.fileno())), known | set(new))
+        if created:
+            _fsync_folder(os.path.dirname(os.path.abspath(self.path)))
 
     def entries(self) -> list[tuple[str, str]]:
-        try:
-            with open(self.path) as f:
-                return [(doc["replica"], doc["key"]) for doc in map(json.loads, f) if doc]
-        except FileNotFoundError:
-            return []
-        except (ValueError, KeyError) as exc:
-            raise FsmountError(f"the record of degraded writes {self.path} is damaged: {exc}") from exc
+        """Each recorded (replica, key) once, oldest first."""
+        return list(dict.fromkeys(self._read()))
 
     def clear(self) -> None:
+        _KNOWN.pop(self.path, None)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+    def _known(self) -> set[tuple[str, str]]:
+        """What the file holds: remembered from this process's last `record` while the file is as
+        it left it (a live mount records after every object stored; reading it all each time grew
+        with the square of the objects a replica missed)."""
+        try:
+            identity = _identity(os.stat(self.path))
+        except FileNotFoundError:
+            return set()
+        remembered = _KNOWN.get(self.path)
+        if remembered is not None and remembered[0] == identity:
+            return remembered[1]
+        return set(self._read())
+
+    def _read(self) -> list[tuple[str, str]]:
+        try:
+            with open(self.path, "rb") as f:
+                text = f.read().decode()
+        except FileNotFoundError:
+            return []
+        except UnicodeDecodeError as exc:
+            raise FsmountError(f"the record of degraded writes {self.path} is damaged: {exc}") from exc
+        *lines, last = text.split("\n")  # last is "" when the file ends with a newline, as a complete record does
+        entries = [_parse_entry(self.path, line) for line in lines if line.strip()]
+        try:
+            entries += [_parse_entry(self.path, last)] if last.strip() else []
+        except FsmountError:
+            log.warning("%s: ignoring its last line, torn by a crash while it was written", self.path)
+        return entries
+
+
+# path -> (the file's identity after this process last recorded into it, the entries it then held)
+_KNOWN: dict[str, tuple[tuple[int, int, int, int], set[tuple[str, str]]]] = {}
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _parse_entry(path: str, line: str) -> tuple[str, str]:
+    try:
+        doc = json.loads(line)
+        return doc["replica"], doc["key"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FsmountError(f"the record of degraded writes {path} is damaged: {exc}") from exc
+
+
+def _drop_torn_last_line(f: BinaryIO) -> None:
+    """Cut what follows the last newline of `f` (open for appending): a line a crash tore."""
+    if f.seek(0, os.SEEK_END) == 0:
+        return
+    f.seek(-1, os.SEEK_END)
+    if f.read(1) != b"\n":
+        f.seek(0)
+        f.truncate(f.read().rfind(b"\n") + 1)
+
+
+def _fsync_folder(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

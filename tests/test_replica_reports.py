@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -118,3 +119,45 @@ def test_replicas_of_different_repositories_are_named_not_counted(cli, tmp_path:
     held = [replica["repository"] for replica in report["replicas"]]
     assert len(set(held)) == 2 and all(f"holds {repository[:8]}" in line for repository in held)
     assert report["exit_code"] == 2 and report["error"] == line.removeprefix("fsmount: ")
+
+
+def fsynced_paths(trace: Path) -> set[str]:
+    """The files fsync'd, from `strace -f -y -e trace=fsync` output (-y names each fd's file)."""
+    return set(re.findall(r"fsync\(\d+<([^>]*)>\)", trace.read_text()))
+
+
+def test_what_a_degraded_run_left_out_of_a_replica_is_fsynced_before_it_exits(cli, tmp_path: Path,
+                                                                            replicas) -> None:
+    """Only appended: a crash after `--degraded init` or `backup` could lose the record, and with it
+    every later command's word that a replica needs `replicas sync`."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "keys").write_text("not a directory")
+    trace = tmp_path / "strace.log"
+    cli(*replicas, "--degraded", "init", check=3,
+        prefix=("strace", "-f", "-qq", "-y", "-o", str(trace), "-e", "trace=fsync"))
+    recorded = [path for path in fsynced_paths(trace) if "/degraded/" in path and path.endswith(".jsonl")]
+    assert recorded, "the record of degraded writes was not fsync'd"
+
+
+def test_an_object_recorded_twice_is_kept_once(tmp_path: Path) -> None:
+    from backend.replicas import DegradedLog
+
+    record = DegradedLog(str(tmp_path / "degraded.jsonl"))
+    missed = [("s3:b/repo", "data/ab/" + "ab" * 32), ("s3:b/repo", "config")]
+    record.record(missed)
+    size = os.path.getsize(record.path)
+    for _ in range(3):
+        record.record(missed)
+        DegradedLog(record.path).record(missed[::-1])  # another command, recording the same
+    assert os.path.getsize(record.path) == size and record.entries() == missed
+
+
+def test_a_record_torn_by_a_crash_is_read_and_appended_to(tmp_path: Path) -> None:
+    from backend.replicas import DegradedLog
+
+    path = tmp_path / "degraded.jsonl"
+    path.write_text('{"replica": "a", "key": "config"}\n{"replica": "a", "ke')
+    record = DegradedLog(str(path))
+    assert record.entries() == [("a", "config")]  # with a warning: it is no longer one
+    record.record([("a", "keys/" + "cd" * 32)])
+    assert record.entries() == [("a", "config"), ("a", "keys/" + "cd" * 32)]
