@@ -117,6 +117,22 @@ def test_flipped_bytes_in_one_replica_are_read_around_and_repaired(cli, tmp_path
     run(cli, "verify", "--read-data")
 
 
+def test_a_damaged_config_in_one_replica_is_read_around_and_repaired(cli, tmp_path: Path, two_replicas) -> None:
+    """Every command failed on the damaged copy (`repository config is malformed`, exit 14), even
+    `verify --repair`, which was to heal it from the good one."""
+    _, b = two_replicas
+    source = make_source(tmp_path)
+    run(cli, "init")
+    run(cli, "backup", source)
+    (b / "config").write_bytes(b"\xce" + (b / "config").read_bytes()[1:])
+
+    warned = run(cli, "snapshots").stderr.decode()
+    assert f"replica {b} returned a damaged copy of config" in warned, warned
+    out = run(cli, "verify", "--read-data", "--repair").stdout.decode()
+    assert f"{b}: healed 1 object\n" in out, out
+    cli("-r", b, "verify", "--read-data")
+
+
 def test_a_blob_damaged_in_every_replica_names_only_the_files_that_need_it(cli, tmp_path: Path,
                                                                          two_replicas) -> None:
     """With no whole copy of the pack anywhere, verify took the pack as unreadable and named every

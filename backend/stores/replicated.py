@@ -131,16 +131,24 @@ class ReplicatedStore:
         raise StoreError(f"reading {key}: no replica could serve it: {detail}")
 
     def get_from_each(self, key: str) -> Iterator[tuple[str, bytes | None]]:
-        """(location, object or None where it has none) from each replica that answers."""
+        """(location, object or None where it has none) from each replica that answers with a copy
+        that checks out (a warning names one whose copy does not: it is as good as unreachable)."""
         for i, replica in enumerate(self.replicas):
             if self._is_down(i):
                 continue
             try:
-                yield replica.location, replica.get(key)
+                data = replica.get(key)
             except ObjectNotFound:
                 yield replica.location, None
+                continue
             except StoreError as exc:
                 self._mark_down(i, exc)
+                continue
+            if self.verify is not None and not self.verify(key, data):
+                log.warning("replica %s returned a damaged copy of %s: `fsmount verify --read-data --repair` "
+                            "heals it", replica.location, key)
+                continue
+            yield replica.location, data
 
     def exists(self, key: str) -> bool:
         errors: list[tuple[ObjectStore, StoreError]] = []
