@@ -2,7 +2,8 @@
 
 Errors are raised where something goes wrong and gain context on the way up (`raise ... from exc`);
 only `fsmount/cli.py` turns them into a one-line message and an exit code, and only the FUSE adapters
-turn them into an errno. `exit_code` values follow restic's where restic has one.
+turn them into an errno. `exit_code` values follow restic's where restic has one. A message names
+a path or name as `fsmount ls` prints it (`shown_name`), so that a user can copy it from either.
 """
 
 from __future__ import annotations
@@ -75,3 +76,14 @@ class StoreUnreachable(StoreError):
 
 class ObjectNotFound(StoreError):
     """The store has no object under the requested key."""
+
+
+CONTROL_ESCAPES = {**{c: f"\\x{c:02x}" for c in (*range(32), 127)}, ord("\n"): "\\n", ord("\t"): "\\t"}
+"""For `str.translate`: a control character as its escape (a newline as \\n)."""
+
+
+def shown_name(name: bytes) -> str:
+    """A name or path as one line of text shows it, in messages as in `fsmount ls`: a byte that is
+    not UTF-8 as \\xNN, a control character escaped (a newline as \\n), and a backslash doubled,
+    so that no name reads as another's escape."""
+    return name.replace(b"\\", b"\\\\").decode("utf-8", errors="backslashreplace").translate(CONTROL_ESCAPES)

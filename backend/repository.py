@@ -35,6 +35,7 @@ from .errors import (
     UnsupportedFormat,
     UsageError,
     WrongPassword,
+    shown_name,
 )
 from .index import IndexCache
 from .pack import DATA_BLOB, TREE_BLOB, pack_key
@@ -358,13 +359,13 @@ class Repository:
         node = Node(name=b"", type="d", subtree=snapshot.tree)
         for part in [p for p in path.split(b"/") if p and p != b"."]:
             if node.type != "d":
-                raise UsageError(f"{path.decode(errors='replace')}: not a directory in the snapshot")
+                raise UsageError(f"{shown_name(path)}: not a directory in the snapshot")
             for child in self.load_tree(node.subtree):
                 if child.name == part:
                     node = child
                     break
             else:
-                raise UsageError(f"{path.decode(errors='replace')}: no such path in snapshot {snapshot.short_id}")
+                raise UsageError(f"{shown_name(path)}: no such path in snapshot {snapshot.short_id}")
         return node
 
 

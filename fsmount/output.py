@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from backend.errors import CONTROL_ESCAPES, shown_name
 from backend.progress import Progress
 
 if TYPE_CHECKING:
@@ -148,14 +149,11 @@ def display_name(name: bytes) -> str:
     return name.decode("utf-8", errors="backslashreplace")
 
 
-_CONTROLS = {**{c: f"\\x{c:02x}" for c in (*range(32), 127)}, ord("\n"): "\\n", ord("\t"): "\\t"}
-
-
 def line_name(name: bytes) -> str:
     """`display_name`, with control characters escaped too (a newline in a name as \\n) and a
     backslash doubled (so that no name reads as another's escape), for output that shows one
-    entry per line. `name_from_line` reads it back."""
-    return display_name(name.replace(b"\\", b"\\\\")).translate(_CONTROLS)
+    entry per line. `name_from_line` reads it back. The engine's messages name paths so too."""
+    return shown_name(name)
 
 
 def path_line(path: str | bytes) -> str:
@@ -167,7 +165,7 @@ def path_line(path: str | bytes) -> str:
 def one_line(message: str) -> str:
     """A message, an error's above all, as one line of valid text: a path in it that holds bytes
     that are not UTF-8 shows them as \\xNN, and a newline or other control character is escaped."""
-    return display_name(message.encode(errors="surrogateescape")).translate(_CONTROLS)
+    return display_name(message.encode(errors="surrogateescape")).translate(CONTROL_ESCAPES)
 
 
 _ESCAPE = re.compile(rb"\\(\\|n|t|x[0-9a-fA-F]{2})")

@@ -356,3 +356,19 @@ def test_an_empty_or_foreign_location_is_refused_and_nothing_is_made(cli, tmp_pa
     err = cli("-r", location, "init", check=2, cwd=workdir).stderr.decode()
     assert len(err.splitlines()) == 1 and ("is empty" in err or "fsmount has no" in err), err
     assert os.listdir(workdir) == []
+
+
+def test_a_path_ls_cannot_find_is_named_as_ls_shows_paths(cli, tmp_path: Path) -> None:
+    """The error showed a byte that is not UTF-8 as U+FFFD (`no\\ufffdpe` in --json) and a
+    backslash as one, so it named neither what was typed nor what `ls` lists."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "file").write_text("x")
+    cli("init")
+    cli("backup", source)
+    err = cli("ls", "latest", b"no\xffpe", check=2).stderr.decode(errors="strict")
+    assert err.startswith("fsmount: no\\xffpe: no such path in snapshot "), err
+    doc = json.loads(cli("ls", "latest", b"no\xffpe", "--json", check=2).stdout)
+    assert doc["error"].startswith("no\\xffpe: no such path"), doc
+    err = cli("ls", "latest", b"file/a\\b", check=2).stderr.decode(errors="strict")
+    assert err.startswith("fsmount: file/a\\\\b: not a directory in the snapshot"), err
