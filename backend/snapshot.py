@@ -27,7 +27,7 @@ import msgpack
 import zstandard
 
 from .crypto import MasterKey, content_hash
-from .errors import IntegrityError, UsageError
+from .errors import IntegrityError, UsageError, shown_name
 from .tree import Node
 
 if TYPE_CHECKING:
@@ -70,9 +70,28 @@ def check_text(what: str, text: object) -> str:
     are fine); else BadName naming `what`."""
     if not isinstance(text, str):  # a request sent to a mount's control socket by hand
         raise BadName(f"{what} must be text, not {text!r}", "text")
-    if not all(map(_printable, text)):
-        raise BadName(f"{what} must be printable UTF-8 text, not {text.encode(errors='surrogateescape')!r}", "text")
+    refused = next((char for char in text if not _printable(char)), None)
+    if refused is not None:
+        raise BadName(f'{what} must be printable UTF-8 text, not "{_shown_text(text)}": it holds '
+                      f"{_described(refused)}", "text")
     return text
+
+
+def _shown_text(text: str) -> str:
+    """`text` as a message shows it: `shown_name`, and what is still invisible (a zero-width
+    space, a line separator) as \\uXXXX."""
+    shown = shown_name(text.encode(errors="surrogateescape"))
+    return "".join(char if _printable(char) else f"\\u{ord(char):04x}" for char in shown)
+
+
+def _described(char: str) -> str:
+    """A character `check_text` refuses, as its message names it."""
+    if "\udc80" <= char <= "\udcff":  # a byte that is not UTF-8, as surrogateescape carries it
+        return f"a byte that is not UTF-8 (\\x{ord(char) - 0xdc00:02x})"
+    if unicodedata.category(char) == "Cc":
+        return f"a control character ({shown_name(char.encode())})"
+    name = unicodedata.name(char, "")
+    return f"an invisible or format character (U+{ord(char):04X}{' ' + name if name else ''})"
 
 
 def check_name(name: str) -> str:

@@ -36,6 +36,16 @@ def test_backup_refuses_text_that_is_not_utf8_before_reading_anything(cli, sourc
     assert json.loads(cli("snapshots", "--json").stdout) == []
 
 
+@pytest.mark.parametrize(("given", "shown"), [
+    (b"a\nb", 'not "a\\nb": it holds a control character (\\n)'),
+    (b"x\xff", 'not "x\\xff": it holds a byte that is not UTF-8 (\\xff)'),
+    ("a\u200bb".encode(), 'not "a\\u200bb": it holds an invisible or format character (U+200B ZERO WIDTH SPACE)')])
+def test_refused_text_is_shown_as_a_user_reads_it(cli, source: Path, given: bytes, shown: str) -> None:
+    """The message showed a Python bytes literal, `not b'a\\nb'`."""
+    err = one_line_usage_error(cli("backup", source, "--tag", given, check=None))
+    assert err == f"fsmount: a tag must be printable UTF-8 text, {shown}\n", err
+
+
 def test_mount_refuses_a_host_that_is_not_utf8(cli, source: Path) -> None:
     """It mounted, then every snapshot failed, and `umount` lost the final one."""
     proc = cli("mount", source, "--host", b"h\xff", check=None)
