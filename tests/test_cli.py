@@ -372,3 +372,9 @@ def test_a_path_ls_cannot_find_is_named_as_ls_shows_paths(cli, tmp_path: Path) -
     assert doc["error"].startswith("no\\xffpe: no such path"), doc
     err = cli("ls", "latest", b"file/a\\b", check=2).stderr.decode(errors="strict")
     assert err.startswith("fsmount: file/a\\\\b: not a directory in the snapshot"), err
+
+
+def test_snapshots_of_an_empty_repository_prints_only_the_count(cli) -> None:
+    """It printed the table's header, with no row under it, before the count."""
+    cli("init")
+    assert cli("snapshots").stdout.decode() == "0 snapshots\n"

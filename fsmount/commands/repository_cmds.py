@@ -14,7 +14,18 @@ from backend.snapshot import Snapshot, resolve_snapshot
 from backend.tree import DIR, Node
 
 from ..context import AppContext
-from ..output import console, emit_json, human_bytes, json_option, json_path, line_name, parse_size, path_line, say
+from ..output import (
+    console,
+    counted,
+    emit_json,
+    human_bytes,
+    json_option,
+    json_path,
+    line_name,
+    parse_size,
+    path_line,
+    say,
+)
 from .snapshot_paths import snapshot_path
 
 
@@ -75,7 +86,9 @@ def snapshots(app: AppContext, host: str | None, tags: tuple[str, ...]) -> None:
     if app.json:
         emit_json([snapshot_doc(s) for s in found])
     else:
-        _print_snapshots(found)
+        if found:  # an empty table would be a header alone
+            _print_snapshots(found)
+        say(counted(len(found), "snapshot"))
     if damaged:
         raise IntegrityError(f"{len(damaged)} snapshot objects are damaged and not listed, e.g. "
                              f"snapshots/{damaged[0]} (`fsmount verify` says more)")
@@ -101,7 +114,6 @@ def _print_snapshots(found: list[Snapshot]) -> None:
             str(s.stats.get("files", "")),
             human_bytes(s.stats.get("size", 0)), human_bytes(s.stats.get("bytes_added", 0)))))
     console().print(table)
-    say(f"{len(found)} snapshot{'s' if len(found) != 1 else ''}")
 
 
 def _listing(repo: Repository, node: Node, path: bytes) -> Iterator[tuple[bytes, Node]]:
