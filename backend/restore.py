@@ -19,11 +19,14 @@ Safety. Nothing outside the target is touched: every entry is opened relative to
 with O_NOFOLLOW, a symlink found where the snapshot has a directory or file is replaced, never
 followed, and a local file with other hard links is replaced rather than written through.
 A file that cannot be restored (for example a corrupt blob) is reported, a half-created copy is
-removed, and the rest of the restore goes on. A file already there is either restored whole or
+removed, and the rest of the restore goes on. A full target disk (ENOSPC, EDQUOT) is no such
+failure, since every later file would fail the same way: the restore stops there, and says so once
+(`RestoreResult.disk_full`); what it had not finished stays as it was. A file already there is either restored whole or
 left as it was: every block is fetched and authenticated before the first one is written (a large
 file's blocks wait in an unlinked spill file), and a file that replaces another entry is made
 under a temporary name and renamed over it once complete; a restore killed before the rename leaves
-that file, and the next one removes it. The other names of a hard-link group are linked to the first
+that file, and the next one removes it (the name holds its writer's pid, so that the file of a
+restore still running into the same folder is not taken from under it). The other names of a hard-link group are linked to the first
 once it is complete; a local file that already has other names is kept if it matches, else copied
 and the copy changed, never written through. Without `delete`, nothing holding data
 is removed: a directory where the snapshot has a file, or a file where it has a directory, is
@@ -56,6 +59,7 @@ from .repository import Repository
 from .snapshot import Snapshot
 from .source import key_of
 from .stores import local_folders, on_local_disk
+from .stores.local import _PID_SPACE, STALE_TMP_S, process_exists
 from .tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, HOLE, SOCKET, SYMLINK, Node
 
 log = logging.getLogger(__name__)
@@ -72,7 +76,10 @@ REMOTE_TASK_SCALE = 8
 
 _ALL, _PARTIAL = "all", "partial"  # restore a whole subtree / only toward selected paths
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_TEMP_NAME = re.compile(rb"\.fsmount-restore-[0-9a-f]{16}")  # what `_create_temp` names a file, exactly
+# What `_create_temp` names a file, exactly: `.fsmount-restore-<pid space>-<pid>-<16 hex>`, as
+# stores/local.py names its temporary files; before, `.fsmount-restore-<16 hex>`, without the writer.
+_TEMP_NAME = re.compile(rb"\.fsmount-restore-(?:([0-9a-f]{8}|x)-([1-9][0-9]*)-)?[0-9a-f]{16}")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _FAILURES = (FsmountError, OSError)  # what fails one file; anything else is a bug and stops the restore
 
 
@@ -309,12 +316,16 @@ class Restore:
 
     def _remove_leftovers(self, job: _DirJob) -> None:
         """Remove what a restore killed half-way left in this folder: regular files named exactly
-        as `_create_temp` names them, and not so named in the snapshot. Done before any entry here is
+        as `_create_temp` names them, not so named in the snapshot, whose writer is gone (another
+        restore into this folder may still be making its own). Done before any entry here is
         restored, so that none of them is this restore's own."""
         in_snapshot = {node.name for node in job.nodes}
         for name in map(os.fsencode, os.listdir(job.fd)):
-            ours = _TEMP_NAME.fullmatch(name) and name not in in_snapshot
-            if ours and stat.S_ISREG(os.lstat(name, dir_fd=job.fd).st_mode):
+            temp = _TEMP_NAME.fullmatch(name)
+            if not temp or name in in_snapshot:
+                continue
+            st = os.lstat(name, dir_fd=job.fd)
+            if stat.S_ISREG(st.st_mode) and _writer_gone(temp, st):
                 os.unlink(name, dir_fd=job.fd)
 
     def _delete_extra(self, job: _DirJob) -> None:
@@ -929,11 +940,25 @@ def _metadata_matches(fd: int, node: Node) -> bool:
             and st.st_mtime_ns == node.mtime_ns and read_xattrs(fd) == node.xattrs)
 
 
+def _writer_gone(temp: re.Match[bytes], st: os.stat_result) -> bool:
+    """Whether the restore that made the temporary file `temp` has ended: its process is gone, or,
+    for a pid this process cannot see (another machine or pid namespace sharing the folder), the
+    file is `STALE_TMP_S` old. A name without a writer is an older fsmount's, from before restores
+    named it: removed, as those were."""
+    space, pid = temp.group(1), temp.group(2)
+    if pid is None:
+        return True
+    if _PID_SPACE and space.decode() == _PID_SPACE:
+        return not process_exists(int(pid))
+    return time.time() - st.st_mtime > STALE_TMP_S
+
+
 def _create_temp(dir_fd: int) -> tuple[int, bytes]:
     """A new file in `dir_fd` under a temporary name, for an entry to be renamed over once complete.
     A restore killed before the rename leaves it; the next one removes it (`_remove_leftovers`)."""
+    writer = f"{_PID_SPACE or 'x'}-{os.getpid()}-".encode()
     while True:
-        temp = b".fsmount-restore-" + os.urandom(8).hex().encode()
+        temp = b".fsmount-restore-" + writer + os.urandom(8).hex().encode()
         try:
             return os.open(temp, _CREATE, 0o600, dir_fd=dir_fd), temp
         except FileExistsError:

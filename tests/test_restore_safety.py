@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from conftest import require_root
 from test_integrity import flip_byte, locate_block
 from treecompare import differences
+
+from backend.stores.local import _PID_SPACE
 
 BLOCK = 64 * 1024
 OLD_MTIME_NS = 1_000_000_000 * 1_000_000_000  # 2001: what "left as it was" must still show
@@ -292,7 +296,13 @@ def test_in_place_latest_is_this_machine_s_when_it_has_one(cli, tmp_path: Path) 
 
 # -- leftovers of a killed restore, and hard-link groups in place -------------------------------------
 
-LEFTOVER = ".fsmount-restore-0123456789abcdef"  # what a restore killed before its rename leaves
+LEFTOVER = ".fsmount-restore-0123456789abcdef"  # what an older restore killed before its rename left
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
 
 
 def test_a_killed_restore_s_temporary_files_are_removed_by_the_next(cli, tmp_path: Path) -> None:
@@ -302,15 +312,45 @@ def test_a_killed_restore_s_temporary_files_are_removed_by_the_next(cli, tmp_pat
     cli("backup", source)
     users = write_tree(source, {".fsmount-restore-notes": b"mine\n", ".fsmount-restore-0123456789ABCDEF": b"mine\n",
                                 ".fsmount-restore-fedcba9876543210/inside": b"mine\n"})
-    for leftover in (source / LEFTOVER, source / "sub" / LEFTOVER):
+    with_writer = f".fsmount-restore-{_PID_SPACE or 'x'}-{dead_pid()}-0123456789abcdef"
+    for leftover in (source / LEFTOVER, source / "sub" / LEFTOVER, source / with_writer):
         leftover.write_bytes(os.urandom(3 * BLOCK))
 
     cli("restore", "latest", "--in-place", source)
 
     assert not (source / LEFTOVER).exists() and not (source / "sub" / LEFTOVER).exists()
+    assert not (source / with_writer).exists()
     assert (users / ".fsmount-restore-notes").read_bytes() == b"mine\n"
     assert (users / ".fsmount-restore-0123456789ABCDEF").read_bytes() == b"mine\n"
     assert (users / ".fsmount-restore-fedcba9876543210" / "inside").read_bytes() == b"mine\n"
+
+
+def wait_for_temporary_file(folder: Path, restore: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while not any(name.startswith(".fsmount-restore-") for name in os.listdir(folder)):
+        assert restore.poll() is None and time.monotonic() < deadline, "the restore made no temporary file"
+        time.sleep(0.001)
+
+
+def test_a_restore_leaves_the_temporary_file_of_another_one_running_alone(cli, tmp_path: Path) -> None:
+    """Two restores into one folder: the second removed the first's file in progress as a leftover,
+    and the first failed at its rename (No such file or directory)."""
+    source = write_tree(tmp_path / "src", {"big.bin": os.urandom(64 * 1024 * 1024)})
+    cli("init", "--block-size", "64K")
+    cli("backup", source)
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "big.bin").symlink_to("nowhere")  # so big.bin is made under a temporary name
+    first = cli.popen("restore", "latest", "--target", target, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_temporary_file(target, first)
+        first.send_signal(signal.SIGSTOP)
+        cli("restore", "latest", "--target", target)
+    finally:
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err.decode()
+    assert differences(source, target) == []
 
 
 def test_delete_leaves_the_restore_s_own_temporary_files_alone(cli, tmp_path: Path) -> None:
