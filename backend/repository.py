@@ -340,11 +340,11 @@ class Repository:
             raise IntegrityError(f"snapshot {snapshot_id} is missing") from None
         return Snapshot.decode(self.key, snapshot_id, data)
 
-    def snapshots(self) -> list[Snapshot]:
+    def snapshots(self, ids: list[str] | None = None) -> list[Snapshot]:
         """All snapshots, oldest first; unreadable ones are logged, left out, and named in
-        `damaged_snapshots`."""
+        `damaged_snapshots`. `ids`: what `snapshot_ids()` said, when the caller listed them already."""
         found, damaged = [], []
-        for snapshot_id in self.snapshot_ids():
+        for snapshot_id in self.snapshot_ids() if ids is None else ids:
             try:
                 found.append(self.load_snapshot(snapshot_id))
             except IntegrityError as exc:

@@ -162,12 +162,13 @@ def resolve_snapshot(repo: Repository, ref: str, *, host: str | None = None,
                              else "no snapshot matches that host and source")
         return candidates[-1]
     is_id = looks_like_id(ref)
-    matches = [i for i in repo.snapshot_ids() if i.startswith(ref)] if is_id else []
+    ids = repo.snapshot_ids() if is_id else None
+    matches = [i for i in ids if i.startswith(ref)] if ids is not None else []
     if len(matches) > 1:
         raise UsageError(f"snapshot id {ref} is ambiguous ({len(matches)} snapshots match)")
     if matches:
         return repo.load_snapshot(matches[0])
-    every = repo.snapshots()
+    every = repo.snapshots(ids)  # an id that matched none may still be a name: listed once, not again
     by_folder = folder_names(every).get(ref)
     if by_folder is not None:
         return by_folder

@@ -13,6 +13,8 @@ import pytest
 from conftest import require_root
 from treecompare import describe, differences
 
+pytest_plugins = ["s3_fixtures"]
+
 # root reads everything; dropping these capabilities makes permissions bite, as for any user
 WITHOUT_DAC_OVERRIDE = ("setpriv", "--bounding-set=-dac_override,-dac_read_search")
 
@@ -378,3 +380,25 @@ def test_snapshots_of_an_empty_repository_prints_only_the_count(cli) -> None:
     """It printed the table's header, with no row under it, before the count."""
     cli("init")
     assert cli("snapshots").stdout.decode() == "0 snapshots\n"
+
+
+def _snapshot_listings(stderr: bytes) -> int:
+    """How many listings of snapshots/ botocore's request log (-vvv) shows."""
+    return sum(1 for line in stderr.splitlines()
+               if b"ListObjectsV2" in line and b"Making request" in line and b"snapshots/" in line)
+
+
+@pytest.mark.s3
+def test_an_id_that_matches_no_snapshot_lists_the_snapshots_once(cli, tmp_path: Path, s3_bucket) -> None:
+    """An id-like reference that matched no id listed snapshots/ again to look for it as a name:
+    a second listing of a remote store, which pages through every snapshot."""
+    key_id, secret = s3_bucket.server.credentials
+    cli.env.update(FSMOUNT_REPOSITORY=s3_bucket.location(), AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "f").write_text("x")
+    cli("init")
+    cli("backup", source)
+    proc = cli("-vvv", "ls", "0000", check=2)
+    assert b"no snapshot with id 0000" in proc.stderr, proc.stderr[-2000:]
+    assert _snapshot_listings(proc.stderr) == 1, [line for line in proc.stderr.splitlines() if b"ListObjectsV2" in line]
