@@ -402,3 +402,20 @@ def test_an_id_that_matches_no_snapshot_lists_the_snapshots_once(cli, tmp_path: 
     proc = cli("-vvv", "ls", "0000", check=2)
     assert b"no snapshot with id 0000" in proc.stderr, proc.stderr[-2000:]
     assert _snapshot_listings(proc.stderr) == 1, [line for line in proc.stderr.splitlines() if b"ListObjectsV2" in line]
+
+
+@pytest.mark.s3
+def test_migrate_names_its_destination_without_the_secret_of_its_url(cli, tmp_path: Path, s3_bucket) -> None:
+    """The line that said where the repository went repeated the location as typed, with the
+    access key and secret of an s3:http://KEY:SECRET@HOST/... URL in it."""
+    key_id, secret = s3_bucket.server.credentials
+    cli.env.update(AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "f").write_text("x")
+    cli("init")
+    cli("backup", source)
+    endpoint = s3_bucket.server.endpoint.removeprefix("http://")
+    proc = cli("migrate", "--to", f"s3:http://{key_id}:{secret}@{endpoint}/{s3_bucket.name}/moved")
+    assert f" to {s3_bucket.location('moved')}: copied " in proc.stdout.decode(), proc.stdout
+    assert secret.encode() not in proc.stdout + proc.stderr

@@ -124,3 +124,16 @@ def test_init_migrate_and_restore_name_their_folders_as_the_listing_does(cli, tm
     assert f" to {shown}-restored: 1 files" in line and line.count("\n") == 1, line
     line = cli("-r", odd, "migrate", "--to", odd + b"-copy").stdout.decode()
     assert f" to {shown}-copy: copied " in line and line.count("\n") == 1, line
+
+
+def test_migrate_json_names_its_destination(cli, tmp_path: Path) -> None:
+    """It gave the counts, but not where the repository went."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "f").write_text("x")
+    cli("init")
+    cli("backup", source)
+    destination = bytes(tmp_path) + b"/moved\xff"
+    doc = strict_json(cli("migrate", "--to", destination, "--json").stdout)
+    assert (doc["destination"], exact(doc, "destination")) == (f"{tmp_path}/moved\\xff", destination), doc
+    assert doc["objects"] > 0, doc

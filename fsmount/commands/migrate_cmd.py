@@ -19,7 +19,7 @@ from ..context import AppContext, command_line, open_location
 if TYPE_CHECKING:
     from backend.crypto import MasterKey
     from backend.stores import ObjectStore
-from ..output import BarProgress, add_to_json, emit_json, human_bytes, json_option, path_line, say
+from ..output import BarProgress, add_to_json, emit_json, human_bytes, json_option, json_path, path_line, say
 
 
 @click.command()
@@ -66,6 +66,10 @@ def migrate(app: AppContext, destinations: tuple[str, ...], delete_source: bool,
         from backend.stores.replicated import ReplicatedStore
 
         destination = ReplicatedStore([open_location(loc) for loc in destinations], verify=object_intact)
+    # Named as the store names itself: a location as typed may hold an access key and secret.
+    where = destination.location
+    if app.json:
+        add_to_json(lambda: json_path("destination", where))
     try:
         with _locked_destination(app, source, destination) as guarded:
             run_migrate(source, guarded, app.passphrase(), delete_source=delete_source, report=report,
@@ -75,9 +79,9 @@ def migrate(app: AppContext, destinations: tuple[str, ...], delete_source: bool,
         source.close()
         destination.close()
     if app.json:
-        emit_json({})  # the counts come from add_to_json
+        emit_json({})  # the destination and the counts come from add_to_json
     elif not app.quiet:
-        say(f"migrated {report.objects} objects to {', '.join(map(path_line, destinations))}: copied {report.copied} "
+        say(f"migrated {report.objects} objects to {path_line(where)}: copied {report.copied} "
             f"({human_bytes(report.bytes_copied)}"
             + (f", {report.copied_by_server} by the server" if report.copied_by_server else "")
             + f"), {report.skipped} already there; the copy verifies"
