@@ -113,6 +113,15 @@ class RestoreResult:
     stats: RestoreStats
     errors: list[Problem] = field(default_factory=list)
     skipped: list[Problem] = field(default_factory=list)  # entries in the way, left alone without `delete`
+    disk_full: str | None = None  # the target's disk filled (the OS's words): the restore stopped there
+
+
+class TargetDiskFull(FsmountError):
+    """The target's disk filled during a restore, which stopped there (the CLI raises it, with what
+    was restored). Storage failed, as when the repository's disk fills (`StoreError`): exit 15,
+    never 3, since the restore did not finish."""
+
+    exit_code = 15
 
 
 class EntryInTheWay(FsmountError):
@@ -219,6 +228,7 @@ class Restore:
         self._open: set[_DirJob | _OpenFile] = set()  # what holds an fd, closed at the end if aborted
         self._done = threading.Event()
         self._crash: BaseException | None = None  # an unexpected error in a worker task
+        self._disk_full: str | None = None  # set at the first ENOSPC or EDQUOT: nothing more is started
 
     def run(self) -> RestoreResult:
         started = time.monotonic()
@@ -253,7 +263,7 @@ class Restore:
             os.close(self._root_fd)
             self.progress.finish()
         self.stats.duration_ms = int((time.monotonic() - started) * 1000)
-        return RestoreResult(self.stats, self.errors, self.skipped)
+        return RestoreResult(self.stats, self.errors, self.skipped, self._disk_full)
 
     # -- walking ----------------------------------------------------------------------------------
 
@@ -279,13 +289,15 @@ class Restore:
                     stack.append(child)
                 continue
             stack.pop()
-            if self.delete and job.selection == _ALL:
+            if self.delete and job.selection == _ALL and self._disk_full is None:
                 self._delete_extra(job)
             if not stack:
                 self._submit_batch()
             self._dir_done(job)
 
     def _visit(self, job: _DirJob, node: Node) -> _DirJob | None:
+        if self._disk_full is not None:  # the rest of the snapshot is not restored
+            return None
         path = job.path + b"/" + node.name if job.path else node.name
         selection = self._selection(path, job.selection)
         if selection is None:
@@ -308,10 +320,8 @@ class Restore:
                 self._restore_special(job, node)
         except EntryInTheWay as exc:
             self._skip(path, str(exc))
-        except FsmountError as exc:
-            self._error(path, str(exc))
-        except OSError as exc:
-            self._error(path, exc.strerror or str(exc))
+        except _FAILURES as exc:
+            self._failed(path, exc)
         return None
 
     def _remove_leftovers(self, job: _DirJob) -> None:
@@ -508,12 +518,12 @@ class Restore:
         try:
             if links.restored:
                 self._link(job, node, links.first)
-            else:
+            elif self._disk_full is None:
                 self._error(path, f"not restored: its hard link {self._show_path(links.first)} was not")
         except EntryInTheWay as exc:
             self._skip(path, str(exc))
         except _FAILURES as exc:
-            self._error(path, _message(exc))
+            self._failed(path, exc)
         finally:
             self._dir_done(job)
 
@@ -580,6 +590,9 @@ class Restore:
         finished = 0  # files of `opened` handed to _finish_file, which closes them
         try:
             for job, node, path in batch:
+                if self._disk_full is not None:
+                    self._dir_done(job)
+                    continue
                 try:
                     fd, compare, temp = self._open_file(job, node)
                 except EntryInTheWay as exc:
@@ -587,7 +600,7 @@ class Restore:
                     self._dir_done(job)
                     continue
                 except _FAILURES as exc:
-                    self._error(path, _message(exc))
+                    self._failed(path, exc)
                     self._dir_done(job)
                     continue
                 opened.append(_SmallFile(job, node, path, fd, compare, temp))
@@ -605,6 +618,8 @@ class Restore:
                 fetched = dict.fromkeys(wanted_ids, exc)
             for small in opened:
                 end = 0
+                if small.failure is None and self._disk_full is not None:
+                    small.failure = _STOPPED
                 if small.failure is None:
                     try:
                         end = self._write_blocks(small.fd, small.node, small.wanted, fetched, small.compare)
@@ -623,6 +638,9 @@ class Restore:
         """Blocks [first, last) of a file the walker opened. In place they are only staged: the
         task that finishes the file writes them, once every block has come and been checked."""
         try:
+            if self._disk_full is not None:
+                with self._lock:
+                    opened.failure = opened.failure or _STOPPED
             if opened.failure is not None:
                 return  # another part failed: the file is not restored, nothing more to fetch
             node, fd = opened.node, opened.fd
@@ -674,18 +692,20 @@ class Restore:
         """Write the blocks `wanted` (fetched ones, and in place holes as zeros), every one checked
         before the first is written; returns where the last byte written ends (0: none)."""
         self._check_fetched(node, wanted, fetched)
+        if compare:
+            _reserve(fd, self._block_size, node.size, wanted)
         written = end = blocks = 0
         try:
             for i in wanted:
                 offset = i * self._block_size
                 length = min(self._block_size, node.size - offset)
                 if node.block_id(i) == HOLE:  # only in place: progress counted it already
-                    os.pwrite(fd, bytes(length), offset)
+                    _pwrite_all(fd, bytes(length), offset)
                     end = offset + length
                     continue
                 data = fetched[node.block_id(i)]
                 if compare:
-                    os.pwrite(fd, data, offset)
+                    _pwrite_all(fd, data, offset)
                     end = offset + length
                 else:
                     end = max(end, _write_skipping_zero_pages(fd, data, offset))
@@ -730,7 +750,7 @@ class Restore:
             spill_fd = self._spill_of(opened)
             for i in data_blocks:
                 data = fetched[opened.node.block_id(i)]
-                os.pwrite(spill_fd, data, i * self._block_size)
+                _pwrite_all(spill_fd, data, i * self._block_size)
                 staged += len(data)
         with self._lock:
             opened.staged.extend(wanted)
@@ -751,7 +771,7 @@ class Restore:
         data_blocks = []
         for i in sorted(opened.staged):
             if node.block_id(i) == HOLE:
-                os.pwrite(fd, bytes(min(size, node.size - i * size)), i * size)
+                _pwrite_all(fd, bytes(min(size, node.size - i * size)), i * size)
             else:
                 data_blocks.append(i)
         for first, last in _runs(data_blocks):
@@ -774,6 +794,11 @@ class Restore:
             self._open.discard(opened)
         failure = opened.failure
         untouched = False
+        if failure is None and not opened.shared and opened.staged:
+            try:
+                _reserve(opened.fd, self._block_size, opened.node.size, opened.staged)
+            except _FAILURES as exc:  # nothing written yet: the file is as it was
+                failure = exc
         try:
             if failure is None and opened.shared:
                 untouched = self._settle_shared(opened)
@@ -826,11 +851,8 @@ class Restore:
                 self._restored_file()
                 return True
             if failure is not None:
-                if isinstance(failure, PartlyWritten):
-                    self._error(path, str(failure))
-                else:
-                    kept = " (not restored)" if created and temp is None else " (left as it was)"
-                    self._error(path, _message(failure) + kept)
+                kept = " (not restored)" if created and temp is None else " (left as it was)"
+                self._failed(path, failure, kept)
                 if created:
                     os.unlink(temp or node.name, dir_fd=job.fd)
                 return False
@@ -842,7 +864,7 @@ class Restore:
             self._restored_file()
             return True
         except OSError as exc:
-            self._error(path, _message(exc))
+            self._failed(path, exc)
             return False
         finally:
             os.close(fd)
@@ -864,7 +886,7 @@ class Restore:
                 assert job.node is not None
                 apply_metadata(job.parent.fd, job.node, job.fd, replace_xattrs=True)
             except OSError as exc:
-                self._error(job.path, _message(exc))
+                self._failed(job.path, exc)
             finally:
                 os.close(job.fd)
             job = job.parent
@@ -880,7 +902,21 @@ class Restore:
         try:
             apply_metadata(self._root_fd, dataclasses.replace(root, name=b"."), self._root_fd, replace_xattrs=True)
         except OSError as exc:
-            self._error(self.target, _message(exc))
+            self._failed(self.target, exc)
+
+    def _failed(self, path: bytes, exc: Exception, kept: str = "") -> None:
+        """Report why an entry was not restored (`kept`: what became of it), unless the disk is
+        full: every entry after would fail alike, and the restore stops instead (`disk_full`). A
+        file partly written is a loss of its own, and is reported whatever the cause."""
+        if _fills_disk(exc) and not isinstance(exc, PartlyWritten):
+            with self._lock:
+                if self._disk_full is None:
+                    self._disk_full = _message(exc)
+                    log.info("%s: %s; the restore stops", self._show_path(path), self._disk_full)
+        elif isinstance(exc, PartlyWritten):
+            self._error(path, str(exc))
+        else:
+            self._error(path, _message(exc) + kept)
 
     def _error(self, path: bytes, message: str) -> None:
         with self._lock:
@@ -977,6 +1013,34 @@ def _open_spill(dir_fd: int) -> int:
         return fd
 
 
+def _fills_disk(exc: BaseException | None) -> bool:
+    """Whether `exc`, or what caused it, is a full disk (or an exhausted quota)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            return True
+        exc = exc.__cause__
+    return False
+
+
+_STOPPED = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a file begun before the disk filled fails with
+
+
+def _reserve(fd: int, block_size: int, size: int, blocks: list[int]) -> None:
+    """Allocate the space the blocks about to be written into a file in place take, before the
+    first one is: on a full disk the file then fails as it was, not partly written. A reservation
+    past the end grows the file, which gets its size back if one fails. Where a file system
+    cannot reserve, the writes find out."""
+    old_size = os.fstat(fd).st_size
+    try:
+        for first, last in _runs(sorted(blocks)):
+            offset = first * block_size
+            os.posix_fallocate(fd, offset, min(last * block_size, size) - offset)
+    except OSError as exc:
+        os.ftruncate(fd, old_size)
+        if exc.errno in _DISK_FULL:
+            raise
+
+
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
     """Sorted block indices as [first, last) runs of adjacent ones."""
     runs: list[tuple[int, int]] = []
@@ -1021,6 +1085,15 @@ def _message(exc: Exception) -> str:
     return str(exc)
 
 
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of `data` at `offset`. A write that meets a full disk may write part of it and
+    say how much; the rest then raises ENOSPC, rather than leaving a file short of its data."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
 PAGE = 4096
 _ZERO_PAGE = bytes(PAGE)
 
@@ -1029,7 +1102,7 @@ def _write_skipping_zero_pages(fd: int, data: bytes, offset: int) -> int:
     """Write `data` into a new file, leaving all-zero pages as holes (as the original had them).
     Returns where the last byte written ends (`offset` if all of it was zeros)."""
     if data.find(_ZERO_PAGE) < 0:  # the usual case, checked in C: no page can be all zeros
-        os.pwrite(fd, data, offset)
+        _pwrite_all(fd, data, offset)
         return offset + len(data)
     view = memoryview(data)
     run_start = None
@@ -1039,11 +1112,11 @@ def _write_skipping_zero_pages(fd: int, data: bytes, offset: int) -> int:
         if not zero and run_start is None:
             run_start = page
         elif zero and run_start is not None:
-            os.pwrite(fd, view[run_start:page], offset + run_start)
+            _pwrite_all(fd, view[run_start:page], offset + run_start)
             end = offset + page
             run_start = None
     if run_start is not None:
-        os.pwrite(fd, view[run_start:], offset + run_start)
+        _pwrite_all(fd, view[run_start:], offset + run_start)
         end = offset + len(data)
     return end
 

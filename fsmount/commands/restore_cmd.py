@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from backend.errors import IntegrityError, UsageError
-from backend.restore import Problem, Restore, check_target
+from backend.restore import Problem, Restore, RestoreResult, TargetDiskFull, check_target
 from backend.snapshot import resolve_snapshot
 
 from ..context import AppContext
@@ -51,7 +51,8 @@ def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: 
     are never followed. Without --delete nothing that holds data is deleted: a file or folder
     where the snapshot has something else is left and reported (a symlink, fifo or device in
     the way holds none, and is replaced). Files that cannot be restored or are skipped are
-    reported and the exit code is 3.
+    reported and the exit code is 3. A full target disk stops the restore at once, with one
+    line saying how much was restored (exit 15); what it had not finished is as it was.
     """
     if (target is None) == (in_place is None):
         raise UsageError("give exactly one of --target DIR or --in-place DIR")
@@ -70,11 +71,15 @@ def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: 
         result = Restore(repo, snap, os.fsencode(destination), paths=[snapshot_path(repo, snap, p) for p in paths],
                          delete=delete, progress=progress, show_path=line_name).run()
     s = result.stats
+    full = _disk_full_message(result, destination) if result.disk_full else None
     if app.json:
         emit_json({"snapshot": snap.id, **json_path("target", os.path.abspath(destination)), "stats": vars(s),
                    "errors": [_problem_doc(p, "error") for p in result.errors],
-                   "skipped": [_problem_doc(p, "reason") for p in result.skipped]})
-    elif not app.quiet:
+                   "skipped": [_problem_doc(p, "reason") for p in result.skipped]}
+                  | ({"error": full} if full else {}))
+    if full:
+        raise TargetDiskFull(full)
+    if not app.json and not app.quiet:
         say(f"restored snapshot {snap.short_id} to {path_line(destination)}: {s.files} files, {s.dirs} dirs; "
             f"wrote {human_bytes(s.bytes_written)}, {s.blocks_unchanged} blocks already matched"
             + (f", deleted {s.deleted}" if s.deleted else "")
@@ -82,6 +87,14 @@ def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: 
             + (f"; {s.failed} failed" if s.failed else "")
             + (f"; {s.skipped} skipped" if s.skipped else ""))
     return 3 if s.failed or s.skipped else 0
+
+
+def _disk_full_message(result: RestoreResult, destination: str) -> str:
+    s = result.stats
+    return (f"the disk of {path_line(destination)} is full ({result.disk_full}): the restore stopped after "
+            f"{s.files} files and {s.dirs} dirs, {human_bytes(s.bytes_written)} written"
+            + (f" ({s.failed} failed otherwise)" if s.failed else "")
+            + "; what it had not finished is as it was. Free some space and run it again")
 
 
 def _problem_doc(problem: Problem, key: str) -> dict:
