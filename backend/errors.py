@@ -64,6 +64,11 @@ class StoreError(FsmountError):
     exit_code = 15
 
 
+class LocationMissing(StoreError):
+    """The location holds no store at all: its bucket does not exist, or it is a file where the
+    repository's folder would be. No repository can be there (`Repository.open` says so)."""
+
+
 class TransientStoreError(StoreError):
     """A store failure worth retrying (throttling, 5xx, timeouts, dropped connections)."""
 

@@ -28,6 +28,7 @@ from .crypto import MasterKey, content_hash, is_object_id, random_id
 from .errors import (
     FsmountError,
     IntegrityError,
+    LocationMissing,
     ObjectNotFound,
     RepositoryExists,
     RepositoryNotFound,
@@ -185,6 +186,8 @@ class Repository:
                                          "interrupted `fsmount migrate` was copying to it, run that migrate "
                                          "again to finish it") from None
             raise RepositoryNotFound(f"no repository at {store.location} (run `fsmount init` first)") from None
+        except LocationMissing as exc:  # exit 10, as for an empty folder: a script then runs `init`
+            raise RepositoryNotFound(f"no repository at {store.location}: {exc}") from None
         check_replicas_hold_one_repository(store)
         if key is None:
             key = open_master_key(store, passphrase)

@@ -4,10 +4,16 @@ failure is a JSON object on stdout too."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
+
+import pytest
 
 from backend import errors
 from fsmount.cli import EXIT_CODES, exit_codes_sentence
+
+pytest_plugins = ["s3_fixtures"]
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -37,3 +43,42 @@ def test_a_failure_with_json_is_one_json_object_on_stdout(cli, tmp_path: Path) -
     assert json.loads(proc.stdout)["exit_code"] == 2
     assert json.loads(cli("--json", "bogus", check=2).stdout)["error"].startswith("No such command 'bogus'")
     assert cli("snapshots", check=10).stdout == b""  # without --json, nothing on stdout
+
+
+def one_line_no_repository(proc, location: str) -> str:
+    err = proc.stderr.decode()
+    assert err.startswith(f"fsmount: no repository at {location}: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.s3
+def test_a_bucket_that_does_not_exist_is_no_repository_and_init_makes_it(cli, s3_server) -> None:
+    """It exited 15 (storage failed), so a script that runs `init` on exit 10 never did."""
+    key_id, secret = s3_server.credentials
+    cli.env.update(AWS_ENDPOINT_URL=s3_server.endpoint, AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret)
+    bucket = f"t-new-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+    client = s3_server.client()
+    try:
+        err = one_line_no_repository(cli("-r", f"s3:{bucket}/x", "snapshots", check=10), f"s3:{bucket}/x")
+        assert f"bucket {bucket} does not exist" in err, err
+        assert bucket not in [b["Name"] for b in client.list_buckets()["Buckets"]]
+        cli("-r", f"s3:{bucket}/x", "init")
+        assert cli("-r", f"s3:{bucket}/x", "snapshots").stdout == b"0 snapshots\n"
+    finally:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for entry in page.get("Contents", ()):
+                client.delete_object(Bucket=bucket, Key=entry["Key"])
+        if bucket in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+            client.delete_bucket(Bucket=bucket)
+
+
+def test_a_location_that_is_a_file_is_no_repository(cli, tmp_path: Path) -> None:
+    """It exited 15: "reading config from FILE: Not a directory". And `init` there is refused
+    as a usage error, not as a storage failure."""
+    somefile = tmp_path / "somefile"
+    somefile.write_text("not a repository")
+    err = one_line_no_repository(cli("-r", somefile, "snapshots", check=10), str(somefile))
+    assert "is a file, not a folder" in err, err
+    err = cli("-r", somefile, "init", check=2).stderr.decode()
+    assert "it is a file, not a folder" in err and len(err.splitlines()) == 1, err
+    assert somefile.read_text() == "not a repository"

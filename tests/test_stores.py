@@ -22,7 +22,7 @@ import botocore.exceptions
 import pytest
 
 import backend.stores.replicated as replicated_module
-from backend.errors import IntegrityError, ObjectNotFound, StoreError, TransientStoreError
+from backend.errors import IntegrityError, LocationMissing, ObjectNotFound, StoreError, TransientStoreError
 from backend.stores import LocalStore, ObjectStore, open_store
 from backend.stores.faulty import FaultyStore
 from backend.stores.replicated import MissingObject, ReplicatedStore
@@ -267,10 +267,11 @@ def test_wrong_credentials_give_a_clear_error_at_once(s3_bucket) -> None:
 
 @pytest.mark.s3
 def test_missing_bucket_is_reported_and_not_created(s3_server) -> None:
+    """As a location that holds no store (LocationMissing: no repository there), not a failed one."""
     store = S3Store("no-such-bucket", "repo", endpoint_url=s3_server.endpoint, credentials=s3_server.credentials,
                     retry_budget_s=5)
     for op in (partial(store.put, "config", b"x"), partial(store.get, "config"), partial(_list_all, store)):
-        with pytest.raises(StoreError, match="bucket no-such-bucket does not exist"):
+        with pytest.raises(LocationMissing, match="bucket no-such-bucket does not exist"):
             op()
     client = s3_server.client()
     assert "no-such-bucket" not in [b["Name"] for b in client.list_buckets()["Buckets"]], \

@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Iterator
 
-from ..errors import ObjectNotFound, StoreError
+from ..errors import LocationMissing, ObjectNotFound, StoreError, UsageError
 
 _TMP_PREFIX = ".tmp-"
 STALE_TMP_S = 3600.0  # a temporary file of a writer this process cannot see: no put lasts this long
@@ -61,6 +61,8 @@ class LocalStore:
         try:
             os.makedirs(self.root)
         except FileExistsError:
+            if not os.path.isdir(self.root):
+                raise UsageError(f"cannot make a repository at {self.root}: it is a file, not a folder") from None
             return False
         except OSError as exc:
             raise _store_error(f"creating {self.root}", exc) from exc
@@ -117,6 +119,10 @@ class LocalStore:
                 return os.pread(f.fileno(), length, offset)
         except FileNotFoundError as exc:
             raise ObjectNotFound(f"object {key} not found in {self.root}") from exc
+        except NotADirectoryError as exc:
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise LocationMissing(f"{self.root} is a file, not a folder") from exc
+            raise _store_error(f"reading {key} from {self.root}", exc) from exc
         except OSError as exc:
             raise _store_error(f"reading {key} from {self.root}", exc) from exc
 

@@ -30,7 +30,7 @@ import botocore.config
 import botocore.exceptions as bex
 import urllib3.exceptions
 
-from ..errors import ObjectNotFound, StoreError, TransientStoreError, UsageError
+from ..errors import LocationMissing, ObjectNotFound, StoreError, TransientStoreError, UsageError
 from .base import return_large_buffers_to_the_os
 from .retry import RetryPolicy, call_with_retry
 
@@ -311,8 +311,8 @@ class S3Store:
             if self._bucket_checked:
                 return
             if self._bucket_exists() is False:
-                raise StoreError(f"bucket {self.bucket} does not exist at {self.endpoint} "
-                                 f"(fsmount init creates it)")
+                raise LocationMissing(f"bucket {self.bucket} does not exist at {self.endpoint} "
+                                      "(`fsmount init` creates it)")
             self._bucket_checked = True
 
     def _put_multipart(self, key: str, full: str, data: bytes) -> None:
@@ -389,7 +389,7 @@ def translate_error(exc: BaseException, *, doing: str, store: S3Store, key: str 
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         message = exc.response.get("Error", {}).get("Message") or code
         if code == "NoSuchBucket":
-            return StoreError(f"bucket {store.bucket} does not exist at {store.endpoint}")
+            return LocationMissing(f"bucket {store.bucket} does not exist at {store.endpoint}")
         if code in _NOT_FOUND or (status == 404 and key is not None):
             return ObjectNotFound(f"object {key} not found in {store.location}")
         if code in _DENIED or status == 403:
