@@ -419,3 +419,12 @@ def test_migrate_names_its_destination_without_the_secret_of_its_url(cli, tmp_pa
     proc = cli("migrate", "--to", f"s3:http://{key_id}:{secret}@{endpoint}/{s3_bucket.name}/moved")
     assert f" to {s3_bucket.location('moved')}: copied " in proc.stdout.decode(), proc.stdout
     assert secret.encode() not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"])
+@pytest.mark.parametrize("value", ["notaurl", "http://", "ftp://host"])
+def test_a_malformed_endpoint_setting_is_a_usage_error_naming_it(cli, variable: str, value: str) -> None:
+    """It was a storage failure (exit 15) of `s3:bucket`, with botocore's "Invalid endpoint"."""
+    cli.env.update(AWS_ACCESS_KEY_ID="id", AWS_SECRET_ACCESS_KEY="secret", **{variable: value})
+    err = cli("-r", "s3:bucket/x", "snapshots", check=2).stderr.decode()
+    assert err == f'fsmount: {variable} is not an endpoint URL: "{value}" (give http(s)://HOST[:PORT])\n', err

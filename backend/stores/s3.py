@@ -417,10 +417,36 @@ def _is_aws(endpoint: str) -> bool:
     return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
 
 
+_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # botocore's order
+
+
+def _endpoint_from_environment() -> str | None:
+    """The endpoint the environment sets, if any; UsageError naming the variable if it is no
+    http(s) URL with a host (botocore said only "Invalid endpoint", and it was taken for a
+    failure of the bucket's store)."""
+    for variable in _ENDPOINT_VARIABLES:
+        value = os.environ.get(variable)
+        if value:
+            if not _is_endpoint_url(value):
+                shown = value.rpartition("@")[2]  # never a user:secret@ of the URL
+                raise UsageError(f'{variable} is not an endpoint URL: "{shown}" (give http(s)://HOST[:PORT])')
+            return value
+    return None
+
+
+def _is_endpoint_url(value: str) -> bool:
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 def _make_client(session: boto3.session.Session, endpoint_url: str | None, region: str | None,
                  max_connections: int, connect_timeout_s: float, read_timeout_s: float) -> Any:
     """A boto3 client with our pool size and timeouts, its own retries off, path-style unless on AWS."""
-    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint_url = endpoint_url or _endpoint_from_environment()
     region = region or session.region_name or "us-east-1"
 
     def build(addressing: str) -> Any:
