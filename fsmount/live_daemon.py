@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 FLUSH_INTERVAL_S = 1.0
 BACKLOG_CHECK_S = 1.0  # how often an empty backlog is looked at
 BACKLOG_RETRY_MAX_S = 15.0  # longest pause between attempts to upload the backlog
+STORE_PROBE_S = 2.0  # pause between questions to a failing store, each of which may wait out its retry budget
 
 
 def source_id(source: bytes) -> str:
@@ -154,7 +155,7 @@ class LiveMount:
             snapshot_tree = make_snapshot_tree(
                 self.repo, self.cache_bytes, on_mkdir=self.uploader.snapshot,
                 include=lambda s: s.host == self.host and s.source == self.source,
-                disarmed=bool(options & {"suid", "dev"}))
+                disarmed=bool(options & {"suid", "dev"}), store_failing=self._store_failing)
             snapshot_tree.take_listing(self.uploader.known_snapshots())
             self.uploader.on_snapshot = snapshot_tree.add
             if self.repo.backlog is not None:
@@ -175,6 +176,10 @@ class LiveMount:
             changelog.close(clean=True)
             lock.release()
             os.close(source_fd)
+
+    def _store_failing(self) -> bool:
+        backlog = self.repo.backlog
+        return backlog is not None and backlog.store_failing_since() is not None
 
     def _record_what_replicas_missed(self) -> None:
         """Record, as each object reaches the store, what a replica left behind by --degraded lacks:
@@ -231,6 +236,7 @@ class LiveMount:
                 nursery.start_soon(raise_readahead, self.mountpoint)
                 if self.repo.backlog is not None:
                     nursery.start_soon(self._upload_backlog, self.repo.backlog)
+                    nursery.start_soon(self._probe_failing_store, self.repo.backlog)
                 if self.every_s:
                     nursery.start_soon(self.uploader.run_schedule, self.every_s)
                 served = not stops.received
@@ -330,6 +336,15 @@ class LiveMount:
             else:
                 await trio.sleep(BACKLOG_CHECK_S)  # held for the next mount (`umount --lazy`)
             failures = 0
+
+    async def _probe_failing_store(self, backlog: BacklogStore) -> None:
+        """Find out when a failing store answers again, so that `.snapshots` lists it again (and
+        shows what other machines stored meanwhile) even when no backlog is left to upload."""
+        while True:
+            await trio.sleep(STORE_PROBE_S)
+            if backlog.store_failing_since() is not None:
+                # Abandoned at unmount: it may be waiting out the store's retry budget.
+                await trio.to_thread.run_sync(backlog.probe, abandon_on_cancel=True)
 
     async def _flush_changelog(self) -> None:
         while True:

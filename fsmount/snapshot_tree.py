@@ -16,9 +16,12 @@ from the repository's tree cache, so memory does not grow with the size of the s
 
 Snapshots are immutable, so below the root the kernel may cache entries and attributes for long
 and keep file pages; the root itself is re-read from the store at most every `refresh_s` seconds,
-so snapshots taken after mounting appear. File content comes through `SnapshotReader` (block cache,
-read-ahead). A damaged or missing object fails only the request that needs it, with EIO and a log
-line naming the object.
+so snapshots taken after mounting appear. While the store is known to be failing (`store_failing`:
+the live mount's backlog says so until the store answers again), the root is not re-read at all:
+it shows the snapshots listed before and those `add`ed since, at once, where each listing would
+wait out the store's whole retry budget (a minute on S3) before failing. File content comes
+through `SnapshotReader` (block cache, read-ahead). A damaged or missing object fails only the
+request that needs it, with EIO and a log line naming the object.
 """
 
 from __future__ import annotations
@@ -122,7 +125,8 @@ class SnapshotTree:
     """The snapshot tree's handlers, in pyfuse3's terms, for the inodes and handles it owns.
 
     `include` picks the snapshots shown (the live tree shows only its own folder's); `on_mkdir`,
-    when given, makes `mkdir ROOT/NAME` take a snapshot named NAME and return it.
+    when given, makes `mkdir ROOT/NAME` take a snapshot named NAME and return it; `store_failing`,
+    when it says True, keeps the root as last listed instead of listing the store.
 
     `disarmed` (for a live mount with `suid` or `dev`): no setuid or setgid bit but on folders, no
     file capability, and device nodes without permission bits (only root, who may make any device
@@ -134,7 +138,7 @@ class SnapshotTree:
     def __init__(self, repo: Repository, reader: SnapshotReader, *, root_number: int = OWN_RANGE,
                  include: Callable[[Snapshot], bool] | None = None,
                  on_mkdir: Callable[[str], Awaitable[Snapshot]] | None = None, refresh_s: float = 2.0,
-                 disarmed: bool = False):
+                 disarmed: bool = False, store_failing: Callable[[], bool] = lambda: False):
         self.repo = repo
         self.disarmed = disarmed
         self.reader = reader
@@ -142,6 +146,7 @@ class SnapshotTree:
         self.include = include or (lambda snapshot: True)
         self.on_mkdir = on_mkdir
         self.refresh_s = refresh_s
+        self.store_failing = store_failing
         self.uid, self.gid = os.getuid(), os.getgid()
         self.mounted_ns = time.time_ns()
         root = _Inode(root_number, None, None, root_number, lookups=1)
@@ -168,12 +173,18 @@ class SnapshotTree:
     async def refresh(self, *, force: bool = False) -> None:
         """Re-read the list of snapshots when it is older than `refresh_s` (or now, with force).
 
-        A listing that failed is not forced again for `refresh_s`: on a store that is down, each
-        one waits out the store's whole retry budget."""
+        Once a listing succeeded, none is made while the store is failing, and a request that is
+        not forced answers from the last listing rather than wait for one under way. A listing
+        that failed is not forced again for `refresh_s`: on a store that is down, each one waits
+        out the store's whole retry budget."""
+        if self._listed_once and not force and self._refresh_lock.locked():
+            return
         async with self._refresh_lock:
             age_s = time.monotonic() - self._refreshed
             if age_s < self.refresh_s and (not force or self._listing_failed):
                 return
+            if self._listed_once and self.store_failing():
+                return  # listed again once the store answers: the backlog finds out when
             started = time.monotonic()
             try:
                 listed = await trio.to_thread.run_sync(self._list_snapshots, dict(self._snapshots))

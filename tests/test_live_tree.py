@@ -865,6 +865,31 @@ def test_snapshots_shows_what_the_mount_found_at_start_when_the_store_is_down_be
         wait_for_empty_backlog(cli, mnt)
 
 
+def test_status_and_umount_say_the_store_is_down_and_the_backlog_waits_for_the_next_mount(
+        cli, source: Path, tmp_path: Path) -> None:
+    """status said nothing of a store that failed while the backlog was empty, and umount counted
+    what it left on local disk only in bytes."""
+    repo = Path(cli.env["FSMOUNT_REPOSITORY"])
+    away = tmp_path / "repository-unreachable"
+    with live_mount(cli, source) as mnt:
+        cli("snapshot", mnt)
+        repo.rename(away)
+        try:
+            time.sleep(2.5)  # past refresh_s: this listing asks the store, which fails
+            os.listdir(mnt / ".snapshots")
+            shown = cli("status", mnt).stdout.decode()
+            (mnt / "during.txt").write_text("written while the store was down\n")
+            cli("snapshot", mnt)
+            err = cli("umount", mnt, check=15).stderr.decode()
+        finally:
+            away.rename(repo)
+    assert "not answering since" in shown, shown
+    assert "1 snapshot (" in err and "the next mount of this folder uploads them" in err, err
+    with live_mount(cli, source) as mnt:
+        wait_for_empty_backlog(cli, mnt)
+    assert "/during.txt" in [e["path"] for e in json.loads(cli("ls", "latest", "--json").stdout)]
+
+
 def test_a_named_snapshot_while_the_store_is_down_waits_on_local_disk_as_an_unnamed_one(
         cli, source: Path, tmp_path: Path) -> None:
     """Its name was checked against the store's listing first, so with the store down it failed

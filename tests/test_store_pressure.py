@@ -1,21 +1,27 @@
 """A live mount over S3 while the store misbehaves: writes never fail, every snapshot lands.
 
-Both tests run the real daemon against a real SeaweedFS. In the first, every request goes through
+The tests run the real daemon against a real SeaweedFS. In the first, every request goes through
 a proxy that answers 20% of them with `503 SlowDown` while a writer keeps appending checksummed
 records and snapshots are taken every few hundred milliseconds: each snapshot must be stored, hold
 a prefix of the writer's history, and the repository must verify. In the second, the server is
 stopped for a minute: snapshots taken meanwhile complete on local disk (the backlog), one that
 does not fit in the backlog waits with its instant, status says why, and once the server is back
-all of them reach the store, each showing the folder as it was when it was taken.
+all of them reach the store, each showing the folder as it was when it was taken. The later ones
+time what an outage costs the user: a named snapshot waits out one retry budget, not two, and with
+the server frozen (SIGSTOP) `ls .snapshots` answers at once from what the mount knows, then lists the
+store again, with another client's snapshot, once it answers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -165,3 +171,57 @@ def test_the_first_named_snapshot_of_an_outage_waits_out_one_retry_budget_not_tw
         assert took_s < 1.5 * budget_s, f"{took_s:.1f} s for a retry budget of {budget_s:.0f} s"
         wait_for_status(cli, mnt, lambda s: not s["backlog"]["objects"])
     assert "during" in {s["name"] for s in json.loads(cli("snapshots", "--json").stdout)}
+
+
+@contextlib.contextmanager
+def frozen(server) -> Iterator[None]:
+    """The server stopped (SIGSTOP), as a hung host: requests reach it and wait for an answer."""
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+
+
+def timed_listing(folder: Path) -> tuple[set[str], float]:
+    started = time.monotonic()
+    names = set(os.listdir(folder))
+    return names, time.monotonic() - started
+
+
+def test_ls_snapshots_answers_at_once_while_the_store_is_down_and_asks_it_again_once_back(
+        cli, own_s3_server, tmp_path: Path) -> None:
+    """Every `ls .snapshots` more than refresh_s after the last one listed the store again, and
+    waited out a whole retry budget before it answered from what it knew."""
+    server = own_s3_server
+    use_s3(cli, server, server.endpoint, "listing")
+    budget_s = 8.0
+    cli.env["FSMOUNT_STORE_RETRY_S"] = str(budget_s)
+    cli("init")
+    source, mountpoint = tmp_path / "work", tmp_path / "mnt"
+    source.mkdir()
+    mountpoint.mkdir()
+    with live_mount(cli, source, mountpoint) as mnt:
+        cli("snapshot", mnt, "--name", "before")
+        snapshots = mnt / ".snapshots"
+        with frozen(server):
+            (mnt / "notes.txt").write_text("written during the outage\n")
+            assert json.loads(cli("snapshot", mnt, "--name", "during", "--json").stdout)["in_backlog"]
+            listing_s = []
+            for _ in range(3):
+                time.sleep(2.5)  # past refresh_s: the root is due to be listed again
+                names, took_s = timed_listing(snapshots)
+                assert {"before", "during"} <= names
+                listing_s.append(took_s)
+            assert (snapshots / "during" / "notes.txt").read_text() == "written during the outage\n"
+            shown = cli("status", mnt).stdout.decode()
+        assert max(listing_s) < budget_s / 10, f"ls .snapshots took {listing_s} s, retry budget {budget_s:.0f} s"
+        assert "not answering since" in shown and "1 snapshot," in shown, shown
+
+        cli("backup", source, "--name", "elsewhere")  # another client, once the store is back
+        deadline = time.monotonic() + 3 * budget_s
+        while "elsewhere" not in (names := timed_listing(snapshots)[0]):
+            assert time.monotonic() < deadline, f"the other client's snapshot never showed: {names}"
+            time.sleep(0.5)
+        status = wait_for_status(cli, mnt, lambda s: not s["backlog"]["objects"])
+        assert status["backlog"]["store_failing_since"] is None

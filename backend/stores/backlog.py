@@ -18,6 +18,11 @@ Reads see both: a staged object is read from local disk. The backlog is bounded:
 take it past `limit_bytes` raises `BacklogFull`, a `StoreError`, so the snapshot that needed it
 waits (the live tree keeps working) and the status says why.
 
+Once a request to the store fails, the store counts as failing (`store_failing_since`) until one
+answers: the drain's next upload, or `probe()`, a cheap question the mount asks in the background.
+Meanwhile the live mount answers what it can from what it knows (`.snapshots` lists the snapshots
+it knew and those staged here) rather than wait out a retry budget on every request.
+
 On disk: one file per object, `<sequence>-<quoted key>`, written as a `LocalStore` writes (temp
 file, fsync, rename). A backlog found at start (after a crash or `umount --lazy`) is taken up where
 it was left. Other processes opening the repository read the keys staged here (`staged_keys`), so
@@ -29,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -102,7 +108,8 @@ class BacklogStatus:
     bytes: int
     snapshots: int  # snapshot objects among them: snapshots taken but not yet in the store
     limit_bytes: int
-    last_error: str | None  # why the store did not take them
+    last_error: str | None  # why the store did not take them, or did not answer
+    store_failing_since: float | None  # wall-clock time of the first failure the store has not answered since
 
 
 class BacklogStore:
@@ -119,7 +126,7 @@ class BacklogStore:
         self._staging = 0  # writes to local disk in progress
         self._bytes = 0
         self._hold = False
-        self._store_failing = False  # its last read or listing failed, and it has answered none since
+        self._failing_since: float | None = None  # when a request to the store failed, none answering since
         self._draining = threading.Lock()  # one drain at a time: each object is stored once
         self._pool = ThreadPoolExecutor(DRAIN_PARALLEL, thread_name_prefix="backlog")
         self.last_error: str | None = None
@@ -146,9 +153,23 @@ class BacklogStore:
 
     def status(self) -> BacklogStatus:
         with self._lock:
+            failing = self._staged or self._failing_since is not None
             return BacklogStatus(len(self._staged), self._bytes,
                                  sum(key.startswith("snapshots/") for key in self._staged),
-                                 self.limit_bytes, self.last_error if self._staged else None)
+                                 self.limit_bytes, self.last_error if failing else None, self._failing_since)
+
+    def store_failing_since(self) -> float | None:
+        """When a request to the store failed (wall-clock seconds), if none has answered since."""
+        with self._lock:
+            return self._failing_since
+
+    def probe(self) -> bool:
+        """Ask the store a cheap question: whether it answers (it then counts as failing no more)."""
+        try:
+            self._ask_store(lambda: self.inner.exists("config"))
+        except StoreError:
+            return False
+        return True
 
     def __contains__(self, key: str) -> bool:
         """Whether `key` waits here for the store."""
@@ -167,26 +188,34 @@ class BacklogStore:
 
     def writes_go_to_store(self) -> bool:
         """Whether a write now goes straight to the store: nothing waits here, nothing holds the
-        backlog, and the store answered its last read."""
+        backlog, and the store answered its last request."""
         with self._lock:
             return self._writes_go_to_store()
 
     def _writes_go_to_store(self) -> bool:
-        return not self._staged and not self._staging and not self._hold and not self._store_failing
+        return not self._staged and not self._staging and not self._hold and self._failing_since is None
 
-    def _store_failed(self, exc: StoreError) -> None:
-        """A read or listing failed: keep the next writes here rather than wait on the store again."""
+    def _store_failed(self, exc: StoreError) -> bool:
+        """A request failed: keep the next writes here rather than wait on the store again. Whether
+        the store was answering until now."""
         if isinstance(exc, ObjectNotFound):
-            return  # an answer, not a failure
-        with self._lock:
-            failing, self._store_failing = self._store_failing, True
+            return False  # an answer, not a failure
         self.last_error = str(exc)
-        if not failing:
+        with self._lock:
+            answering = self._failing_since is None
+            if answering:
+                self._failing_since = time.time()
+        return answering
+
+    def _read_failed(self, exc: StoreError) -> None:
+        if self._store_failed(exc):
             log.warning("%s; writes wait on local disk until the store answers", exc)
 
     def _store_answered(self) -> None:
         with self._lock:
-            self._store_failing = False
+            failing_since, self._failing_since = self._failing_since, None
+        if failing_since is not None:
+            log.info("the store answers again (it failed for %.0f s)", time.time() - failing_since)
 
     # -- the ObjectStore operations -------------------------------------------------------------------
 
@@ -204,7 +233,7 @@ class BacklogStore:
                 self._stored()
                 return
             except StoreError as exc:
-                self.last_error = str(exc)
+                self._store_failed(exc)
                 log.warning("%s; keeping it, and what follows, on local disk until the store takes them", exc)
         self._stage(key, data)
 
@@ -252,7 +281,7 @@ class BacklogStore:
         try:
             answer = read()
         except StoreError as exc:
-            self._store_failed(exc)
+            self._read_failed(exc)
             raise
         self._store_answered()
         return answer
@@ -267,7 +296,7 @@ class BacklogStore:
                 if key not in seen:
                     yield key, size
         except StoreError as exc:
-            self._store_failed(exc)
+            self._read_failed(exc)
             raise
         self._store_answered()
 
@@ -326,10 +355,10 @@ class BacklogStore:
         try:
             self.inner.put(staged.key, data)
         except StoreError as exc:
-            self.last_error = str(exc)
+            self._store_failed(exc)
             raise
+        self._store_answered()
         with self._lock:
-            self._store_failing = False
             if self._staged.pop(staged.key, None) is not None:
                 self._bytes -= staged.size
         self._files.delete(staged.file_name)  # a crash before this only writes it to the store again

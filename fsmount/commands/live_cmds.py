@@ -220,12 +220,16 @@ def status(app: AppContext, mountpoint: str) -> None:
                      f"({reply['attempts']} failed attempts; it keeps its instant)")
     elif reply.get("running"):
         lines.append("now          a snapshot is being uploaded")
-    backlog = reply.get("backlog")
-    if backlog and backlog["objects"]:
-        lines.append(f"backlog      {backlog['snapshots']} snapshots, {human_bytes(backlog['bytes'])} on local disk "
-                     f"waiting for the store (limit {human_bytes(backlog['limit_bytes'])})")
-        if backlog.get("last_error"):
-            lines.append(f"store error  {backlog['last_error']}")
+    backlog = reply.get("backlog") or {}
+    if backlog.get("store_failing_since"):
+        since = dt.datetime.fromtimestamp(backlog["store_failing_since"]).strftime("%Y-%m-%d %H:%M:%S")
+        lines.append(f"store        not answering since {since}: snapshots wait on local disk, and .snapshots "
+                     "shows those known here")
+    if backlog.get("objects"):
+        lines.append(f"backlog      {_count(backlog['snapshots'], 'snapshot')}, {human_bytes(backlog['bytes'])} on "
+                     f"local disk waiting for the store (limit {human_bytes(backlog['limit_bytes'])})")
+    if backlog.get("last_error"):
+        lines.append(f"store error  {backlog['last_error']}")
     for missed in reply.get("missed_by_replicas") or ():
         lines.append(f"replica      {missed['replica']} missed {_count(missed['objects'], 'object')} of this mount "
                      "(--degraded): run `fsmount replicas sync`")
@@ -272,13 +276,16 @@ def unmount_live(mountpoint: str, app: AppContext, *, lazy: bool = False) -> int
         if sys.stderr.isatty() and not app.quiet:
             _show_final_upload(mountpoint, unmounted, lazy)
         reply = unmounted.result()
+    backlog = reply.get("backlog") or {"objects": 0, "bytes": 0, "snapshots": 0}
+    left = _left_on_local_disk(backlog)
     if reply.get("final_error"):
-        raise FsmountError(f"unmounted {mountpoint}, but the final snapshot failed: {reply['final_error']}")
+        raise FsmountError(f"unmounted {mountpoint}, but the final snapshot failed: {reply['final_error']}" +
+                           (f"; {left} stay on local disk, and the next mount of this folder uploads them"
+                            if backlog["objects"] else ""))
     final = reply.get("final_snapshot")
-    backlog = reply.get("backlog") or {"objects": 0, "bytes": 0}
     if backlog["objects"] and not lazy:
-        raise StoreError(f"unmounted {mountpoint}; {human_bytes(backlog['bytes'])} of snapshots could not be "
-                         f"uploaded ({reply.get('backlog_error')}); they stay on local disk and the next "
+        raise StoreError(f"unmounted {mountpoint}, but the store did not take the backlog "
+                         f"({reply.get('backlog_error')}): {left} stay on local disk, and the next "
                          f"mount of this folder uploads them")
     missed = reply.get("missed_by_replicas") or []
     for replica in missed:
@@ -297,10 +304,16 @@ def unmount_live(mountpoint: str, app: AppContext, *, lazy: bool = False) -> int
         else:
             said = "no final snapshot (the next mount catches up)"
         if backlog["objects"]:
-            said += (f"; {human_bytes(backlog['bytes'])} of snapshots wait on local disk for the next mount "
-                     f"to upload")
+            said += f"; snapshots wait on local disk for the next mount to upload ({left})"
         say(f"unmounted {path_line(mountpoint)}; {said}")
     return 3 if missed else 0  # finished with a warning, as the --degraded run that left the replica behind
+
+
+def _left_on_local_disk(backlog: dict) -> str:
+    """What a backlog holds, for a user: "2 snapshots (3.1 MiB)"."""
+    if not backlog.get("snapshots"):
+        return f"{human_bytes(backlog['bytes'])} of snapshot data"
+    return f"{_count(backlog['snapshots'], 'snapshot')} ({human_bytes(backlog['bytes'])})"
 
 
 def _show_final_upload(mountpoint: str, unmounted: Future, lazy: bool) -> None:
@@ -319,9 +332,15 @@ def _show_final_upload(mountpoint: str, unmounted: Future, lazy: bool) -> None:
             backlog = reply.get("backlog") or {"bytes": 0}
             if reply.get("unmounting") and not reply.get("running") and backlog["bytes"] and not lazy:
                 most = max(most, backlog["bytes"])
-                bar.update(task, description="uploading the backlog", total=most,
-                           completed=most - backlog["bytes"])
+                bar.update(task, description=_uploading(backlog), total=most, completed=most - backlog["bytes"])
             wait([unmounted], timeout=0.25)
+
+
+def _uploading(backlog: dict) -> str:
+    if not backlog.get("store_failing_since"):
+        return "uploading the backlog"
+    since = dt.datetime.fromtimestamp(backlog["store_failing_since"]).strftime("%H:%M:%S")
+    return f"uploading the backlog (the store has not answered since {since}; if it does not, the backlog stays on local disk)"
 
 
 def _check_writable_source(source: str) -> None:
@@ -406,7 +425,9 @@ def umount(app: AppContext, mountpoint: str, lazy: bool) -> int:
 
     A live mount takes a final snapshot (unless nothing changed since the folder's last one) and
     uploads it, with whatever else waits in its backlog, before this returns (a progress bar shows how far it is). If the store cannot take it, the
-    snapshots stay on local disk for the next mount and the exit code says so (15).
+    snapshots stay on local disk for the next mount and the exit code says so (15); with the store
+    down, finding that out takes one retry budget (FSMOUNT_STORE_RETRY_S, a minute on S3), which
+    --lazy does not wait for.
     A mount that a program still uses (an open file, a shell in it, a copy running) is not
     unmounted (exit 1) unless --lazy; a live mount detached so first has the kernel write back
     what it caches, and what the program writes afterwards is lost. A mount whose daemon died is
