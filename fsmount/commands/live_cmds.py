@@ -9,7 +9,6 @@ import re
 import stat
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from functools import partial
 
 import click
 
@@ -101,7 +100,7 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
     with app.open_repository(backlog=source_id(os.fsencode(source)), backlog_limit_bytes=backlog_bytes) as repo:
         live = LiveMount(repo, os.fsencode(source), os.fsencode(target), every_s=every_s, host=host,
                          missed_by_replicas=app.missed_by_replicas,
-                         record_missed=partial(_record_degraded_writes_durably, app))
+                         record_missed=app.record_degraded_writes)
 
         def ready() -> None:
             background.report_ready()
@@ -118,17 +117,6 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
         live.run(ready)
     if live.final_error:
         raise FsmountError(f"unmounted, but the final snapshot failed: {live.final_error}")
-
-
-def _record_degraded_writes_durably(app: AppContext) -> None:
-    """Record what degraded writes left out of a replica so far, fsync'd: the daemon may be
-    killed any moment, and the record is what tells every later command to `replicas sync`."""
-    if app.record_degraded_writes():
-        fd = os.open(app.degraded_log().path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _check_source(source: str) -> None:
