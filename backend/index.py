@@ -11,7 +11,8 @@ opening a repository costs one listing of `index/` plus the objects not seen bef
 object disappeared (prune rewrote them) or the cache is unreadable, the cache is rebuilt from the
 store; a repository opened on a new machine builds it on first use. The cache never reads an object
 again once it holds it, so damage done to an object later shows only to a reader that fetches it:
-`read_index_objects`, which verify and repair use on every object of the store.
+`read_index_objects`, which repair uses on every object of the store, and `index_pack_sizes`,
+verify's, on every object this process did not just read and check while syncing.
 """
 
 from __future__ import annotations
@@ -77,10 +78,11 @@ class IndexObjects:
 
     readable: dict[str, list[tuple[str, list[BlobEntry]]]] = field(default_factory=dict)
     damaged: dict[str, str] = field(default_factory=dict)  # name -> why it cannot be used, naming it
+    sizes: dict[str, int] = field(default_factory=dict)  # pack -> size, from objects not kept in `readable`
 
     def pack_ids(self) -> set[str]:
         """Every pack some readable index object names."""
-        return {pack_id for packs in self.readable.values() for pack_id, _ in packs}
+        return {pack_id for packs in self.readable.values() for pack_id, _ in packs} | self.sizes.keys()
 
     def pack_sizes(self) -> dict[str, int]:
         """The size each pack some readable index object names must have (`packed_size`), from the
@@ -89,7 +91,10 @@ class IndexObjects:
         for packs in self.readable.values():
             for pack_id, listed in packs:
                 entries.setdefault(pack_id, set()).update(listed)
-        return {pack_id: packed_size(listed) for pack_id, listed in entries.items()}
+        sizes = dict(self.sizes)
+        for pack_id, listed in entries.items():
+            sizes[pack_id] = max(sizes.get(pack_id, 0), packed_size(listed))
+        return sizes
 
 
 def packed_size(entries: Iterable[BlobEntry]) -> int:
@@ -108,6 +113,31 @@ def read_index_objects(store: ObjectStore, key: MasterKey, names: Iterable[str] 
         names = index_names(store)
     readable, damaged = _fetch_each("index", names, lambda name: decode_index(key, name, store.get(f"index/{name}")))
     return IndexObjects(readable, damaged)
+
+
+def index_pack_sizes(store: ObjectStore, key: MasterKey, cache: IndexCache) -> IndexObjects:
+    """What every index object of the store says of its packs: `sizes` (each pack named, and the
+    size its entries make) and `damaged`, never the entries themselves, so memory grows with the
+    packs, not the blobs. Objects the cache read from the store and opened in this process
+    (`IndexCache.checked_here`) are not fetched again: their sizes are in the cache, and the
+    damaged ones in `cache.unreadable`. Every other object is fetched and opened now: the cache
+    holds it from an earlier read, and it may have been damaged since.
+
+    Every writer lists a pack's whole header, so the objects naming one pack (after a repair)
+    agree about it; should they not, the pack takes the largest size any of them makes."""
+    names = index_names(store)
+    checked = cache.checked_here & names
+    damaged = {name: why for name, why in cache.unreadable.items() if name in names}
+    fetched, failed = _fetch_each("index", names - checked - damaged.keys(),
+                                  lambda name: _sizes_of(decode_index(key, name, store.get(f"index/{name}"))))
+    sizes: dict[str, int] = {}
+    for pack_id, size in [*cache.pack_sizes_of(checked), *(p for of_one in fetched.values() for p in of_one)]:
+        sizes[pack_id] = max(sizes.get(pack_id, 0), size)
+    return IndexObjects(damaged=damaged | failed, sizes=sizes)
+
+
+def _sizes_of(packs: list[tuple[str, list[BlobEntry]]]) -> list[tuple[str, int]]:
+    return [(pack_id, packed_size(entries)) for pack_id, entries in packs]
 
 
 def index_names(store: ObjectStore) -> set[str]:
@@ -171,6 +201,9 @@ CREATE TABLE IF NOT EXISTS blobs (
     offset INTEGER NOT NULL, length INTEGER NOT NULL, raw_length INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS index_objects (name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS index_packs (
+    name TEXT NOT NULL, pack INTEGER NOT NULL, size INTEGER NOT NULL, PRIMARY KEY (name, pack)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS whole_snapshots (snapshot_id TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS generation (only INTEGER PRIMARY KEY CHECK (only = 0), value INTEGER NOT NULL);
 INSERT OR IGNORE INTO generation VALUES (0, 0);
@@ -201,6 +234,9 @@ class IndexCache:
         self._readers = threading.local()
         self._reader_closers: list[weakref.finalize] = []
         self.unreadable: dict[str, str] = {}  # index objects that failed to load -> why
+        # Index objects this process fetched and opened while syncing (since the cache was last
+        # rebuilt): what verify need not fetch again (`index_pack_sizes`).
+        self.checked_here: set[str] = set()
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -251,12 +287,14 @@ class IndexCache:
             log.info("index objects were removed from the repository; rebuilding the index cache")
             with self._lock:
                 self._db.executescript("BEGIN IMMEDIATE; DELETE FROM blobs; DELETE FROM packs; DELETE FROM index_objects;"
-                                       " DELETE FROM whole_snapshots; UPDATE generation SET value = value + 1;"
-                                       " COMMIT;")
+                                       " DELETE FROM index_packs; DELETE FROM whole_snapshots;"
+                                       " UPDATE generation SET value = value + 1; COMMIT;")
+                self.checked_here = set()
             known = set()
         objects = read_index_objects(store, key, in_store - known)
         for name, packs in objects.readable.items():
             self.add(name, packs)
+        self.checked_here |= objects.readable.keys()
         for why in objects.damaged.values():
             # Not fatal: the blobs it lists look missing, which verify reports with their files.
             log.warning("%s; skipping it", why)
@@ -275,6 +313,7 @@ class IndexCache:
                         "INSERT OR IGNORE INTO blobs VALUES (?,?,?,?,?,?)",
                         ((e.blob_id, e.blob_type, num, e.offset, e.length, e.raw_length) for e in entries),
                     )
+                    db.execute("INSERT OR IGNORE INTO index_packs VALUES (?,?,?)", (name, num, packed_size(entries)))
                 db.execute("INSERT OR IGNORE INTO index_objects VALUES (?)", (name,))
                 db.execute("COMMIT")
             except BaseException:
@@ -339,6 +378,15 @@ class IndexCache:
             rows = self._db.execute("SELECT pack_id FROM packs ORDER BY pack_id").fetchall()
         for (pack_id,) in rows:
             yield pack_id
+
+    def pack_sizes_of(self, names: set[str]) -> Iterator[tuple[str, int]]:
+        """(pack id, size its entries make) for each pack the index objects `names` list, as they
+        were added (`add`); one row at a time."""
+        rows = self._reader().execute("SELECT i.name, p.pack_id, i.size FROM index_packs i"
+                                      " JOIN packs p ON p.num = i.pack")
+        for name, pack_id, size in rows:
+            if name in names:
+                yield pack_id, size
 
     def pack_entries(self, pack_id: str) -> list[BlobEntry]:
         with self._lock:

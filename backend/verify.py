@@ -8,7 +8,8 @@ index, and every blob in it opened, which checks authenticity and the blob id.
 
 Index: every index object in the store is fetched and opened, whatever the local cache holds (it
 read each object once, and damage since then shows only to a reader that fetches it: the next
-machine). Packs in the store that no readable index object names (their index object damaged or
+machine); once, not twice: those the cache fetched and opened as this process synced it are taken
+from it (`index_pack_sizes`). Packs in the store that no readable index object names (their index object damaged or
 gone, or left by an interrupted backup) are counted, and their headers read: `verify --repair`
 indexes them from those; a pack whose header does not open is an error (`verify --repair` has
 removed it by then: nothing can read it).
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 from .blob_reader import BlobReader
 from .crypto import content_hash
 from .errors import FsmountError, IntegrityError
-from .index import read_index_objects, read_pack_headers
+from .index import index_pack_sizes, read_pack_headers
 from .pack import TREE_BLOB, pack_key, read_header
 from .progress import Progress
 from .repair import data_objects, foreign_metadata, salvage_packs, unindexed_to_check
@@ -162,7 +163,7 @@ class Verifier:
         damaged since), every pack is in one and has the size its entries make; the header of each
         pack in none is read, as `verify --repair` would read it to index the pack."""
         repo, report = self.repo, self.report
-        objects = read_index_objects(repo.store, repo.key)
+        objects = index_pack_sizes(repo.store, repo.key, repo.index)
         for name, why in sorted(objects.damaged.items()):
             self._error(f"{why} {REBUILD_ADVICE}", object=f"index/{name}")
         for pack_id, expected in objects.pack_sizes().items():

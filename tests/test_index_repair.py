@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import PASSPHRASE
 from test_integrity import flip_byte
 from treecompare import differences
+
+from backend.repository import Repository
+from backend.stores import LocalStore
+from backend.verify import verify
 
 pytest_plugins = ["s3_fixtures"]
 
@@ -33,6 +39,43 @@ def index_objects(repo_path: Path) -> list[Path]:
 
 def cold_cache(cli, tmp_path: Path, name: str) -> None:
     cli.env["XDG_CACHE_HOME"] = str(tmp_path / name)
+
+
+class CountingStore(LocalStore):
+    """The repository's local store, counting the index objects it hands out."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.index_gets: Counter[str] = Counter()
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        if key.startswith("index/"):
+            self.index_gets[key] += 1
+        return super().get(key, offset, length)
+
+
+def verify_counting_index_gets(repo_path: Path, cache_dir: Path) -> Counter[str]:
+    store = CountingStore(repo_path)
+    with Repository.open(store, PASSPHRASE.encode(), cache_dir=str(cache_dir)) as repo:
+        assert verify(repo).ok
+    return store.index_gets
+
+
+def test_a_cold_verify_reads_each_index_object_once(cli, tmp_path: Path, repo_path: Path) -> None:
+    """Opening the repository read every index object into the new cache, then verify read each again."""
+    two_backups(cli, tmp_path)
+    once_each = Counter({f"index/{path.name}": 1 for path in index_objects(repo_path)})
+
+    assert verify_counting_index_gets(repo_path, tmp_path / "new-machine") == once_each
+
+
+def test_a_warm_verify_still_reads_each_index_object(cli, tmp_path: Path, repo_path: Path) -> None:
+    """The cache read them in an earlier run: damage since then shows only to a fetch."""
+    two_backups(cli, tmp_path)
+    once_each = Counter({f"index/{path.name}": 1 for path in index_objects(repo_path)})
+    verify_counting_index_gets(repo_path, tmp_path / "cache")
+
+    assert verify_counting_index_gets(repo_path, tmp_path / "cache") == once_each
 
 
 def test_a_damaged_index_object_is_an_error_even_with_a_warm_cache(cli, tmp_path: Path, repo_path: Path) -> None:
