@@ -82,3 +82,15 @@ def test_a_location_that_is_a_file_is_no_repository(cli, tmp_path: Path) -> None
     err = cli("-r", somefile, "init", check=2).stderr.decode()
     assert "it is a file, not a folder" in err and len(err.splitlines()) == 1, err
     assert somefile.read_text() == "not a repository"
+
+
+def test_replicas_none_of_which_is_there_are_no_repository(cli, tmp_path: Path) -> None:
+    """Each replica a file, or one a file and one an empty place: exit 10 as for one location
+    (it was 15, "no replica could serve it: ... is down", the reason lost)."""
+    for name in ("f1", "f2"):
+        (tmp_path / name).write_text("not a repository")
+    for replicas in (("f1", "f2"), ("f1", "nothing-here")):
+        args = [arg for name in replicas for arg in ("-r", tmp_path / name)]
+        err = cli(*args, "snapshots", check=10).stderr.decode()
+        assert f"{tmp_path / 'f1'} is a file, not a folder" in err.splitlines()[-1], err
+        assert "Traceback" not in err

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..errors import IntegrityError, ObjectNotFound, StoreError
+from ..errors import IntegrityError, LocationMissing, ObjectNotFound, StoreError
 from .base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -52,20 +52,26 @@ class ReplicatedStore:
         self.degraded = degraded
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="replica")
         self._missing: dict[tuple[int, str], None] = {}  # (replica index, key), in the order they failed
-        self._down: dict[int, float] = {}  # replica index -> when it failed (unreachable, denied)
+        self._down: dict[int, tuple[float, StoreError]] = {}  # replica index -> when and how it failed
         self._lock = threading.Lock()
 
     def _is_down(self, i: int) -> bool:
+        return self._down_because(i) is not None
+
+    def _down_because(self, i: int) -> StoreError | None:
+        """How replica `i` failed, if it did less than DOWN_FOR_S ago."""
         with self._lock:
-            return time.monotonic() - self._down.get(i, -DOWN_FOR_S) < DOWN_FOR_S
+            since, exc = self._down.get(i, (-DOWN_FOR_S, None))
+        return exc if time.monotonic() - since < DOWN_FOR_S else None
 
     def _mark_down(self, i: int, exc: StoreError) -> None:
         if isinstance(exc, ObjectNotFound):
             return
         with self._lock:
-            if time.monotonic() - self._down.get(i, -DOWN_FOR_S) < DOWN_FOR_S:
+            since, _ = self._down.get(i, (-DOWN_FOR_S, None))
+            if time.monotonic() - since < DOWN_FOR_S:
                 return
-            self._down[i] = time.monotonic()
+            self._down[i] = time.monotonic(), exc
         log.warning("replica %s failed (%s); not asked again for %.0f s", self.replicas[i].location, exc, DOWN_FOR_S)
 
     @property
@@ -106,8 +112,9 @@ class ReplicatedStore:
         whole = offset == 0 and length is None
         failures: list[tuple[ObjectStore, str, StoreError | None]] = []
         for i, replica in enumerate(self.replicas):
-            if self._is_down(i):
-                failures.append((replica, "is down", StoreError(f"{replica.location} is down")))
+            down = self._down_because(i)
+            if down is not None:
+                failures.append((replica, "is down", down))
                 continue
             try:
                 data = replica.get(key, offset, length)
@@ -126,6 +133,9 @@ class ReplicatedStore:
         if all(isinstance(exc, ObjectNotFound) for _, _, exc in failures):
             raise ObjectNotFound(f"object {key} not found in any replica ({self.location})")
         detail = "; ".join(f"{r.location} {why}" for r, why, _ in failures)
+        if all(isinstance(exc, (ObjectNotFound, LocationMissing)) for _, _, exc in failures):
+            # no replica is there at all (a bucket missing, a file for a folder) or has the object
+            raise LocationMissing(f"no replica holds {key}: " + "; ".join(str(exc) for _, _, exc in failures))
         if all(exc is None or isinstance(exc, ObjectNotFound) for _, _, exc in failures):
             raise IntegrityError(f"no replica has a good copy of {key}: {detail}")
         raise StoreError(f"reading {key}: no replica could serve it: {detail}")
