@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -27,10 +29,20 @@ log = logging.getLogger(__name__)
 
 MAX_GAP = 64 * 1024
 MAX_RUN = 8 * 1024 * 1024
+RESCAN_PARTS = 8  # a cache is scanned again after each eighth of its bound put
+STALE_TEMP_NS = 60 * 10**9  # a temporary file this old is no write under way but a crash's leftover
+TEMP_SUFFIX = ".tmp"
 
 
 class BlobCache:
-    """A bounded on-disk cache of sealed blobs, shared by the threads of one process."""
+    """A bounded on-disk cache of sealed blobs, shared by the threads of one process and by every
+    process that uses the same directory (two mounts of one repository).
+
+    The bound is the directory's, not one process's share of it: after putting `limit / RESCAN_PARTS`
+    bytes, a process scans the directory again and evicts what is over, least recently used first.
+    A file's mtime is its last use (a hit touches it), so every process sees the others' uses too.
+    An entry that cannot be read is a miss; a directory that cannot be made or scanned raises
+    OSError (the caller goes on without a cache)."""
 
     def __init__(self, directory: str, limit_bytes: int):
         self.directory = directory
@@ -38,25 +50,22 @@ class BlobCache:
         self._lock = threading.Lock()
         self._sizes: OrderedDict[str, int] = OrderedDict()  # name -> size, oldest use first
         self._total = 0
+        self._put_since_scan = 0
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        found = []
-        for entry in os.scandir(directory):
-            if entry.name.endswith(".tmp"):
-                os.unlink(entry.path)  # a write interrupted by a crash
-            elif entry.is_file():
-                st = entry.stat()
-                found.append((st.st_atime_ns, entry.name, st.st_size))
-        for _, name, size in sorted(found):
-            self._sizes[name] = size
-            self._total += size
-        self._evict()
+        self._rescan()
 
     def get(self, blob_id: bytes) -> bytes | None:
         name = blob_id.hex()
+        path = os.path.join(self.directory, name)
         try:
-            with open(os.path.join(self.directory, name), "rb") as f:
+            with open(path, "rb") as f:
                 data = f.read()
+                _touch(f.fileno())
         except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("block cache: cannot read %s: %s; fetching it from the store", name, exc)
+            self.discard(blob_id)
             return None
         with self._lock:
             if name in self._sizes:
@@ -68,35 +77,82 @@ class BlobCache:
             return
         name = blob_id.hex()
         path = os.path.join(self.directory, name)
-        temp = f"{path}.{threading.get_ident()}.tmp"
+        temp = f"{path}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}"  # unique across processes
         try:
             with open(temp, "wb") as f:
                 f.write(sealed)
             os.rename(temp, path)
         except OSError as exc:  # a full cache disk must not fail the read that filled it
             log.debug("block cache: cannot store %s: %s", name, exc)
-            try:
-                os.unlink(temp)
-            except OSError:
-                pass
+            _remove(temp)
             return
         with self._lock:
             self._total += len(sealed) - self._sizes.pop(name, 0)
             self._sizes[name] = len(sealed)
+            self._put_since_scan += len(sealed)
+            rescan = self._put_since_scan * RESCAN_PARTS >= self.limit
             self._evict()
+        if rescan:
+            self._rescan_quietly()
+
+    def discard(self, blob_id: bytes) -> None:
+        """Drop an entry found damaged or unreadable, so that the next fetch stores it anew."""
+        name = blob_id.hex()
+        with self._lock:
+            self._total -= self._sizes.pop(name, 0)
+        _remove(os.path.join(self.directory, name))
+
+    def _rescan(self) -> None:
+        """Take the directory's content as the cache's (what other processes put in it counts
+        too), removing temporary files a crash left behind, then evict what is over the bound."""
+        found, stale_before = [], time.time_ns() - STALE_TEMP_NS
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # evicted by another process meanwhile
+                if entry.name.endswith(TEMP_SUFFIX):
+                    if st.st_mtime_ns < stale_before:
+                        _remove(entry.path)
+                elif stat.S_ISREG(st.st_mode):
+                    found.append((st.st_mtime_ns, entry.name, st.st_size))
+        with self._lock:
+            self._sizes = OrderedDict((name, size) for _, name, size in sorted(found))
+            self._total = sum(self._sizes.values())
+            self._put_since_scan = 0
+            self._evict()
+
+    def _rescan_quietly(self) -> None:
+        try:
+            self._rescan()
+        except OSError as exc:
+            log.debug("block cache: cannot scan %s: %s", self.directory, exc)
 
     def _evict(self) -> None:
         while self._total > self.limit and self._sizes:
             name, size = self._sizes.popitem(last=False)
             self._total -= size
-            try:
-                os.unlink(os.path.join(self.directory, name))
-            except FileNotFoundError:
-                pass
+            _remove(os.path.join(self.directory, name))
 
     @property
     def size(self) -> int:
         return self._total
+
+
+def _touch(fd: int) -> None:
+    """Mark a cache entry as just used (its mtime), for the LRU order of every process."""
+    try:
+        os.utime(fd)
+    except OSError:
+        pass  # a read-only cache still serves hits
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass  # gone already, or a read-only cache: the next scan tries again
 
 
 class BlobReader:
@@ -121,6 +177,7 @@ class BlobReader:
                         results[blob_id] = self.repo.key.unseal_blob(blob_type, blob_id, sealed)
                     except IntegrityError:
                         log.warning("block cache: %s is damaged; fetching it again", blob_id.hex())
+                        self.cache.discard(blob_id)
             unique = [blob_id for blob_id in unique if blob_id not in results]
         if locations is None:
             locations = self.repo.index.lookup_many(unique)

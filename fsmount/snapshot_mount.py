@@ -42,10 +42,20 @@ def make_snapshot_tree(repo: Repository, cache_bytes: int, **options: Any) -> Sn
     local = on_local_disk(repo.store)
     if local:
         cache_bytes = 0
-    cache = BlobCache(os.path.join(repo.cache_dir, "blocks"), cache_bytes) if cache_bytes else None
+    cache = open_block_cache(os.path.join(repo.cache_dir, "blocks"), cache_bytes) if cache_bytes else None
     reader = SnapshotReader(BlobReader(repo, cache), repo.block_size,
                             **({"fetch_threads": LOCAL_FETCH_THREADS, "inline_bytes": LOCAL_INLINE_BYTES} if local else {}))
     return SnapshotTree(repo, reader, **options)
+
+
+def open_block_cache(directory: str, limit_bytes: int) -> BlobCache | None:
+    """The block cache in `directory`, or none when that folder cannot be made or read: the
+    mount still serves every file, from the store."""
+    try:
+        return BlobCache(directory, limit_bytes)
+    except OSError as exc:
+        log.warning("block cache off: %s", exc)
+        return None
 
 
 def _read_only(*args: Any, **kwargs: Any) -> Any:

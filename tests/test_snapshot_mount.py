@@ -364,3 +364,76 @@ def test_every_snapshot_name_makes_a_folder_name() -> None:
         label = Snapshot(0, "host", b"/src", b"", name=name).label()
         assert label not in (".", "..", "") and "/" not in label, name
         assert len(os.fsencode(label)) <= 240 and (len(name) > 100 or len(label) == len(name)), name
+
+
+@pytest.fixture
+def s3_cli(cli, s3_bucket):
+    """`cli` on a fresh repository in an S3 bucket: the store a block cache is for."""
+    key_id, secret = s3_bucket.server.credentials
+    cli.env.update(FSMOUNT_REPOSITORY=s3_bucket.location(), AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret)
+    cli("init")
+    return cli
+
+
+def block_cache_dir(isolated_cache: Path) -> Path:
+    (repo_cache,) = (path for path in (isolated_cache / "fsmount").iterdir() if (path / "index.sqlite").exists())
+    return repo_cache / "blocks"
+
+
+def mount_log(mountpoint: Path) -> str:
+    return Path(control.runtime_dir(), control.mount_id(mountpoint) + ".log").read_text()
+
+
+@pytest.mark.s3
+def test_a_cache_entry_that_cannot_be_read_is_fetched_from_the_store(s3_cli, isolated_cache, tmp_path: Path) -> None:
+    """A cache file that open() refuses (here a folder in its place) was no miss: the error
+    escaped the read handler, with a traceback, and the daemon died with the mount."""
+    source = tmp_path / "src"
+    source.mkdir()
+    content = os.urandom(1024 * 1024)
+    (source / "large.bin").write_bytes(content)
+    s3_cli("backup", source)
+    with snapshot_mount(s3_cli, tmp_path / "snaps", "--cache-size", "16M") as (mnt, _):
+        assert (mnt / "latest" / "large.bin").read_bytes() == content
+    victim = next(block_cache_dir(isolated_cache).iterdir())
+    victim.unlink()
+    victim.mkdir()
+
+    with snapshot_mount(s3_cli, tmp_path / "snaps", "--cache-size", "16M") as (mnt, _):
+        assert (mnt / "latest" / "large.bin").read_bytes() == content
+        assert is_mounted(mnt)
+    log = mount_log(tmp_path / "snaps")
+    assert "Traceback" not in log and f"cannot read {victim.name}" in log
+
+
+@pytest.mark.s3
+def test_a_cache_folder_that_cannot_be_made_leaves_the_cache_off(s3_cli, isolated_cache, tmp_path: Path) -> None:
+    """It was a traceback and no mount (FileExistsError from makedirs)."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "f.txt").write_text("content\n")
+    s3_cli("backup", source)
+    block_cache_dir(isolated_cache).write_text("a file where the cache folder goes")
+
+    with snapshot_mount(s3_cli, tmp_path / "snaps") as (mnt, _):
+        assert (mnt / "latest" / "f.txt").read_text() == "content\n"
+    log = mount_log(tmp_path / "snaps")
+    assert "Traceback" not in log and "block cache off" in log
+
+
+@pytest.mark.s3
+def test_two_mounts_sharing_the_cache_keep_its_bound(s3_cli, isolated_cache, tmp_path: Path) -> None:
+    """Each process bounded only what it had put itself: two mounts with 2 MiB filled 4 MiB."""
+    source = tmp_path / "src"
+    source.mkdir()
+    contents = {name: os.urandom(3 * 1024 * 1024) for name in ("a.bin", "b.bin")}
+    for name, content in contents.items():
+        (source / name).write_bytes(content)
+    s3_cli("backup", source)
+    limit = 2 * 1024 * 1024
+    with (snapshot_mount(s3_cli, tmp_path / "one", "--cache-size", "2M") as (one, _),
+          snapshot_mount(s3_cli, tmp_path / "two", "--cache-size", "2M") as (two, _)):
+        assert (one / "latest" / "a.bin").read_bytes() == contents["a.bin"]
+        assert (two / "latest" / "b.bin").read_bytes() == contents["b.bin"]
+        cached = sum(entry.stat().st_size for entry in block_cache_dir(isolated_cache).iterdir())
+    assert cached <= limit + limit // 4  # a process scans the folder again after each eighth of it
