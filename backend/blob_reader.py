@@ -118,8 +118,12 @@ class BlobCache:
                 elif stat.S_ISREG(st.st_mode):
                     found.append((st.st_mtime_ns, entry.name, st.st_size))
         with self._lock:
-            self._sizes = OrderedDict((name, size) for _, name, size in sorted(found))
-            self._total = sum(self._sizes.values())
+            scanned = OrderedDict((name, size) for _, name, size in sorted(found))
+            for name, size in self._sizes.items():  # put by another thread since the scan began?
+                if name not in scanned and os.path.exists(os.path.join(self.directory, name)):
+                    scanned[name] = size
+            self._sizes = scanned
+            self._total = sum(scanned.values())
             self._put_since_scan = 0
             self._evict()
 
