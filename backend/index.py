@@ -22,8 +22,9 @@ import os
 import sqlite3
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -167,9 +168,22 @@ def read_pack_headers(store: ObjectStore, key: MasterKey, sizes: dict[str, int]
 
 
 def _fetch_each(kind: str, names: Iterable[str], load: Callable[[str], T]) -> tuple[dict[str, T], dict[str, str]]:
-    """(what `load` gave, why it failed) for each of `names`, `READ_WORKERS` at a time: an object
-    that fails its checks (IntegrityError) is in the second, one gone since it was listed in
-    neither; any other failure is raised."""
+    """(what `load` gave, why it failed) for each of `names` (see `_fetch_streamed`)."""
+    found: dict[str, T] = {}
+    failed: dict[str, str] = {}
+    for name, value, why in _fetch_streamed(kind, names, load):
+        if value is not None:
+            found[name] = value
+        elif why is not None:
+            failed[name] = why
+    return found, failed
+
+
+def _fetch_streamed(kind: str, names: Iterable[str], load: Callable[[str], T]) -> Iterator[tuple[str, T | None, str | None]]:
+    """(name, what `load` gave, why it failed) for each of `names` in order, `READ_WORKERS` at a
+    time and no more ahead of the consumer, so that what is held does not grow with the number of
+    objects. An object that fails its checks (IntegrityError) comes with why, one gone since it
+    was listed with neither; any other failure is raised."""
     def attempt(name: str) -> tuple[str, T | None, str | None]:
         try:
             return name, load(name), None
@@ -179,19 +193,21 @@ def _fetch_each(kind: str, names: Iterable[str], load: Callable[[str], T]) -> tu
             return name, None, str(exc) if name in str(exc) else f"{kind} {name}: {exc}"
 
     ordered = sorted(names)
-    if len(ordered) > 1:
-        with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix=f"{kind}-read") as pool:
-            results = list(pool.map(attempt, ordered))
-    else:
-        results = [attempt(name) for name in ordered]
-    found: dict[str, T] = {}
-    failed: dict[str, str] = {}
-    for name, value, why in results:
-        if value is not None:
-            found[name] = value
-        elif why is not None:
-            failed[name] = why
-    return found, failed
+    if len(ordered) <= 1:
+        yield from map(attempt, ordered)
+        return
+    with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix=f"{kind}-read") as pool:
+        ahead: deque[Future] = deque()
+        try:
+            for name in ordered:
+                ahead.append(pool.submit(attempt, name))
+                if len(ahead) >= READ_WORKERS:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            for future in ahead:
+                future.cancel()
 
 
 _SCHEMA = """
@@ -291,14 +307,20 @@ class IndexCache:
                                        " UPDATE generation SET value = value + 1; COMMIT;")
                 self.checked_here = set()
             known = set()
-        objects = read_index_objects(store, key, in_store - known)
-        for name, packs in objects.readable.items():
-            self.add(name, packs)
-        self.checked_here |= objects.readable.keys()
-        for why in objects.damaged.values():
-            # Not fatal: the blobs it lists look missing, which verify reports with their files.
-            log.warning("%s; skipping it", why)
-        self.unreadable = objects.damaged
+        # Each object goes into the cache as it arrives: a new machine's first open of a large
+        # repository held every entry of every index object in memory before adding the first.
+        unreadable: dict[str, str] = {}
+        opened = _fetch_streamed("index", in_store - known,
+                                 lambda name: decode_index(key, name, store.get(f"index/{name}")))
+        for name, packs, why in opened:
+            if packs is not None:
+                self.add(name, packs)
+                self.checked_here.add(name)
+            elif why is not None:
+                # Not fatal: the blobs it lists look missing, which verify reports with their files.
+                log.warning("%s; skipping it", why)
+                unreadable[name] = why
+        self.unreadable = unreadable
 
     def add(self, name: str, packs: Iterable[tuple[str, list[BlobEntry]]]) -> None:
         """Record the content of index object `name` (idempotent)."""
