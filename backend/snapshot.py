@@ -209,9 +209,10 @@ class Snapshot:
     def label(self) -> str:
         """The folder name a snapshot gets in a mounted snapshot tree: its name, or else its time.
         `check_name` lets only names through that are their own label; older snapshots may have
-        others, which are mapped to a name a folder can have: no `/`, not `.` nor `..` (which a
-        listing would hide behind the real ones), short enough to take a suffix."""
-        label = (self.name or self.time.strftime(TIME_FORMAT)).replace("/", "_")
+        others, which are mapped to a name a folder can have: no `/` nor NUL (the kernel cuts a
+        name there), not `.` nor `..` (which a listing would hide behind the real ones), short
+        enough to take a suffix."""
+        label = (self.name or self.time.strftime(TIME_FORMAT)).replace("/", "_").replace("\0", "_")
         if label in (".", ".."):
             label = label.replace(".", "_")
         raw = label.encode(errors="surrogateescape")

@@ -360,9 +360,9 @@ def test_snapshot_of_an_s3_repository_reads_back(s3_bucket, tmp_path: Path, cli)
 def test_every_snapshot_name_makes_a_folder_name() -> None:
     from backend.snapshot import Snapshot
 
-    for name in (".", "..", "a/b", "é" * 200, "nl\nname", "\udcff-raw"):
+    for name in (".", "..", "a/b", "é" * 200, "nl\nname", "\udcff-raw", "a\0b"):
         label = Snapshot(0, "host", b"/src", b"", name=name).label()
-        assert label not in (".", "..", "") and "/" not in label, name
+        assert label not in (".", "..", "") and "/" not in label and "\0" not in label, name
         assert len(os.fsencode(label)) <= 240 and (len(name) > 100 or len(label) == len(name)), name
 
 
