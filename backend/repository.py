@@ -8,6 +8,11 @@ Objects in the store (format details in backend/FORMAT.md):
     index/<id>          which blobs are in which packs (index.py)
     snapshots/<id>      point-in-time records, written last (snapshot.py)
 
+Opening reads config and a key from the store, and keeps copies of them in the repository's cache
+dir (`copies/`, with the snapshots it reads), and which repository the location held
+(`<cache root>/locations/`): a live mount whose store does not answer opens from those instead
+(`open_from_copies`), so a laptop without a network mounts as during an outage.
+
 Writing goes through `BlobWriter` (blob_writer.py); a snapshot is saved only after `flush()`, so
 every snapshot in the store references durable data. Reading a blob is one ranged GET of its pack,
 then unsealing, which checks authenticity and the blob id.
@@ -15,6 +20,7 @@ then unsealing, which checks authenticity and the blob id.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -42,8 +48,8 @@ from .index import IndexCache
 from .pack import DATA_BLOB, TREE_BLOB, pack_key
 from .replicas import REPOSITORY_PREFIXES
 from .snapshot import Snapshot
-from .stores import ObjectStore, on_local_disk
-from .stores.backlog import BacklogStore, staged_keys
+from .stores import LocalStore, ObjectStore, on_local_disk
+from .stores.backlog import BacklogStore, StoreReplaced, staged_keys
 from .tree import Node, decode_tree, encode_tree
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,8 @@ DEFAULT_BLOCK_SIZE = 128 * 1024
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 64 * 1024, 4 * 1024 * 1024
 DEFAULT_PACK_SIZE = 16 * 1024 * 1024
 BACKLOGS_DIR = "backlog"  # in the repository's cache dir: one backlog per live mount
+COPIES_DIR = "copies"  # in the repository's cache dir: config, keys/ and snapshots/ as last read
+LOCATIONS_DIR = "locations"  # in the cache root: which repository each location held when last opened
 DEFAULT_BACKLOG_LIMIT = 4 << 30
 # Decoded trees kept in memory, weighed by their entries and their files' block lists: a tree
 # holding one 1 TiB sparse file lists 8M blocks (400 MB), and counted as one entry it stayed
@@ -126,13 +134,16 @@ def default_cache_dir() -> str:
 class Repository:
     """An open repository. Use as a context manager, or call `close()`."""
 
-    def __init__(self, store: ObjectStore, config: Config, key: MasterKey, cache_dir: str | None):
+    def __init__(self, store: ObjectStore, config: Config, key: MasterKey, cache_dir: str | None, *,
+                 sync_index: bool = True):
         self.store = store
         self.config = config
         self.key = key
         self.cache_dir = os.path.join(cache_dir or default_cache_dir(), config.id)
+        self.copies = LocalStore(os.path.join(self.cache_dir, COPIES_DIR))
         self.index = IndexCache(os.path.join(self.cache_dir, "index.sqlite"))
-        self.sync_index()
+        if sync_index:
+            self.sync_index()
         # A remote store answers slower than the savers fill packs: let a few more finished packs
         # queue (each ~pack_size of memory) so that savers keep going while uploads travel.
         uploads = {} if on_local_disk(store) else {"upload_workers": 2, "uploads_in_flight": 4}
@@ -169,32 +180,54 @@ class Repository:
     @classmethod
     def open(cls, store: ObjectStore, passphrase: bytes, *, cache_dir: str | None = None,
              backlog: str | None = None, backlog_limit_bytes: int = DEFAULT_BACKLOG_LIMIT,
-             key: MasterKey | None = None) -> Repository:
+             key: OpenedKey | None = None) -> Repository:
         """The repository in `store`. With `backlog` (a name), writes the store cannot take now wait in
         a local backlog of that name instead (stores/backlog.py); `repo.backlog` drains it. `key`:
         the master key, when the caller has opened it already (to take a lock), saving a scrypt."""
-        try:
-            config = Config.decode(store.get("config"))
-        except ObjectNotFound:
-            try:
-                held = _parts_held(store)
-            except StoreError:  # no folder or bucket at all
-                held = []
-            if held:
-                raise RepositoryNotFound(f"{store.location} holds parts of a repository ({', '.join(held)}) but "
-                                         "no config: put its config back, from a replica or a copy; or, if an "
-                                         "interrupted `fsmount migrate` was copying to it, run that migrate "
-                                         "again to finish it") from None
-            raise RepositoryNotFound(f"no repository at {store.location} (run `fsmount init` first)") from None
-        except LocationMissing as exc:  # exit 10, as for an empty folder: a script then runs `init`
-            raise RepositoryNotFound(f"no repository at {store.location}: {exc}") from None
+        config_bytes = read_config(store)
+        config = Config.decode(config_bytes)
         check_replicas_hold_one_repository(store)
         if key is None:
-            key = open_master_key(store, passphrase)
+            key = open_key(store, passphrase)
+        root = cache_dir or default_cache_dir()
+        keep_copies(root, store.location, config.id, config_bytes, key)
         if backlog is not None:
-            directory = os.path.join(cache_dir or default_cache_dir(), config.id, BACKLOGS_DIR, backlog)
-            store = BacklogStore(store, directory, backlog_limit_bytes)
-        return cls(store, config, key, cache_dir)
+            store = BacklogStore(store, os.path.join(root, config.id, BACKLOGS_DIR, backlog), backlog_limit_bytes)
+        return cls(store, config, key.master, cache_dir)
+
+    @classmethod
+    def open_from_copies(cls, store: ObjectStore, passphrase: bytes, unanswered: StoreError, *,
+                         backlog: str, cache_dir: str | None = None,
+                         backlog_limit_bytes: int = DEFAULT_BACKLOG_LIMIT) -> Repository:
+        """The repository that `store`, which does not answer (`unanswered`), held when it was last
+        opened here, from the copies of its config and keys kept then; for a live mount only. Its
+        writes wait in the backlog, which first checks, once the store answers, that the store still
+        holds this repository (and brings the index cache up to date) before anything goes there."""
+        root = cache_dir or default_cache_dir()
+        config = _copied_config(root, store.location, unanswered)
+        copies = LocalStore(os.path.join(root, config.id, COPIES_DIR))
+        master = open_master_key(copies, passphrase)
+        repo_dir = os.path.join(root, config.id)
+        staged = BacklogStore(store, os.path.join(repo_dir, BACKLOGS_DIR, backlog), backlog_limit_bytes,
+                              unanswered=unanswered)
+        repo = cls(staged, config, master, cache_dir, sync_index=False)
+        staged.rejoin = repo.rejoin_store
+        return repo
+
+    def rejoin_store(self, store: ObjectStore) -> None:
+        """Check that `store`, answering again after the repository was opened without it, holds
+        this repository still, and take up the index objects other machines stored meanwhile."""
+        try:
+            found = Config.decode(store.get("config")).id
+        except ObjectNotFound:
+            found = None
+        except FsmountError as exc:
+            raise StoreError(f"{store.location} answers, but its config does not read: {exc}") from exc
+        if found != self.config.id:
+            held = f"another repository ({found[:8]})" if found else "no repository"
+            raise StoreReplaced(f"{store.location} holds {held} now, not {self.config.id[:8]}, which this mount "
+                                "opened from its local copies: nothing is uploaded there")
+        self.index.sync(store, self.key, staged=[k.removeprefix("index/") for k in self.staged_keys("index/")])
 
     @property
     def backlog(self) -> BacklogStore | None:
@@ -328,6 +361,7 @@ class Repository:
         snapshot_id, data = snapshot.encode(self.key)
         self.store.put(f"snapshots/{snapshot_id}", data)
         snapshot.id = snapshot_id
+        self._keep_copy(f"snapshots/{snapshot_id}", data)
         return snapshot_id
 
     def snapshot_ids(self) -> list[str]:
@@ -341,7 +375,9 @@ class Repository:
             data = self.store.get(f"snapshots/{snapshot_id}")
         except ObjectNotFound:
             raise IntegrityError(f"snapshot {snapshot_id} is missing") from None
-        return Snapshot.decode(self.key, snapshot_id, data)
+        snapshot = Snapshot.decode(self.key, snapshot_id, data)
+        self._keep_copy(f"snapshots/{snapshot_id}", data)
+        return snapshot
 
     def snapshots(self, ids: list[str] | None = None) -> list[Snapshot]:
         """All snapshots, oldest first; unreadable ones are logged, left out, and named in
@@ -354,8 +390,51 @@ class Repository:
                 log.warning("%s", exc)
                 damaged.append(snapshot_id)
         self.damaged_snapshots = damaged
+        if ids is None:
+            self._forget_copies({s.id for s in found} | set(damaged))
         found.sort(key=lambda s: (s.time_ns, s.id))
         return found
+
+    def snapshots_known_here(self) -> list[Snapshot]:
+        """The snapshots this machine read or wrote, from their copies in the cache dir, and those
+        waiting in a backlog here: what there is to go by while the store does not answer."""
+        found = {}
+        for key, _ in self.copies.list("snapshots/"):
+            snapshot_id = key.removeprefix("snapshots/")
+            try:
+                found[snapshot_id] = Snapshot.decode(self.key, snapshot_id, self.copies.get(key))
+            except FsmountError as exc:
+                log.warning("the copy of snapshot %s kept here does not read: %s", snapshot_id[:8], exc)
+        backlog = self.backlog
+        for key in backlog.keys_waiting("snapshots/") if backlog is not None else ():
+            snapshot_id = key.removeprefix("snapshots/")
+            if snapshot_id not in found:
+                try:
+                    found[snapshot_id] = self.load_snapshot(snapshot_id)
+                except FsmountError as exc:  # uploaded meanwhile, so read from the store, which fails
+                    log.debug("snapshot %s not known here: %s", snapshot_id[:8], exc)
+        return sorted(found.values(), key=lambda s: (s.time_ns, s.id))
+
+    def _keep_copy(self, key: str, data: bytes) -> None:
+        """Keep a copy of a sealed snapshot for a mount without the store; a cache, so a full disk
+        or a read-only cache dir only costs that."""
+        try:
+            if not self.copies.exists(key):
+                os.makedirs(self.copies.root, mode=0o700, exist_ok=True)
+                self.copies.put(key, data)
+        except (OSError, StoreError) as exc:
+            log.debug("no local copy of %s: %s", key, exc)
+
+    def _forget_copies(self, listed: set[str]) -> None:
+        """Remove the copies of snapshots the store no longer holds (forgotten), but not of those
+        a backlog here still waits to upload."""
+        waiting = {k.removeprefix("snapshots/") for k in self.staged_keys("snapshots/")}
+        try:
+            for key, _ in list(self.copies.list("snapshots/")):
+                if key.removeprefix("snapshots/") not in listed | waiting:
+                    self.copies.delete(key)
+        except (OSError, StoreError) as exc:
+            log.debug("copies of forgotten snapshots not removed: %s", exc)
 
     def find_node(self, snapshot: Snapshot, path: bytes) -> Node:
         """The node at `path` (relative, `/`-separated bytes) in a snapshot; b"" is the root."""
@@ -372,15 +451,29 @@ class Repository:
         return node
 
 
+@dataclass(frozen=True)
+class OpenedKey:
+    """A master key, with the `keys/` object it was opened from."""
+    master: MasterKey
+    name: str  # keys/<id>
+    wrapped: bytes
+
+
 def open_master_key(store: ObjectStore, passphrase: bytes) -> MasterKey:
     """The master key from the first `keys/` object the passphrase opens."""
+    return open_key(store, passphrase).master
+
+
+def open_key(store: ObjectStore, passphrase: bytes) -> OpenedKey:
+    """The first `keys/` object the passphrase opens, and the master key in it."""
     key_names = [k for k, _ in store.list("keys/")]
     if not key_names:
         raise IntegrityError(f"repository at {store.location} has no keys")
     damaged: list[str] = []
     for name in key_names:
         try:
-            return MasterKey.unwrap(store.get(name), passphrase)
+            wrapped = store.get(name)
+            return OpenedKey(MasterKey.unwrap(wrapped, passphrase), name, wrapped)
         except WrongPassword:
             continue
         except IntegrityError as exc:  # another key may still open
@@ -389,3 +482,70 @@ def open_master_key(store: ObjectStore, passphrase: bytes) -> MasterKey:
         raise IntegrityError(f"no key of the repository opens with this passphrase, and {len(damaged)} key "
                              f"objects are damaged: {damaged[0]}")
     raise WrongPassword("wrong passphrase: no key of the repository opens with it")
+
+
+def read_config(store: ObjectStore) -> bytes:
+    """The bytes of the store's `config`; RepositoryNotFound when there is none (StoreError when
+    the store does not answer)."""
+    try:
+        return store.get("config")
+    except ObjectNotFound:
+        try:
+            held = _parts_held(store)
+        except StoreError:  # no folder or bucket at all
+            held = []
+        if held:
+            raise RepositoryNotFound(f"{store.location} holds parts of a repository ({', '.join(held)}) but "
+                                     "no config: put its config back, from a replica or a copy; or, if an "
+                                     "interrupted `fsmount migrate` was copying to it, run that migrate "
+                                     "again to finish it") from None
+        raise RepositoryNotFound(f"no repository at {store.location} (run `fsmount init` first)") from None
+    except LocationMissing as exc:  # exit 10, as for an empty folder: a script then runs `init`
+        raise RepositoryNotFound(f"no repository at {store.location}: {exc}") from None
+
+
+# -- the copies a live mount opens from without its store ------------------------------------------
+#
+# A location's repository is found by the location's name, as the store reports it (an S3 endpoint,
+# bucket and prefix; a folder's absolute path; replicas' names in order): `locations/<hash>` in the
+# cache root holds the id of the repository last opened there, and that id names the cache dir
+# (as it always has: the index, the backlogs and the changelogs are there) holding the copies.
+
+
+def _location_file(location: str) -> str:
+    return hashlib.sha256(location.encode()).hexdigest()[:32]
+
+
+def keep_copies(cache_root: str, location: str, repo_id: str, config_bytes: bytes, key: OpenedKey) -> None:
+    """Keep what opening the repository without the store takes: which repository `location`
+    holds, its config and the key object the passphrase opened (sealed under the passphrase)."""
+    copies = LocalStore(os.path.join(cache_root, repo_id, COPIES_DIR))
+    locations = LocalStore(os.path.join(cache_root, LOCATIONS_DIR))
+    pointer = json.dumps({"location": location, "id": repo_id}).encode()
+    for store, name, data in ((copies, "config", config_bytes), (copies, key.name, key.wrapped),
+                              (locations, _location_file(location), pointer)):
+        os.makedirs(store.root, mode=0o700, exist_ok=True)
+        try:
+            same = store.get(name) == data
+        except ObjectNotFound:
+            same = False
+        if not same:
+            store.put(name, data)  # a StoreError here is the cache dir's: it fails the open, as the index would
+
+
+def _copied_config(cache_root: str, location: str, unanswered: StoreError) -> Config:
+    """The config kept for the repository `location` held when last opened here; the store's
+    error, said so, when none was."""
+    try:
+        pointer = json.loads(LocalStore(os.path.join(cache_root, LOCATIONS_DIR)).get(_location_file(location)))
+        repo_id = pointer["id"]
+        config = Config.decode(LocalStore(os.path.join(cache_root, repo_id, COPIES_DIR)).get("config"))
+    except ObjectNotFound:
+        raise StoreError(f"{unanswered} (and the repository was never opened here, so no copy of its "
+                         "config lets the mount start without the store)") from unanswered
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"the record of the repository at {location} kept here is malformed: {exc}") from exc
+    if config.id != repo_id or pointer["location"] != location:
+        raise IntegrityError(f"the copy of the config kept in {os.path.join(cache_root, repo_id)} is of another "
+                             f"repository ({config.id[:8]}); it cannot stand in for {location}'s")
+    return config

@@ -30,10 +30,10 @@ from .background import inherited_passphrase
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # imported where used: commands that only talk to a mount's socket need none
-    from backend.crypto import MasterKey
+    from backend.errors import StoreError
     from backend.lock import RepositoryLock
     from backend.replicas import DegradedLog
-    from backend.repository import Repository
+    from backend.repository import OpenedKey, Repository
     from backend.stores import ObjectStore
 
 
@@ -87,7 +87,8 @@ class AppContext:
     degraded: bool = False
     no_lock: bool = False
     _lock: RepositoryLock | None = field(default=None, repr=False)  # held until the command ends
-    _master_key: MasterKey | None = field(default=None, repr=False)  # opened to take the lock
+    _opened_key: OpenedKey | None = field(default=None, repr=False)  # opened to take the lock
+    _unanswered: StoreError | None = field(default=None, repr=False)  # the store did not answer for the lock
     _passphrase: bytes | None = field(default=None, repr=False)
     _replicated: list = field(default_factory=list, repr=False)
     _warned: bool = field(default=False, repr=False)  # of degraded writes (see open_store)
@@ -126,18 +127,20 @@ class AppContext:
             return
         from backend.errors import StoreError
         from backend.lock import RepositoryLock
-        from backend.repository import Config, check_replicas_hold_one_repository, open_master_key
+        from backend.repository import Config, check_replicas_hold_one_repository, open_key
 
         try:
             Config.decode(store.get("config"))
-        except StoreError:  # no repository (or no store) there: the command reports it
+        except StoreError as exc:  # no repository (or no store) there: the command reports it
+            if store_did_not_answer(exc):
+                self._unanswered = exc
             return
         check_replicas_hold_one_repository(store)  # two repositories given as replicas: write nothing
-        if self._master_key is None:
-            self._master_key = open_master_key(store, self.passphrase())
+        if self._opened_key is None:
+            self._opened_key = open_key(store, self.passphrase())
         copies = [open_location(location) for location in self.locations()]  # stay open until released
         try:
-            self._lock = RepositoryLock.acquire(copies, self._master_key, exclusive=mode.exclusive,
+            self._lock = RepositoryLock.acquire(copies, self._opened_key.master, exclusive=mode.exclusive,
                                                 command=command_line(), retake=mode.retake)
         except BaseException:
             for copy in copies:
@@ -242,10 +245,10 @@ class AppContext:
                                  "a terminal or a line on stdin")
         return secret
 
-    def open_repository(self, **options: object) -> Repository:
-        """The repository; `options` go to `Repository.open` (a live mount's backlog)."""
-        from backend.repository import Repository
-
+    def open_repository(self, *, backlog: str | None = None, **options: object) -> Repository:
+        """The repository; `options` go to `Repository.open`. With `backlog` (a live mount's), a
+        store that does not answer does not stop it: the repository is opened from the copies of
+        its config and key kept in the cache dir, and its writes wait in the backlog."""
         store = self.open_store()
         if self._lock is not None:  # once the lock is lost, the repository takes no more writes
             from backend.lock import LockGuardedStore
@@ -253,13 +256,31 @@ class AppContext:
             store = LockGuardedStore(store, self._lock)  # type: ignore[assignment]
         try:
             with self.cache_folder_errors():
-                repo = Repository.open(store, self.passphrase(), cache_dir=self.cache_dir, key=self._master_key,
-                                       **options)  # type: ignore[arg-type]
+                repo = self._open_repository(store, backlog, options)
             log.info("repository %s at %s (cache %s)", repo.config.id[:8], store.location, repo.cache_dir)
             return repo
         except BaseException:
             store.close()
             raise
+
+    def _open_repository(self, store: ObjectStore, backlog: str | None, options: dict) -> Repository:
+        from backend.errors import StoreError
+        from backend.repository import Repository
+
+        unanswered = self._unanswered if backlog is not None else None  # asked already: not asked again
+        if unanswered is None:
+            try:
+                return Repository.open(store, self.passphrase(), cache_dir=self.cache_dir, key=self._opened_key,
+                                       backlog=backlog, **options)  # type: ignore[arg-type]
+            except StoreError as exc:
+                if backlog is None or not store_did_not_answer(exc):
+                    raise
+                unanswered = exc
+        repo = Repository.open_from_copies(store, self.passphrase(), unanswered, backlog=backlog,
+                                           cache_dir=self.cache_dir, **options)  # type: ignore[arg-type]
+        log.warning("the store does not answer (%s); mounting from the copies of the repository's config and "
+                    "key kept here: snapshots wait on local disk until the store is back", unanswered)
+        return repo
 
     @contextlib.contextmanager
     def cache_folder_errors(self) -> Iterator[None]:
@@ -271,6 +292,13 @@ class AppContext:
             where = os.fsdecode(exc.filename) if exc.filename else self.cache_dir or "(default)"
             raise UsageError(f"cannot use the cache folder {where}: {exc.strerror or exc} "
                              "(choose another with --cache-dir)") from exc
+
+
+def store_did_not_answer(exc: StoreError) -> bool:
+    """Whether a failure says the store is down or cut off, rather than that it holds nothing."""
+    from backend.errors import LocationMissing, ObjectNotFound
+
+    return not isinstance(exc, (ObjectNotFound, LocationMissing))
 
 
 def command_line() -> str:

@@ -85,7 +85,7 @@ class Uploader:
         self.host = host
         # Every snapshot of the repository seen so far: a name is checked against these while the
         # store is down (_check_name).
-        self._known: dict[str, Snapshot] = {s.id: s for s in repo.snapshots()}
+        self._known: dict[str, Snapshot] = {s.id: s for s in self._first_listing()}
         self.parent: Snapshot | None = self._latest()
         self.status = UploaderStatus()
         if self.parent is not None:  # until this mount takes one, status shows the folder's last snapshot
@@ -96,6 +96,19 @@ class Uploader:
         self.on_snapshot: Callable[[Snapshot], None] | None = None  # told of every snapshot stored
         self._lock = trio.Lock()
         self._no_more_retries = trio.Event()
+
+    def _first_listing(self) -> list[Snapshot]:
+        """The repository's snapshots: the store's, or, while it does not answer (the mount may
+        have opened without it), those known here, among them this folder's last, the parent."""
+        backlog = self.repo.backlog
+        if backlog is None or backlog.store_failing_since() is None:
+            try:
+                return self.repo.snapshots()
+            except StoreError as exc:
+                if backlog is None:
+                    raise
+                log.warning("cannot list the store's snapshots (%s); starting from those known here", exc)
+        return self.repo.snapshots_known_here()
 
     def known_snapshots(self) -> list[Snapshot]:
         """The repository's snapshots as last listed here, with this mount's since."""
@@ -246,7 +259,20 @@ class Uploader:
 
     def _backup(self, frozen: object, view: FrozenView, instant_ns: int, name: str | None,
                 full_scan: bool, skip_if_unchanged: bool) -> BackupResult:
-        return Backup(self.repo, self.source, host=self.host, tags=[LIVE_TAG], name=name, parent=self.parent,
+        try:
+            return self._backup_from(self.parent, frozen, view, instant_ns, name, full_scan, skip_if_unchanged)
+        except StoreError as exc:
+            backlog = self.repo.backlog
+            if not full_scan or self.parent is None or backlog is None or backlog.store_failing_since() is None:
+                raise
+            # The parent's trees are in the store (a mount that started without it): read every
+            # file instead. Blocks the index knows are not stored again.
+            log.warning("the parent snapshot's trees cannot be read (%s); this snapshot reads every file", exc)
+            return self._backup_from(None, frozen, view, instant_ns, name, full_scan, skip_if_unchanged)
+
+    def _backup_from(self, parent: Snapshot | None, frozen: object, view: FrozenView, instant_ns: int,
+                     name: str | None, full_scan: bool, skip_if_unchanged: bool) -> BackupResult:
+        return Backup(self.repo, self.source, host=self.host, tags=[LIVE_TAG], name=name, parent=parent,
                       changes=None if full_scan else frozen, source_fd=self.source_fd,  # type: ignore[arg-type]
                       view=view, time_ns=instant_ns, skip_if_unchanged=skip_if_unchanged).run()
 

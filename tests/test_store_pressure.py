@@ -15,6 +15,7 @@ store again, with another client's snapshot, once it answers.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -225,3 +226,86 @@ def test_ls_snapshots_answers_at_once_while_the_store_is_down_and_asks_it_again_
             time.sleep(0.5)
         status = wait_for_status(cli, mnt, lambda s: not s["backlog"]["objects"])
         assert status["backlog"]["store_failing_since"] is None
+
+
+def test_a_folder_mounts_and_snapshots_with_the_store_unreachable_and_uploads_once_it_is_back(
+        cli, own_s3_server, tmp_path: Path) -> None:
+    """Opening the repository read config and keys/ from the store and listed its snapshots: on a
+    plane, `fsmount mount` failed."""
+    server = own_s3_server
+    use_s3(cli, server, server.endpoint, "plane")
+    cli("init")
+    source, mountpoint = tmp_path / "work", tmp_path / "mnt"
+    source.mkdir()
+    mountpoint.mkdir()
+    (source / "kept.txt").write_text("there all along\n")
+    with live_mount(cli, source, mountpoint) as mnt:
+        cli("snapshot", mnt, "--name", "before")
+    with frozen(server):
+        err = cli("snapshots", check=15).stderr.decode()  # every other command still fails
+        assert "error" in err.lower() or "s3:" in err, err
+        with live_mount(cli, source, mountpoint) as mnt:
+            (mnt / "notes.txt").write_text("written on the plane\n")
+            assert json.loads(cli("snapshot", mnt, "--name", "plane", "--json").stdout)["in_backlog"]
+            assert {"before", "plane"} <= set(os.listdir(mnt / ".snapshots"))
+            assert (mnt / ".snapshots" / "plane" / "notes.txt").read_text() == "written on the plane\n"
+            shown = cli("status", mnt).stdout.decode()
+            assert "not answering since" in shown, shown
+            os.kill(server.process.pid, signal.SIGCONT)  # the store is back (frozen() sends it again)
+            (source / "elsewhere.txt").write_text("backed up by another client\n")
+            cli("backup", source, "--name", "elsewhere")
+            deadline = time.monotonic() + 30
+            while "elsewhere" not in (names := set(os.listdir(mnt / ".snapshots"))):
+                assert time.monotonic() < deadline, f"the other client's snapshot never showed: {names}"
+                time.sleep(0.5)
+            assert (mnt / ".snapshots" / "elsewhere" / "elsewhere.txt").read_text() == "backed up by another client\n"
+            status = wait_for_status(cli, mnt, lambda s: not s["backlog"]["objects"])
+            assert status["backlog"]["store_failing_since"] is None
+    assert {"before", "plane", "elsewhere"} <= {s["name"] for s in json.loads(cli("snapshots", "--json").stdout)}
+    restored = tmp_path / "restored"
+    cli("restore", "plane", "--target", restored)
+    assert (restored / "notes.txt").read_text() == "written on the plane\n"
+
+
+def test_a_mount_without_the_store_refuses_a_wrong_passphrase(cli, own_s3_server, tmp_path: Path) -> None:
+    server = own_s3_server
+    use_s3(cli, server, server.endpoint, "plane-pass")
+    cli("init")
+    source = tmp_path / "work"
+    source.mkdir()
+    with live_mount(cli, source):
+        pass
+    cli.env["FSMOUNT_PASSWORD"] = "not the passphrase"
+    with frozen(server):
+        err = cli("mount", source, check=12).stderr.decode()
+    assert "wrong passphrase" in err, err
+
+
+def test_reading_a_snapshot_s_data_only_in_the_store_fails_at_once_while_it_is_down(
+        cli, own_s3_server, tmp_path: Path) -> None:
+    """Every such read waited out a whole retry budget before it failed with EIO."""
+    server = own_s3_server
+    use_s3(cli, server, server.endpoint, "eio")
+    budget_s = 8.0
+    cli.env["FSMOUNT_STORE_RETRY_S"] = str(budget_s)
+    cli("init")
+    source, mountpoint = tmp_path / "work", tmp_path / "mnt"
+    source.mkdir()
+    mountpoint.mkdir()
+    (source / "stored.bin").write_bytes(os.urandom(300_000))
+    with live_mount(cli, source, mountpoint) as mnt:
+        cli("snapshot", mnt, "--name", "before")
+        with frozen(server):
+            (mnt / "notes.txt").write_text("written during the outage\n")
+            assert json.loads(cli("snapshot", mnt, "--name", "during", "--json").stdout)["in_backlog"]
+            took_s = []
+            for _ in range(2):
+                started = time.monotonic()
+                with pytest.raises(OSError) as failed:
+                    (mnt / ".snapshots" / "before" / "stored.bin").read_bytes()
+                took_s.append(time.monotonic() - started)
+                assert failed.value.errno == errno.EIO
+            assert (mnt / ".snapshots" / "during" / "notes.txt").read_text() == "written during the outage\n"
+        assert max(took_s) < budget_s / 4, f"reads took {took_s} s, retry budget {budget_s:.0f} s"
+        wait_for_status(cli, mnt, lambda s: s["backlog"]["store_failing_since"] is None)
+        assert (mnt / ".snapshots" / "before" / "stored.bin").read_bytes() == (source / "stored.bin").read_bytes()

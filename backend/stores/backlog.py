@@ -21,7 +21,12 @@ waits (the live tree keeps working) and the status says why.
 Once a request to the store fails, the store counts as failing (`store_failing_since`) until one
 answers: the drain's next upload, or `probe()`, a cheap question the mount asks in the background.
 Meanwhile the live mount answers what it can from what it knows (`.snapshots` lists the snapshots
-it knew and those staged here) rather than wait out a retry budget on every request.
+it knew and those staged here) rather than wait out a retry budget on every request, and a read of
+an object not staged here fails at once: the store is not asked until it answers the probe.
+
+A backlog opened for a repository whose store did not answer at all (`unanswered`: the mount opened
+from the local copies of config and key) starts as failing, and lets nothing reach the store until
+`rejoin(store)` has passed once the store answers: the store must still hold that repository.
 
 On disk: one file per object, `<sequence>-<quoted key>`, written as a `LocalStore` writes (temp
 file, fsync, rename). A backlog found at start (after a crash or `umount --lazy`) is taken up where
@@ -60,6 +65,10 @@ class BacklogFull(StoreError):
 
 class DamagedBacklog(StoreError):
     """A staged object no longer matches its name: the local disk damaged it."""
+
+
+class StoreReplaced(StoreError):
+    """The store answers again, but holds another repository (or none) than the backlog's."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +124,8 @@ class BacklogStatus:
 class BacklogStore:
     """`inner`, with every write that it cannot take now kept in `directory` until `drain()`."""
 
-    def __init__(self, inner: ObjectStore, directory: str, limit_bytes: int):
+    def __init__(self, inner: ObjectStore, directory: str, limit_bytes: int, *,
+                 unanswered: StoreError | None = None):
         self.inner = inner
         self.limit_bytes = limit_bytes
         self._files = LocalStore(directory)
@@ -133,6 +143,13 @@ class BacklogStore:
         # Called (on the writing thread) each time an object has reached the store, before the write
         # returns: the live mount records then what a --degraded replica missed.
         self.on_stored: Callable[[], None] | None = None
+        # With `unanswered`: what must pass, once the store answers, before anything goes there.
+        self.rejoin: Callable[[ObjectStore], None] | None = None
+        self._rejoin_pending = unanswered is not None
+        self._rejoining = threading.Lock()
+        if unanswered is not None:
+            self._failing_since = time.time()
+            self.last_error = str(unanswered)
         found = [s for s in (_parse(n, size) for n, size in self._files.list()) if s is not None]
         for staged in sorted(found, key=lambda s: s.sequence):
             self._staged[staged.key] = staged
@@ -211,7 +228,30 @@ class BacklogStore:
         if self._store_failed(exc):
             log.warning("%s; writes wait on local disk until the store answers", exc)
 
+    def _rejoined(self) -> bool:
+        """Whether the store may be used: always, unless the backlog was opened without it; then
+        once `rejoin` has passed (it runs here, once the store answers)."""
+        if not self._rejoin_pending:
+            return True
+        with self._rejoining:
+            if not self._rejoin_pending:
+                return True
+            try:
+                if self.rejoin is None:
+                    raise StoreError("the store answers, but nothing checked that it holds this repository")
+                self.rejoin(self.inner)
+            except StoreError as exc:
+                if str(exc) != self.last_error:
+                    log.error("%s", exc)
+                self.last_error = str(exc)
+                return False
+            self._rejoin_pending = False
+        log.info("the store answers and holds this repository: the backlog goes there now")
+        return True
+
     def _store_answered(self) -> None:
+        if not self._rejoined():
+            return  # still counts as failing: nothing may go there
         with self._lock:
             failing_since, self._failing_since = self._failing_since, None
         if failing_since is not None:
@@ -269,6 +309,11 @@ class BacklogStore:
                 return self._files.get(staged.file_name, offset, length)
             except ObjectNotFound:
                 pass  # stored and removed from the backlog meanwhile
+        failing_since = self.store_failing_since()
+        if failing_since is not None:  # asking would wait out the retry budget, and fail the same
+            since = time.strftime("%H:%M:%S", time.localtime(failing_since))
+            raise StoreError(f"{self.inner.location} has not answered since {since}, so {key} is not "
+                             f"asked for until it does ({self.last_error})")
         return self._ask_store(lambda: self.inner.get(key, offset, length))
 
     def exists(self, key: str) -> bool:
@@ -321,6 +366,8 @@ class BacklogStore:
         Raises `StoreError` when the store fails; what is not stored yet stays staged."""
         drained = 0
         with self._draining:
+            if not self._rejoined():
+                raise StoreError(self.last_error or "the store was not checked to hold this repository")
             while True:
                 batch = self._next_batch()
                 if not batch:
