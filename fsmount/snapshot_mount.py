@@ -9,6 +9,7 @@ SIGINT, and unmounts cleanly.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import signal
@@ -62,6 +63,23 @@ def _read_only(*args: Any, **kwargs: Any) -> Any:
     raise pyfuse3.FUSEError(errno.EROFS)
 
 
+def _bugs_as_eio(method: Callable) -> Callable:
+    """A bug raised out of a handler ended pyfuse3's loop, and the mount with it ("Transport
+    endpoint is not connected" for every reader); it fails only its own request instead, logged."""
+
+    @functools.wraps(method)
+    async def guarded(self: SnapshotFS, *args: Any) -> Any:
+        try:
+            return await method(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("%s failed (an internal error; the request got EIO)", method.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return guarded
+
+
 class SnapshotFS(pyfuse3.Operations):
     """pyfuse3 operations serving a `SnapshotTree` as the whole file system."""
 
@@ -69,48 +87,61 @@ class SnapshotFS(pyfuse3.Operations):
         super().__init__()
         self.tree = tree
 
+    @_bugs_as_eio
     async def lookup(self, parent_inode, name, ctx):
         return await self.tree.lookup(parent_inode, name, ctx)
 
     async def forget(self, inode_list):
         await self.tree.forget(inode_list)
 
+    @_bugs_as_eio
     async def getattr(self, inode, ctx):
         return await self.tree.getattr(inode, ctx)
 
+    @_bugs_as_eio
     async def readlink(self, inode, ctx):
         return await self.tree.readlink(inode, ctx)
 
+    @_bugs_as_eio
     async def opendir(self, inode, ctx):
         return await self.tree.opendir(inode, ctx)
 
+    @_bugs_as_eio
     async def readdir(self, fh, start_id, token):
         await self.tree.readdir(fh, start_id, token)
 
+    @_bugs_as_eio
     async def releasedir(self, fh):
         await self.tree.releasedir(fh)
 
+    @_bugs_as_eio
     async def open(self, inode, flags, ctx):
         return await self.tree.open(inode, flags, ctx)
 
+    @_bugs_as_eio
     async def read(self, fh, off, size):
         return await self.tree.read(fh, off, size)
 
+    @_bugs_as_eio
     async def release(self, fh):
         await self.tree.release(fh)
 
+    @_bugs_as_eio
     async def getxattr(self, inode, name, ctx):
         return await self.tree.getxattr(inode, name, ctx)
 
+    @_bugs_as_eio
     async def listxattr(self, inode, ctx):
         return await self.tree.listxattr(inode, ctx)
 
+    @_bugs_as_eio
     async def statfs(self, ctx):
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = self.tree.repo.block_size
         data.f_namemax = 255
         return data
 
+    @_bugs_as_eio
     async def access(self, inode, mode, ctx):
         if mode & os.W_OK:
             raise pyfuse3.FUSEError(errno.EROFS)
