@@ -513,7 +513,7 @@ def read_config(store: ObjectStore) -> bytes:
 
 
 def _location_file(location: str) -> str:
-    return hashlib.sha256(location.encode()).hexdigest()[:32]
+    return hashlib.sha256(location.encode(errors="surrogateescape")).hexdigest()[:32]  # a path may hold any byte
 
 
 def keep_copies(cache_root: str, location: str, repo_id: str, config_bytes: bytes, key: OpenedKey) -> None:
