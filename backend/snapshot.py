@@ -108,11 +108,11 @@ def check_name(name: str) -> str:
     if name == LATEST:
         raise BadName("a snapshot may not be named `latest`: it would be read as the newest snapshot", "reserved")
     if looks_like_id(name):
-        raise BadName(f"a snapshot may not be named {name!r}: it would be read as an id", "form")
+        raise BadName(f'a snapshot may not be named "{name}": it would be read as an id', "form")
     if "/" in name or name in (".", ".."):
-        raise BadName(f"a snapshot name is a folder name: not {name!r}", "form")
+        raise BadName(f'a snapshot name is a folder name: not "{name}"', "form")
     if _MADE_UP_FOLDER.fullmatch(name):
-        raise BadName(f"a snapshot may not be named {name!r}: the snapshot mounts give folder names of that "
+        raise BadName(f'a snapshot may not be named "{name}": the snapshot mounts give folder names of that '
                       "form (a time, NAME-<8 hex digits>) to other snapshots", "form")
     if len(name.encode()) > LABEL_BYTES:
         raise BadName(f"a snapshot name may have at most {LABEL_BYTES} bytes, not {len(name.encode())}",
@@ -128,7 +128,7 @@ def check_name_free(name: str, snapshots: Iterable[Snapshot]) -> str:
     for folder, snapshot in folder_names(snapshots).items():
         if snapshot.name == name or folder == name:
             raise BadName(f"snapshot {snapshot.short_id} of {snapshot.time.strftime('%Y-%m-%d %H:%M:%S')} "
-                          f"({snapshot.source.decode(errors='backslashreplace')}) is named {name!r} already"
+                          f'({shown_name(snapshot.source)}) is named "{_shown_text(name)}" already'
                           + (f" (folder {folder})" if folder != name else ""), "taken")
     return name
 
@@ -174,13 +174,13 @@ def resolve_snapshot(repo: Repository, ref: str, *, host: str | None = None,
         return by_folder
     named = [s for s in every if s.name == ref]
     if len(named) > 1:
-        raise UsageError(f"{len(named)} snapshots are named {ref!r}: give one's id "
+        raise UsageError(f'{len(named)} snapshots are named "{_shown_text(ref)}": give one\'s id '
                          f"({', '.join(s.short_id for s in named)})")
     if named:
         return named[0]
     if is_id:
         raise UsageError(f"no snapshot with id {ref} (nor one named so)")
-    raise UsageError(f"{ref!r} is not a snapshot id, name nor folder name (give at least 4 hex digits of an "
+    raise UsageError(f'"{_shown_text(ref)}" is not a snapshot id, name nor folder name (give at least 4 hex digits of an '
                      "id, a snapshot's name or its folder in the snapshot mounts, or `latest`; `fsmount "
                      "snapshots` lists them)")
 

@@ -284,7 +284,7 @@ def test_names_ls_would_read_otherwise_or_taken_already_are_refused(cli, tmp_pat
     for name in ("latest", "beef", "0123abcd"):
         assert "would be read as" in cli("backup", source, "--name", name, check=2).stderr.decode()
     cli("backup", source, "--name", "daily")
-    assert "named 'daily' already" in cli("backup", source, "--name", "daily", check=2).stderr.decode()
+    assert 'named "daily" already' in cli("backup", source, "--name", "daily", check=2).stderr.decode()
     assert len(json.loads(cli("snapshots", "--json").stdout)) == 1
 
 

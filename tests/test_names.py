@@ -91,11 +91,11 @@ def test_a_name_another_snapshot_has_is_refused_three_ways_before_any_work(cli, 
             os.mkdir(mnt / ".snapshots" / "daily")  # another folder's snapshot has it
         assert caught.value.errno == errno.EEXIST
         err = one_line_usage_error(cli("snapshot", mnt, "--name", "daily", check=None))
-        assert f"snapshot {daily['short_id']} of " in err and "is named 'daily' already" in err, err
+        assert f"snapshot {daily['short_id']} of " in err and 'is named "daily" already' in err, err
         os.mkdir(mnt / ".snapshots" / "mk1")
         one_line_usage_error(cli("snapshot", mnt, "--name", "mk1", check=None))
         refused = cli("backup", source, "--name", "mk1", "--json", check=2)
-        assert json.loads(refused.stdout)["exit_code"] == 2 and "named 'mk1' already" in refused.stderr.decode()
+        assert json.loads(refused.stdout)["exit_code"] == 2 and 'named "mk1" already' in refused.stderr.decode()
         for name in ("mk1", "latest", "a/b", 5):  # the daemon's own check, for a request sent by hand
             reply = json.loads(subprocess.run([sys.executable, "-c", CONTROL_REQUEST, mnt, json.dumps(name)],
                                               env=cli.env, capture_output=True, check=True).stdout)
