@@ -23,9 +23,9 @@ removed, and the rest of the restore goes on. A full target disk (ENOSPC, EDQUOT
 failure, since every later file would fail the same way: the restore stops there, and says so once
 (`RestoreResult.disk_full`); what it had not finished stays as it was. A file already there is either restored whole or
 left as it was: every block is fetched and authenticated before the first one is written (a large
-file's blocks wait in an unlinked spill file), and a file that replaces another entry is made
-under a temporary name and renamed over it once complete; a restore killed before the rename leaves
-that file, and the next one removes it (the name holds its writer's pid, so that the file of a
+file's blocks wait in an unlinked spill file), and a file, symlink or special file that replaces
+another entry is made under a temporary name and renamed over it once complete (so a full disk
+leaves the old entry); a restore killed before the rename leaves that file, and the next one removes it (the name holds its writer's pid, so that the file of a
 restore still running into the same folder is not taken from under it). The other names of a hard-link group are linked to the first
 once it is complete; a local file that already has other names is kept if it matches, else copied
 and the copy changed, never written through. Without `delete`, nothing holding data
@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from .blob_reader import BlobReader
-from .errors import FsmountError, UsageError
+from .errors import FsmountError, UsageError, shown_name
 from .fsnode import IS_ROOT, apply_metadata, is_within, make_dir, open_dir, raise_fd_limit, read_xattrs, remove_entry
 from .pack import DATA_BLOB
 from .progress import Progress
@@ -59,7 +59,7 @@ from .repository import Repository
 from .snapshot import Snapshot
 from .source import key_of
 from .stores import local_folders, on_local_disk
-from .stores.local import _PID_SPACE, STALE_TMP_S, process_exists
+from .stores.local import STALE_TMP_S, pid_space, process_exists
 from .tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, HOLE, SOCKET, SYMLINK, Node
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ REMOTE_TASK_SCALE = 8
 
 _ALL, _PARTIAL = "all", "partial"  # restore a whole subtree / only toward selected paths
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-# What `_create_temp` names a file, exactly: `.fsmount-restore-<pid space>-<pid>-<16 hex>`, as
+# What `_make_temp` names an entry, exactly: `.fsmount-restore-<pid space>-<pid>-<16 hex>`, as
 # stores/local.py names its temporary files; before, `.fsmount-restore-<16 hex>`, without the writer.
 _TEMP_NAME = re.compile(rb"\.fsmount-restore-(?:([0-9a-f]{8}|x)-([1-9][0-9]*)-)?[0-9a-f]{16}")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -105,7 +105,7 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.path.decode(errors='backslashreplace')}: {self.message}"
+        return f"{shown_name(self.path)}: {self.message}"
 
 
 @dataclass
@@ -198,9 +198,7 @@ class Restore:
 
     def __init__(self, repo: Repository, snapshot: Snapshot, target: str | bytes, *,
                  paths: list[bytes] | None = None, delete: bool = False, progress: Progress | None = None,
-                 workers: int | None = None, show_path: Callable[[bytes], str] | None = None):
-        """`show_path` is how log lines show a path (the CLI's `line_name`); by default a byte that
-        is not UTF-8 shows as \\xNN."""
+                 workers: int | None = None):
         self.repo = repo
         self.snapshot = snapshot
         self.target = os.path.abspath(os.fsencode(target))
@@ -211,7 +209,6 @@ class Restore:
         self.stats = RestoreStats()
         self.errors: list[Problem] = []
         self.skipped: list[Problem] = []
-        self._show_path = show_path or (lambda path: path.decode(errors="backslashreplace"))
         self._lock = threading.Lock()
         self._block_size = repo.block_size
         scale = 1 if on_local_disk(repo.store) else REMOTE_TASK_SCALE
@@ -240,10 +237,10 @@ class Restore:
             self._root_fd = os.open(self.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             why = "it is not a folder" if exc.errno in (errno.EEXIST, errno.ENOTDIR) else exc.strerror
-            raise UsageError(f"cannot use {os.fsdecode(self.target)} as restore target: {why}") from exc
+            raise UsageError(f"cannot use {shown_name(self.target)} as restore target: {why}") from exc
         if os.fstatvfs(self._root_fd).f_flag & os.ST_RDONLY:  # else every entry fails on its own line
             os.close(self._root_fd)
-            raise UsageError(f"cannot use {os.fsdecode(self.target)} as restore target: it is on a "
+            raise UsageError(f"cannot use {shown_name(self.target)} as restore target: it is on a "
                              "read-only file system")
         self.progress.start(total_bytes=None if self.paths else self.snapshot.stats.get("size"))
         try:
@@ -325,17 +322,17 @@ class Restore:
         return None
 
     def _remove_leftovers(self, job: _DirJob) -> None:
-        """Remove what a restore killed half-way left in this folder: regular files named exactly
-        as `_create_temp` names them, not so named in the snapshot, whose writer is gone (another
-        restore into this folder may still be making its own). Done before any entry here is
-        restored, so that none of them is this restore's own."""
+        """Remove what a restore killed half-way left in this folder: files, symlinks and special
+        files named exactly as `_make_temp` names them, not so named in the snapshot, whose writer
+        is gone (another restore into this folder may still be making its own). Done before any
+        entry here is restored, so that none of them is this restore's own."""
         in_snapshot = {node.name for node in job.nodes}
         for name in map(os.fsencode, os.listdir(job.fd)):
             temp = _TEMP_NAME.fullmatch(name)
             if not temp or name in in_snapshot:
                 continue
             st = os.lstat(name, dir_fd=job.fd)
-            if stat.S_ISREG(st.st_mode) and _writer_gone(temp, st):
+            if not stat.S_ISDIR(st.st_mode) and _writer_gone(temp, st):
                 os.unlink(name, dir_fd=job.fd)
 
     def _delete_extra(self, job: _DirJob) -> None:
@@ -420,35 +417,31 @@ class Restore:
             st = None
         if st is not None:
             self._check_in_the_way(st, node.type)
-        if node.type == SYMLINK:
-            same = st is not None and stat.S_ISLNK(st.st_mode) and os.readlink(node.name, dir_fd=job.fd) == node.target
-            if not same:
-                if st is not None:
-                    self._replace(job.fd, node.name)
-                os.symlink(node.target, node.name, dir_fd=job.fd)
-        elif node.type == FIFO:
-            if st is None or not stat.S_ISFIFO(st.st_mode):
-                if st is not None:
-                    self._replace(job.fd, node.name)
-                os.mkfifo(node.name, 0o600, dir_fd=job.fd)
-        elif node.type == SOCKET:
-            # As `cp -a` does: the socket file with its mode, owner and times (it was left out,
-            # silently, exit 0). Nothing listens on it until its program binds it again, and one
-            # already there is kept: it may be in use.
-            if st is None or not stat.S_ISSOCK(st.st_mode):
-                if st is not None:
-                    self._replace(job.fd, node.name)
-                os.mknod(node.name, stat.S_IFSOCK | 0o600, dir_fd=job.fd)
-        elif node.type in (CHARDEV, BLOCKDEV):
-            if not IS_ROOT:
-                self._error(job.path + b"/" + node.name, "device files can only be restored as root")
-                return
-            if st is not None:
-                self._replace(job.fd, node.name)
-            kind = stat.S_IFCHR if node.type == CHARDEV else stat.S_IFBLK
-            os.mknod(node.name, kind | 0o600, node.rdev, dir_fd=job.fd)
-        apply_metadata(job.fd, node)
+        if node.type in (CHARDEV, BLOCKDEV) and not IS_ROOT:
+            self._error(job.path + b"/" + node.name, "device files can only be restored as root")
+            return
+        if st is None:
+            _make_special(job.fd, node, node.name)
+            apply_metadata(job.fd, node)
+        elif _special_matches(job.fd, node, st):
+            apply_metadata(job.fd, node)
+        else:
+            self._replace_with_special(job.fd, node, st)
         self.stats.others += 1
+
+    def _replace_with_special(self, dir_fd: int, node: Node, st: os.stat_result) -> None:
+        """Make the special file under a temporary name, with its metadata, and rename it over the
+        entry there only then: a failure (a full disk) leaves that entry as it was. A directory
+        in the way (with `delete`) cannot be renamed over, and is removed first."""
+        if stat.S_ISDIR(st.st_mode):
+            self._replace(dir_fd, node.name)
+        temp = _make_temp(lambda name: _make_special(dir_fd, node, name))
+        try:
+            apply_metadata(dir_fd, dataclasses.replace(node, name=temp))
+            os.rename(temp, node.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            os.unlink(temp, dir_fd=dir_fd)
+            raise
 
     def _restore_file(self, job: _DirJob, node: Node, path: bytes) -> None:
         group = (node.dev, node.ino)
@@ -519,7 +512,7 @@ class Restore:
             if links.restored:
                 self._link(job, node, links.first)
             elif self._disk_full is None:
-                self._error(path, f"not restored: its hard link {self._show_path(links.first)} was not")
+                self._error(path, f"not restored: its hard link {shown_name(links.first)} was not")
         except EntryInTheWay as exc:
             self._skip(path, str(exc))
         except _FAILURES as exc:
@@ -912,7 +905,7 @@ class Restore:
             with self._lock:
                 if self._disk_full is None:
                     self._disk_full = _message(exc)
-                    log.info("%s: %s; the restore stops", self._show_path(path), self._disk_full)
+                    log.info("%s: %s; the restore stops", shown_name(path), self._disk_full)
         elif isinstance(exc, PartlyWritten):
             self._error(path, str(exc))
         else:
@@ -939,7 +932,7 @@ class Restore:
         if count <= MAX_MESSAGES_KEPT:
             kept.append(problem)
         if count <= MAX_MESSAGES_SHOWN:
-            log.log(level, "%s: %s", self._show_path(problem.path), problem.message)
+            log.log(level, "%s: %s", shown_name(problem.path), problem.message)
         elif count == MAX_MESSAGES_SHOWN + 1:
             log.log(level, "more of these are not shown one by one; the summary counts them")
 
@@ -958,8 +951,8 @@ def check_target(repo: Repository, target: bytes) -> None:
     real = os.path.realpath(os.path.abspath(target))
     for folder in _repository_folders(repo):
         if is_within(real, folder):
-            raise UsageError(f"cannot restore into {os.fsdecode(os.path.abspath(target))}: it is "
-                             f"{os.fsdecode(folder)} (the repository or its cache) or inside it")
+            raise UsageError(f"cannot restore into {shown_name(os.path.abspath(target))}: it is "
+                             f"{shown_name(folder)} (the repository or its cache) or inside it")
 
 
 def _repository_folders(repo: Repository) -> list[bytes]:
@@ -984,19 +977,59 @@ def _writer_gone(temp: re.Match[bytes], st: os.stat_result) -> bool:
     space, pid = temp.group(1), temp.group(2)
     if pid is None:
         return True
-    if _PID_SPACE and space.decode() == _PID_SPACE:
+    if pid_space() and space.decode() == pid_space():
         return not process_exists(int(pid))
     return time.time() - st.st_mtime > STALE_TMP_S
+
+
+def _special_matches(dir_fd: int, node: Node, st: os.stat_result) -> bool:
+    """Whether the entry `st` already is the snapshot's special file `node`, and is kept: a symlink
+    to the same target, or a fifo or socket (as `cp -a` does, a socket keeps its file: nothing
+    listens on it until its program binds it again, and one already there may be in use). A
+    device is always made anew."""
+    if node.type == SYMLINK:
+        return stat.S_ISLNK(st.st_mode) and os.readlink(node.name, dir_fd=dir_fd) == node.target
+    if node.type == FIFO:
+        return stat.S_ISFIFO(st.st_mode)
+    return node.type == SOCKET and stat.S_ISSOCK(st.st_mode)
+
+
+def _make_special(dir_fd: int, node: Node, name: bytes) -> None:
+    """Make the symlink, fifo, socket or device `node` as `name` in `dir_fd` (mode 0600 until its
+    metadata is applied)."""
+    if node.type == SYMLINK:
+        os.symlink(node.target, name, dir_fd=dir_fd)
+    elif node.type == FIFO:
+        os.mkfifo(name, 0o600, dir_fd=dir_fd)
+    elif node.type == SOCKET:
+        os.mknod(name, stat.S_IFSOCK | 0o600, dir_fd=dir_fd)
+    else:
+        kind = stat.S_IFCHR if node.type == CHARDEV else stat.S_IFBLK
+        os.mknod(name, kind | 0o600, node.rdev, dir_fd=dir_fd)
 
 
 def _create_temp(dir_fd: int) -> tuple[int, bytes]:
     """A new file in `dir_fd` under a temporary name, for an entry to be renamed over once complete.
     A restore killed before the rename leaves it; the next one removes it (`_remove_leftovers`)."""
-    writer = f"{_PID_SPACE or 'x'}-{os.getpid()}-".encode()
+    fd = -1
+
+    def create(temp: bytes) -> None:
+        nonlocal fd
+        fd = os.open(temp, _CREATE, 0o600, dir_fd=dir_fd)
+
+    temp = _make_temp(create)
+    return fd, temp
+
+
+def _make_temp(make: Callable[[bytes], None]) -> bytes:
+    """The temporary name (`_TEMP_NAME`) under which `make` made an entry, trying another name if
+    one is taken."""
+    writer = f"{pid_space() or 'x'}-{os.getpid()}-".encode()
     while True:
         temp = b".fsmount-restore-" + writer + os.urandom(8).hex().encode()
         try:
-            return os.open(temp, _CREATE, 0o600, dir_fd=dir_fd), temp
+            make(temp)
+            return temp
         except FileExistsError:
             continue
 

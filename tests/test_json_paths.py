@@ -137,3 +137,24 @@ def test_migrate_json_names_its_destination(cli, tmp_path: Path) -> None:
     doc = strict_json(cli("migrate", "--to", destination, "--json").stdout)
     assert (doc["destination"], exact(doc, "destination")) == (f"{tmp_path}/moved\\xff", destination), doc
     assert doc["objects"] > 0, doc
+
+
+def test_restore_refusals_name_folders_as_the_listing_does(cli, tmp_path: Path) -> None:
+    """They gave a backslash in a name as it is, so that `not\\x41` read as the escape of `notA`."""
+    odd = bytes(tmp_path) + b"/not\\x41"
+    shown = f"{tmp_path}/not\\\\x41"
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "f").write_text("x")
+    cli("-r", odd + b"-repo", "init")
+    cli("-r", odd + b"-repo", "backup", source)
+    with open(odd + b"-file", "wb"):
+        pass
+    os.mkdir(odd + b"-folder")
+
+    refusals = {f"cannot use {shown}-file as restore target: it is not a folder": ("--target", odd + b"-file"),
+                f"cannot restore into {shown}-repo/data: it is {shown}-repo (": ("--target", odd + b"-repo/data"),
+                f"no snapshot of {shown}-folder in the repository": ("--in-place", odd + b"-folder")}
+    for message, (option, folder) in refusals.items():
+        err = cli("-r", odd + b"-repo", "restore", "latest", option, folder, check=2).stderr.decode()
+        assert message in err and len(err.splitlines()) == 1, err

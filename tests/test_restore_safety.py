@@ -4,10 +4,13 @@ files or untouched ones, and nothing deleted without --delete. Each test is a de
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,7 +21,7 @@ from conftest import require_root
 from test_integrity import flip_byte, locate_block
 from treecompare import differences
 
-from backend.stores.local import _PID_SPACE
+from backend.stores.local import pid_space
 
 BLOCK = 64 * 1024
 OLD_MTIME_NS = 1_000_000_000 * 1_000_000_000  # 2001: what "left as it was" must still show
@@ -267,10 +270,11 @@ def test_the_target_folder_takes_the_source_folders_metadata(cli, tmp_path: Path
 
 
 @contextlib.contextmanager
-def small_disk(folder: Path, size: str) -> Iterator[Path]:
+def small_disk(folder: Path, size: str, inodes: int | None = None) -> Iterator[Path]:
     require_root("mounting a small tmpfs needs root")
     folder.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder], check=True)
+    options = f"size={size}" + (f",nr_inodes={inodes}" if inodes else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", folder], check=True)
     try:
         yield folder
     finally:
@@ -321,6 +325,49 @@ def test_a_full_disk_leaves_what_an_in_place_restore_had_not_finished_as_it_was(
     assert len(err.splitlines()) == 1 and "is full" in err, err
 
 
+def use_every_inode(folder: Path) -> None:
+    for i in itertools.count():
+        try:
+            (folder / f"inode-{i}").touch()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+            return
+
+
+def make_special(path: Path, kind: str) -> None:
+    if kind == "symlink":
+        path.symlink_to("the snapshot's link")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        os.mknod(path, stat.S_IFSOCK | 0o644)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "socket"])
+def test_a_special_file_that_cannot_be_made_leaves_the_entry_it_replaces(cli, tmp_path: Path, kind: str) -> None:
+    """The entry there was removed before the new one was made: on a disk out of inodes, the
+    restore stopped and the user's symlink was gone."""
+    source = tmp_path / "src"
+    source.mkdir()
+    make_special(source / "entry", kind)
+    cli("init")
+    cli("backup", source)
+    with small_disk(tmp_path / "small", "1m", inodes=64) as small:
+        target = small / "target"
+        target.mkdir()
+        (target / "entry").symlink_to("the user's link")
+        # Held open, the old entry's inode stays in use once unlinked, as a file open elsewhere would.
+        held = os.open(target / "entry", os.O_PATH | os.O_NOFOLLOW)
+        try:
+            use_every_inode(small)
+            err = cli("restore", "latest", "--target", target, check=15).stderr.decode()
+            assert os.readlink(target / "entry") == "the user's link"
+            assert os.listdir(target) == ["entry"]  # no temporary entry left either
+        finally:
+            os.close(held)
+    assert len(err.splitlines()) == 1 and "is full" in err, err
+
+
 def test_in_place_latest_is_this_machine_s_when_it_has_one(cli, tmp_path: Path) -> None:
     """It was the newest of any host: another machine's snapshot of the same path replaced the folder."""
     folder = write_tree(tmp_path / "hd", {"f": b"mine\n"})
@@ -351,14 +398,16 @@ def test_a_killed_restore_s_temporary_files_are_removed_by_the_next(cli, tmp_pat
     cli("backup", source)
     users = write_tree(source, {".fsmount-restore-notes": b"mine\n", ".fsmount-restore-0123456789ABCDEF": b"mine\n",
                                 ".fsmount-restore-fedcba9876543210/inside": b"mine\n"})
-    with_writer = f".fsmount-restore-{_PID_SPACE or 'x'}-{dead_pid()}-0123456789abcdef"
+    with_writer = f".fsmount-restore-{pid_space() or 'x'}-{dead_pid()}-0123456789abcdef"
     for leftover in (source / LEFTOVER, source / "sub" / LEFTOVER, source / with_writer):
         leftover.write_bytes(os.urandom(3 * BLOCK))
+    link_left = source / "sub" / f".fsmount-restore-{pid_space() or 'x'}-{dead_pid()}-fedcba9876543210"
+    link_left.symlink_to("a symlink made to replace another entry")
 
     cli("restore", "latest", "--in-place", source)
 
     assert not (source / LEFTOVER).exists() and not (source / "sub" / LEFTOVER).exists()
-    assert not (source / with_writer).exists()
+    assert not (source / with_writer).exists() and not os.path.lexists(link_left)
     assert (users / ".fsmount-restore-notes").read_bytes() == b"mine\n"
     assert (users / ".fsmount-restore-0123456789ABCDEF").read_bytes() == b"mine\n"
     assert (users / ".fsmount-restore-fedcba9876543210" / "inside").read_bytes() == b"mine\n"

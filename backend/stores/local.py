@@ -14,21 +14,25 @@ it, even when two backups write one repository at once.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import secrets
 import time
 from collections.abc import Iterator
 
-from ..errors import LocationMissing, ObjectNotFound, StoreError, UsageError
+from ..errors import FolderMissing, LocationMissing, ObjectNotFound, StoreError, UsageError
 
 _TMP_PREFIX = ".tmp-"
 STALE_TMP_S = 3600.0  # a temporary file of a writer this process cannot see: no put lasts this long
 
 
-def _pid_space() -> str:
-    """Which processes a pid names here: a hash of the boot id and the pid namespace ("" where
-    that cannot be told)."""
+@functools.cache
+def pid_space() -> str:
+    """Which processes a pid names here (this boot of this machine, this pid namespace): a hash of
+    the boot id and the pid namespace, 8 hex digits, or "" where that cannot be told. A temporary
+    file's name holds it with its writer's pid, here and in restore.py, so that a later process
+    can tell whether that writer may still be running (`process_exists`) or only guess by age."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot_id = f.read().strip()
@@ -37,8 +41,6 @@ def _pid_space() -> str:
         return ""
     return hashlib.blake2b(f"{boot_id} {namespace}".encode(), digest_size=4).hexdigest()
 
-
-_PID_SPACE = _pid_space()
 
 
 class LocalStore:
@@ -79,14 +81,14 @@ class LocalStore:
             except OSError:
                 pass  # not empty (a file of the user's), or gone already
 
-    def _missing_root(self) -> StoreError:
-        return StoreError(f"the repository folder {self.root} is missing (deleted, moved, or on a disk "
-                          "that is not mounted)")
+    def _missing_root(self) -> FolderMissing:
+        return FolderMissing(f"the repository folder {self.root} is missing (deleted, moved, or on a disk "
+                             "that is not mounted)")
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         directory = os.path.dirname(path)
-        tmp = os.path.join(directory, f"{_TMP_PREFIX}{_PID_SPACE or 'x'}-{os.getpid()}-{secrets.token_hex(8)}")
+        tmp = os.path.join(directory, f"{_TMP_PREFIX}{pid_space() or 'x'}-{os.getpid()}-{secrets.token_hex(8)}")
         try:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -118,6 +120,8 @@ class LocalStore:
                     return f.read()
                 return os.pread(f.fileno(), length, offset)
         except FileNotFoundError as exc:
+            if not os.path.isdir(self.root):  # not a missing object: the repository is not there
+                raise self._missing_root() from exc
             raise ObjectNotFound(f"object {key} not found in {self.root}") from exc
         except NotADirectoryError as exc:
             if os.path.exists(self.root) and not os.path.isdir(self.root):
@@ -181,7 +185,7 @@ def _remove_if_stale(entry: os.DirEntry[str]) -> None:
     """Remove the temporary file `entry` if its writer is gone (see the module docstring)."""
     space, _, rest = entry.name.removeprefix(_TMP_PREFIX).partition("-")
     pid, _, _ = rest.partition("-")
-    if _PID_SPACE and space == _PID_SPACE and pid.isdigit():
+    if pid_space() and space == pid_space() and pid.isdigit():
         stale = not process_exists(int(pid))
     else:
         try:

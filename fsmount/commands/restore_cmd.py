@@ -69,7 +69,7 @@ def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: 
             snap = _snapshot_of_folder(repo, snapshot_ref, os.fsencode(in_place), from_other_folder)
         progress = BarProgress("restore", enabled=not app.quiet and not app.json)
         result = Restore(repo, snap, os.fsencode(destination), paths=[snapshot_path(repo, snap, p) for p in paths],
-                         delete=delete, progress=progress, show_path=line_name).run()
+                         delete=delete, progress=progress).run()
     s = result.stats
     full = _disk_full_message(result, destination) if result.disk_full else None
     if app.json:
@@ -111,7 +111,7 @@ def _snapshot_of_folder(repo: Repository, ref: str, folder: bytes, from_other_fo
     folder needs --from-other-folder. Older backups recorded the source's path as given, which
     may go through a symlink, so both that and the real path count."""
     names = {os.path.abspath(folder), os.path.realpath(folder)}
-    shown = os.fsdecode(os.path.abspath(folder))
+    shown = line_name(os.path.abspath(folder))
     if ref == "latest":
         found = [s for s in repo.snapshots() if s.source in names]
         if not found and repo.damaged_snapshots:
@@ -126,7 +126,7 @@ def _snapshot_of_folder(repo: Repository, ref: str, folder: bytes, from_other_fo
         return max(here or found, key=lambda s: (s.time_ns, s.id))
     snap = resolve_snapshot(repo, ref)
     if not from_other_folder and snap.source not in names and os.path.realpath(snap.source) not in names:
-        raise UsageError(f"snapshot {snap.short_id} is of {os.fsdecode(snap.source)}, not of {shown}; "
+        raise UsageError(f"snapshot {snap.short_id} is of {line_name(snap.source)}, not of {shown}; "
                          "add --from-other-folder to restore it there in place")
     return snap
 
