@@ -514,3 +514,36 @@ def test_a_foreign_file_under_index_is_left_alone_on_every_replica(cli, tmp_path
     out = run(cli, "verify", "--repair").stdout.decode()
     assert "could not heal" not in out and "index/notes.txt" in out and "left alone" in out, out
     assert (a / "index" / "notes.txt").exists() and (b / "index" / "notes.txt").exists()
+
+
+def test_verify_repair_json_says_per_replica_what_it_healed_and_what_it_could_not(cli, tmp_path: Path,
+                                                                                 two_replicas) -> None:
+    """The "healed 1 object, could not heal 7: ..." lines were printed only without --json, and the
+    JSON document did not say what --repair had done to each replica."""
+    a, b = two_replicas
+    source = tmp_path / "src"
+    source.mkdir()
+    run(cli, "init")
+    for i in range(7):  # an index object each
+        (source / "f").write_bytes(os.urandom(1000 + i))
+        run(cli, "backup", source)
+    index_keys = {f"index/{p.name}" for p in (a / "index").iterdir()}
+    for key in index_keys:  # damaged on both replicas, differently: no good copy anywhere
+        flip_byte(a / key, 10)
+        flip_byte(b / key, 20)
+    next((b / "snapshots").iterdir()).unlink()
+
+    proc = run(cli, "verify", "--read-data", "--repair", "--json", check=None)
+
+    healing = json.loads(proc.stdout)["healing"]
+    assert [(h["location"], h["healed"], h["unhealed"]) for h in healing] == [(str(a), 0, 7), (str(b), 1, 7)], healing
+    for replica in healing:
+        assert len(replica["unhealed_objects"]) == 5 and set(replica["unhealed_objects"]) <= index_keys, replica
+
+
+def test_verify_repair_json_without_anything_to_heal_says_so(cli, tmp_path: Path, two_replicas) -> None:
+    run(cli, "init")
+    run(cli, "backup", make_source(tmp_path))
+    healing = json.loads(run(cli, "verify", "--repair", "--json").stdout)["healing"]
+    assert [(h["location"], h["healed"], h["unhealed"], h["unhealed_objects"]) for h in healing] == [
+        (str(replica), 0, 0, []) for replica in two_replicas]

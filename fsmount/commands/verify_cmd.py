@@ -15,6 +15,7 @@ from ..context import AppContext
 from ..output import BarProgress, counted, display_name, emit_json, human_bytes, json_option, json_path, line_name, say
 
 if TYPE_CHECKING:
+    from backend.replicas import ReplicaState
     from backend.repository import Repository
 
 
@@ -41,8 +42,7 @@ def verify(app: AppContext, read_data: bool, repair: bool) -> None:
     damaged) copies count too. With --repair, each replica is first compared with the others
     and healed from a good copy, then the index is rebuilt to name exactly the packs in the store.
     """
-    if repair and len(app.locations()) > 1:
-        _repair(app, read_data)
+    healing = _repair(app, read_data) if repair and len(app.locations()) > 1 else []
     with app.open_repository() as repo:
         if repair:
             _repair_index(app, repo)
@@ -52,7 +52,10 @@ def verify(app: AppContext, read_data: bool, repair: bool) -> None:
             check_copies(report, repo.store, read_data=read_data,
                          progress=BarProgress("replicas", enabled=not app.quiet and not app.json))
     if app.json:
-        emit_json(_json_report(report))
+        doc = _json_report(report)
+        if repair:
+            doc["healing"] = [_json_healing(state) for state in healing]
+        emit_json(doc)
     else:
         _print_report(report, read_data=read_data, quiet=app.quiet)
     if not report.ok:
@@ -122,6 +125,13 @@ def _json_report(report: VerifyReport) -> dict[str, Any]:
     }
 
 
+def _json_healing(state: ReplicaState) -> dict[str, Any]:
+    """What --repair healed on one replica, and what it could not (no replica has a good copy):
+    the first `UNHEALED_SHOWN` of those keys, as the plain line names them."""
+    return {"location": state.location, "healed": state.healed, "unhealed": len(state.unhealed),
+            "unhealed_objects": state.unhealed[:UNHEALED_SHOWN]}
+
+
 def _json_problem(problem: Problem) -> dict[str, Any]:
     doc: dict[str, Any] = {"message": problem.message}
     if problem.object is not None:
@@ -162,7 +172,11 @@ def _repair_index(app: AppContext, repo: Repository) -> None:
             "a live mount's index objects on their way may name them (listed below)")
 
 
-def _repair(app: AppContext, read_data: bool) -> None:
+UNHEALED_SHOWN = 5  # keys of objects that could not be healed named, per replica
+
+
+def _repair(app: AppContext, read_data: bool) -> list[ReplicaState]:
+    """Heal each replica from the others; returns their states."""
     from backend.lock import guard_writes
     from backend.replicas import check_replicas
     from backend.stores.replicated import ReplicatedStore
@@ -181,9 +195,10 @@ def _repair(app: AppContext, read_data: bool) -> None:
         if not app.json and (state.healed or state.unhealed):
             say(f"{state.location}: healed {counted(state.healed, 'object')}"
                 + (f", could not heal {len(state.unhealed)} (no replica has a good copy): "
-                   f"{', '.join(state.unhealed[:5])}" if state.unhealed else ""))
+                   f"{', '.join(state.unhealed[:UNHEALED_SHOWN])}" if state.unhealed else ""))
     for state in states:  # the copies exist, but this replica refuses them: nothing below would help
         if state.write_error is not None:
             raise StoreError(f"could not write to {state.location}: {state.write_error}")
     if not any(state.unhealed for state in states):
         app.degraded_log().clear()
+    return states
