@@ -69,6 +69,12 @@ class LocationMissing(StoreError):
     repository's folder would be. No repository can be there (`Repository.open` says so)."""
 
 
+class FolderMissing(LocationMissing):
+    """A local repository's folder is not there: deleted, moved, or on a disk that is not mounted.
+    No repository is there now (exit 10, as for any missing location), but unlike a missing bucket
+    it may come back as it was: a live mount takes it for a store that does not answer."""
+
+
 class TransientStoreError(StoreError):
     """A store failure worth retrying (throttling, 5xx, timeouts, dropped connections)."""
 
