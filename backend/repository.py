@@ -26,12 +26,15 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Self
 
 from .blob_writer import BlobWriter
 from .crypto import MasterKey, content_hash, is_object_id, random_id
 from .errors import (
+    FolderMissing,
     FsmountError,
     IntegrityError,
     LocationMissing,
@@ -198,11 +201,14 @@ class Repository:
     @classmethod
     def open_from_copies(cls, store: ObjectStore, passphrase: bytes, unanswered: StoreError, *,
                          backlog: str, cache_dir: str | None = None,
-                         backlog_limit_bytes: int = DEFAULT_BACKLOG_LIMIT) -> Repository:
+                         backlog_limit_bytes: int = DEFAULT_BACKLOG_LIMIT,
+                         on_rejoin: Callable[[ObjectStore, MasterKey], ObjectStore] | None = None) -> Repository:
         """The repository that `store`, which does not answer (`unanswered`), held when it was last
         opened here, from the copies of its config and keys kept then; for a live mount only. Its
         writes wait in the backlog, which first checks, once the store answers, that the store still
-        holds this repository (and brings the index cache up to date) before anything goes there."""
+        holds this repository (and brings the index cache up to date) before anything goes there.
+        `on_rejoin(store, key)` runs once that check has passed, before anything else is read or
+        written there (the live mount takes its lock), and returns the store to use from then on."""
         root = cache_dir or default_cache_dir()
         config = _copied_config(root, store.location, unanswered)
         copies = LocalStore(os.path.join(root, config.id, COPIES_DIR))
@@ -211,23 +217,33 @@ class Repository:
         staged = BacklogStore(store, os.path.join(repo_dir, BACKLOGS_DIR, backlog), backlog_limit_bytes,
                               unanswered=unanswered)
         repo = cls(staged, config, master, cache_dir, sync_index=False)
-        staged.rejoin = repo.rejoin_store
+        staged.rejoin = partial(repo.rejoin_store, on_rejoin=on_rejoin)
         return repo
 
-    def rejoin_store(self, store: ObjectStore) -> None:
+    def rejoin_store(self, store: ObjectStore, *,
+                     on_rejoin: Callable[[ObjectStore, MasterKey], ObjectStore] | None = None) -> ObjectStore:
         """Check that `store`, answering again after the repository was opened without it, holds
-        this repository still, and take up the index objects other machines stored meanwhile."""
+        this repository still (`StoreReplaced` if not), then `on_rejoin` (see `open_from_copies`),
+        and take up the index objects other machines stored meanwhile. The store to use from then on."""
+        self._check_holds_this_repository(store)
+        if on_rejoin is not None:
+            store = on_rejoin(store, self.key)
+        self.index.sync(store, self.key, staged=[k.removeprefix("index/") for k in self.staged_keys("index/")])
+        return store
+
+    def _check_holds_this_repository(self, store: ObjectStore) -> None:
         try:
             found = Config.decode(store.get("config")).id
         except ObjectNotFound:
             found = None
+        except StoreError:
+            raise  # it does not answer after all (a folder still missing, a timeout): not an answer
         except FsmountError as exc:
             raise StoreError(f"{store.location} answers, but its config does not read: {exc}") from exc
         if found != self.config.id:
             held = f"another repository ({found[:8]})" if found else "no repository"
             raise StoreReplaced(f"{store.location} holds {held} now, not {self.config.id[:8]}, which this mount "
                                 "opened from its local copies: nothing is uploaded there")
-        self.index.sync(store, self.key, staged=[k.removeprefix("index/") for k in self.staged_keys("index/")])
 
     @property
     def backlog(self) -> BacklogStore | None:
@@ -540,7 +556,9 @@ def _copied_config(cache_root: str, location: str, unanswered: StoreError) -> Co
         pointer = json.loads(LocalStore(os.path.join(cache_root, LOCATIONS_DIR)).get(_location_file(location)))
         repo_id = pointer["id"]
         config = Config.decode(LocalStore(os.path.join(cache_root, repo_id, COPIES_DIR)).get("config"))
-    except ObjectNotFound:
+    except (ObjectNotFound, FolderMissing):  # no record, or none of the cache folders made yet
+        if isinstance(unanswered, LocationMissing):  # a folder never seen here: as for any command
+            raise RepositoryNotFound(f"no repository at {location}: {unanswered}") from unanswered
         raise StoreError(f"{unanswered} (and the repository was never opened here, so no copy of its "
                          "config lets the mount start without the store)") from unanswered
     except (ValueError, KeyError, TypeError) as exc:

@@ -17,7 +17,7 @@ import os
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,11 +30,14 @@ from .background import inherited_passphrase
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # imported where used: commands that only talk to a mount's socket need none
+    from backend.crypto import MasterKey
     from backend.errors import StoreError
     from backend.lock import RepositoryLock
     from backend.replicas import DegradedLog
     from backend.repository import OpenedKey, Repository
     from backend.stores import ObjectStore
+
+    from .lock_policy import LockMode
 
 
 def open_location(location: str) -> ObjectStore:
@@ -126,7 +129,6 @@ class AppContext:
                                  "objects, which needs the repository to itself")
             return
         from backend.errors import StoreError
-        from backend.lock import RepositoryLock
         from backend.repository import Config, check_replicas_hold_one_repository, open_key
 
         try:
@@ -138,14 +140,43 @@ class AppContext:
         check_replicas_hold_one_repository(store)  # two repositories given as replicas: write nothing
         if self._opened_key is None:
             self._opened_key = open_key(store, self.passphrase())
+        self._lock = self._acquire_lock(self._opened_key.master, mode)
+
+    def _acquire_lock(self, key: MasterKey, mode: LockMode) -> RepositoryLock:
+        from backend.lock import RepositoryLock
+
         copies = [open_location(location) for location in self.locations()]  # stay open until released
         try:
-            self._lock = RepositoryLock.acquire(copies, self._opened_key.master, exclusive=mode.exclusive,
-                                                command=command_line(), retake=mode.retake)
+            return RepositoryLock.acquire(copies, key, exclusive=mode.exclusive, command=command_line(),
+                                          retake=mode.retake)
         except BaseException:
             for copy in copies:
                 copy.close()
             raise
+
+    def _lock_on_rejoin(self) -> Callable[[ObjectStore, MasterKey], ObjectStore] | None:
+        """For a mount opened without its store: once the store is found to hold the repository,
+        take the lock the mount would have taken at start, so that exclusive work elsewhere
+        (`migrate --delete-source`, `verify --repair`) sees it; None where the command takes none."""
+        from .lock_policy import lock_mode
+
+        mode = lock_mode(click.get_current_context(silent=True))  # read here: the hook runs on another thread
+        if mode is None or self.no_lock:
+            return None
+
+        def take_lock(store: ObjectStore, key: MasterKey) -> ObjectStore:
+            from backend.errors import LockedError, StoreError
+            from backend.lock import LockGuardedStore
+
+            if self._lock is None:  # else taken by an earlier attempt whose index sync then failed
+                try:
+                    self._lock = self._acquire_lock(key, mode)
+                except LockedError as exc:  # the backlog waits, as it does for a store that fails
+                    raise StoreError(f"{exc}; the backlog waits until the mount can take its lock") from exc
+                log.info("the store holds this repository: took the repository lock %s", self._lock.name)
+            return LockGuardedStore(store, self._lock)  # type: ignore[return-value]
+
+        return take_lock
 
     @property
     def lock(self) -> RepositoryLock | None:
@@ -277,7 +308,8 @@ class AppContext:
                     raise
                 unanswered = exc
         repo = Repository.open_from_copies(store, self.passphrase(), unanswered, backlog=backlog,
-                                           cache_dir=self.cache_dir, **options)  # type: ignore[arg-type]
+                                           cache_dir=self.cache_dir, on_rejoin=self._lock_on_rejoin(),
+                                           **options)  # type: ignore[arg-type]
         log.warning("the store does not answer (%s); mounting from the copies of the repository's config and "
                     "key kept here: snapshots wait on local disk until the store is back", unanswered)
         return repo
@@ -295,10 +327,13 @@ class AppContext:
 
 
 def store_did_not_answer(exc: StoreError) -> bool:
-    """Whether a failure says the store is down or cut off, rather than that it holds nothing."""
-    from backend.errors import LocationMissing, ObjectNotFound
+    """Whether a failure says the store is down or cut off (it gave no answer for a whole retry
+    budget, or its folder is on a disk that is not mounted), rather than that it refused: access
+    denied, bad credentials or any other permanent error must fail the mount, not start one that
+    never uploads."""
+    from backend.errors import FolderMissing, StoreUnreachable
 
-    return not isinstance(exc, (ObjectNotFound, LocationMissing))
+    return isinstance(exc, (StoreUnreachable, FolderMissing))
 
 
 def command_line() -> str:

@@ -915,3 +915,63 @@ def test_a_named_snapshot_while_the_store_is_down_waits_on_local_disk_as_an_unna
     restored = tmp_path / "restored"
     cli("restore", "during", "--target", restored)
     assert (restored / "during.txt").read_text() == "written while the store was down\n"
+
+
+def wait_for_backlog_error(cli, mnt: Path, part: str, timeout_s: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while part not in ((backlog := json.loads(cli("status", mnt, "--json").stdout)["backlog"])["last_error"] or ""):
+        assert time.monotonic() < deadline, f"status never said {part!r}: {backlog}"
+        time.sleep(0.2)
+    return backlog
+
+
+def test_a_folder_mounts_while_the_repository_s_disk_is_not_mounted_and_uploads_once_it_is_back(
+        cli, source: Path, tmp_path: Path) -> None:
+    """A missing repository folder read as an empty one: the mount failed, 'no repository' (exit 10),
+    where a bucket that did not answer mounted from the local copies."""
+    cli("backup", source, "--name", "before")
+    repo = Path(cli.env["FSMOUNT_REPOSITORY"])
+    away = tmp_path / "disk-not-mounted"
+    repo.rename(away)
+    try:
+        with live_mount(cli, source) as mnt:
+            (mnt / "during.txt").write_text("written with the disk away\n")
+            assert json.loads(cli("snapshot", mnt, "--name", "during", "--json").stdout)["in_backlog"]
+            assert {"before", "during"} <= set(os.listdir(mnt / ".snapshots"))
+            assert "repository folder" in (json.loads(cli("status", mnt, "--json").stdout)["backlog"]["last_error"]
+                                           or "")
+            away.rename(repo)
+            wait_for_empty_backlog(cli, mnt)
+    finally:
+        if away.exists():
+            away.rename(repo)
+    assert {"before", "during"} <= {s["name"] for s in snapshots(cli)}
+    restored = tmp_path / "restored"
+    cli("restore", "during", "--target", restored)
+    assert (restored / "during.txt").read_text() == "written with the disk away\n"
+
+
+def test_a_mount_opened_without_its_store_uploads_nothing_into_another_repository_found_there(
+        cli, source: Path, tmp_path: Path) -> None:
+    """The store came back holding a repository initialised in the old one's place: the backlog's
+    snapshot must stay on local disk, and status and umount say why."""
+    repo = Path(cli.env["FSMOUNT_REPOSITORY"])
+    away = tmp_path / "disk-not-mounted"
+    with live_mount(cli, source):
+        pass  # the copies a mount without the store opens from are kept now
+    repo.rename(away)
+    with live_mount(cli, source) as mnt:
+        (mnt / "during.txt").write_text("written with the disk away\n")
+        assert json.loads(cli("snapshot", mnt, "--json").stdout)["in_backlog"]
+        cli("init")  # another repository where the old one was
+        backlog = wait_for_backlog_error(cli, mnt, "holds another repository")
+        assert backlog["snapshots"] == 1 and backlog["objects"], backlog
+        assert not any((repo / "locks").rglob("*")), "the mount took a lock in the other repository"
+        (mnt / "later.txt").write_text("written once the other repository answers\n")
+        assert json.loads(cli("snapshot", mnt, "--json").stdout)["in_backlog"]
+        err = cli("umount", mnt, check=15).stderr.decode()
+        assert "another repository" in err, err
+    assert snapshots(cli) == []
+    written = [p.relative_to(repo) for part in ("data", "index", "snapshots") for p in (repo / part).rglob("*")
+               if p.is_file()]
+    assert written == [], written

@@ -215,3 +215,32 @@ def test_healing_replicas_stops_writing_once_its_lock_is_removed(cli, tmp_path: 
     healed = [p for p in packs if (b / p.relative_to(a)).exists()]
     assert len(healed) < len(packs), (len(healed), len(packs))
     assert held_locks_in(a) == held_locks_in(b) == []
+
+
+def test_a_mount_opened_without_its_store_takes_its_lock_once_the_store_is_back(
+        cli, tmp_path: Path, repo_path: Path) -> None:
+    """It held none for as long as it ran: `migrate --delete-source` moved the repository away
+    under a mount that went on uploading to it."""
+    cli("init")
+    folder = small_folder(tmp_path)
+    away = tmp_path / "disk-not-mounted"
+    cli("backup", folder)  # the copies a mount without the store opens from are kept now
+    repo_path.rename(away)
+    try:
+        with live_mount(cli, folder):
+            (folder / "during").write_text("written with the disk away\n")
+            assert json.loads(cli("snapshot", folder, "--json").stdout)["in_backlog"]
+            away.rename(repo_path)
+            deadline = time.monotonic() + 30
+            while json.loads(cli("status", folder, "--json").stdout)["backlog"]["objects"]:
+                assert time.monotonic() < deadline, "the backlog was never uploaded"
+                time.sleep(0.2)
+            held = locks_in(repo_path)
+            assert len(held) == 1 and held[0] is not None and not held[0].exclusive, held
+            assert " mount " in held[0].command, held[0]
+            err = cli("migrate", "--to", tmp_path / "moved", "--delete-source", check=11).stderr.decode()
+            assert "the repository is locked" in err and " mount " in err, err
+    finally:
+        if away.exists():
+            away.rename(repo_path)
+    assert locks_in(repo_path) == []  # released as the mount stopped

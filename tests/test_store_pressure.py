@@ -309,3 +309,20 @@ def test_reading_a_snapshot_s_data_only_in_the_store_fails_at_once_while_it_is_d
         assert max(took_s) < budget_s / 4, f"reads took {took_s} s, retry budget {budget_s:.0f} s"
         wait_for_status(cli, mnt, lambda s: s["backlog"]["store_failing_since"] is None)
         assert (mnt / ".snapshots" / "before" / "stored.bin").read_bytes() == (source / "stored.bin").read_bytes()
+
+
+def test_a_mount_with_wrong_credentials_fails_at_start_instead_of_mounting_without_the_store(
+        cli, own_s3_server, tmp_path: Path) -> None:
+    """An access denied was taken for a store that does not answer: the mount started from the
+    local copies and never uploaded anything."""
+    server = own_s3_server
+    use_s3(cli, server, server.endpoint, "denied")
+    cli("init")
+    source = tmp_path / "work"
+    source.mkdir()
+    with live_mount(cli, source):
+        pass  # the copies a mount without the store would open from are kept now
+    cli.env["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
+    err = cli("mount", source, check=15).stderr.decode()
+    assert "access denied" in err and len(err.strip().splitlines()) == 1, err
+    assert "not-the-secret" not in err

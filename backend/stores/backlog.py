@@ -26,7 +26,8 @@ an object not staged here fails at once: the store is not asked until it answers
 
 A backlog opened for a repository whose store did not answer at all (`unanswered`: the mount opened
 from the local copies of config and key) starts as failing, and lets nothing reach the store until
-`rejoin(store)` has passed once the store answers: the store must still hold that repository.
+`rejoin(store)` has passed once the store answers: the store must still hold that repository. It
+returns the store to use from then on (the same, guarded by the lock the mount takes then).
 
 On disk: one file per object, `<sequence>-<quoted key>`, written as a `LocalStore` writes (temp
 file, fsync, rename). A backlog found at start (after a crash or `umount --lazy`) is taken up where
@@ -144,7 +145,7 @@ class BacklogStore:
         # returns: the live mount records then what a --degraded replica missed.
         self.on_stored: Callable[[], None] | None = None
         # With `unanswered`: what must pass, once the store answers, before anything goes there.
-        self.rejoin: Callable[[ObjectStore], None] | None = None
+        self.rejoin: Callable[[ObjectStore], ObjectStore] | None = None
         self._rejoin_pending = unanswered is not None
         self._rejoining = threading.Lock()
         if unanswered is not None:
@@ -239,7 +240,7 @@ class BacklogStore:
             try:
                 if self.rejoin is None:
                     raise StoreError("the store answers, but nothing checked that it holds this repository")
-                self.rejoin(self.inner)
+                self.inner = self.rejoin(self.inner)
             except StoreError as exc:
                 if str(exc) != self.last_error:
                     log.error("%s", exc)
