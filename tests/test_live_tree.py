@@ -907,7 +907,7 @@ def test_a_named_snapshot_while_the_store_is_down_waits_on_local_disk_as_an_unna
             # The names known here are still refused: one in the store, one in the backlog.
             for taken in ("before", "during"):
                 err = cli("snapshot", mnt, "--name", taken, check=2).stderr.decode()
-                assert f"named {taken!r} already" in err, err
+                assert f'named "{taken}" already' in err, err
         finally:
             away.rename(repo)
         wait_for_empty_backlog(cli, mnt)
@@ -949,6 +949,33 @@ def test_a_folder_mounts_while_the_repository_s_disk_is_not_mounted_and_uploads_
     restored = tmp_path / "restored"
     cli("restore", "during", "--target", restored)
     assert (restored / "during.txt").read_text() == "written with the disk away\n"
+
+
+def test_replicas_whose_disks_are_all_unmounted_let_the_folder_mount_as_one_would(cli, tmp_path: Path) -> None:
+    """Each replica's folder missing was one error of no particular kind to the replicated store,
+    so the mount failed where one such folder let it start from the local copies."""
+    replicas = [tmp_path / "disk-a" / "repo", tmp_path / "disk-b" / "repo"]
+    options = tuple(arg for replica in replicas for arg in ("-r", replica))
+    source = tmp_path / "projects"
+    source.mkdir()
+    (source / "notes.md").write_text("# notes\n")
+    cli(*options, "init")
+    cli(*options, "backup", source, "--name", "before")
+    for replica in replicas:
+        replica.rename(replica.with_name("away"))
+    try:
+        with live_mount(cli, source, options=options) as mnt:
+            (mnt / "during.txt").write_text("written with both disks away\n")
+            assert json.loads(cli("snapshot", mnt, "--name", "during", "--json").stdout)["in_backlog"]
+            for replica in replicas:
+                replica.with_name("away").rename(replica)
+            wait_for_empty_backlog(cli, mnt)
+    finally:
+        for replica in replicas:
+            if replica.with_name("away").exists():
+                replica.with_name("away").rename(replica)
+    names = {s["name"] for s in json.loads(cli(*options, "snapshots", "--json").stdout)}
+    assert {"before", "during"} <= names, names
 
 
 def test_a_mount_opened_without_its_store_uploads_nothing_into_another_repository_found_there(

@@ -24,12 +24,13 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..errors import IntegrityError, LocationMissing, ObjectNotFound, StoreError
+from ..errors import FolderMissing, IntegrityError, LocationMissing, ObjectNotFound, StoreError, StoreUnreachable
 from .base import ObjectStore
 
 log = logging.getLogger(__name__)
 
 DOWN_FOR_S = 300.0  # how long a failed replica is left alone before it is asked again
+ALL_DOWN_RETRY_S = 5.0  # when every replica failed: how soon they are all asked again (see _left_alone)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,20 @@ class MissingObject:
 
     replica: str
     key: str
+
+
+def _common_failure(failures: list[StoreError | None]) -> type[StoreError] | None:
+    """The failure replicas that all failed share, as one store would have failed: every folder
+    missing (a disk not mounted), every location missing or without the object, or every replica
+    not answering (down, or its folder gone, which a live mount takes alike); else None."""
+    failed = [exc for exc in failures if not isinstance(exc, ObjectNotFound)]
+    if not failed or None in failed:
+        return None
+    for kind, counted in ((FolderMissing, FolderMissing), (LocationMissing, LocationMissing),
+                          (StoreUnreachable, (StoreUnreachable, FolderMissing))):
+        if all(isinstance(exc, counted) for exc in failed):
+            return kind
+    return None
 
 
 class ReplicatedStore:
@@ -52,11 +67,25 @@ class ReplicatedStore:
         self.degraded = degraded
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="replica")
         self._missing: dict[tuple[int, str], None] = {}  # (replica index, key), in the order they failed
-        self._down: dict[int, tuple[float, StoreError]] = {}  # replica index -> when and how it failed
+        self._down: dict[int, tuple[float, StoreError]] = {}  # replica index -> when it last failed, how
         self._lock = threading.Lock()
 
     def _is_down(self, i: int) -> bool:
         return self._down_because(i) is not None
+
+    def _left_alone(self) -> list[StoreError | None]:
+        """For each replica, how it failed if a read is to leave it alone: each that failed less
+        than DOWN_FOR_S ago. When every one did, there is no other to read from: they are all
+        asked again once the last failure is ALL_DOWN_RETRY_S old, which is how a live mount finds
+        its store back (a disk mounted again) within seconds, while a command's calls in between
+        fail at once instead of each waiting out the replicas' retries."""
+        down = [self._down_because(i) for i in range(len(self.replicas))]
+        if all(down):
+            with self._lock:
+                last = max(since for since, _ in self._down.values())
+            if time.monotonic() - last >= ALL_DOWN_RETRY_S:
+                return [None] * len(down)
+        return down
 
     def _down_because(self, i: int) -> StoreError | None:
         """How replica `i` failed, if it did less than DOWN_FOR_S ago."""
@@ -69,9 +98,9 @@ class ReplicatedStore:
             return
         with self._lock:
             since, _ = self._down.get(i, (-DOWN_FOR_S, None))
+            self._down[i] = time.monotonic(), exc  # asked again and failed again: from now on
             if time.monotonic() - since < DOWN_FOR_S:
                 return
-            self._down[i] = time.monotonic(), exc
         log.warning("replica %s failed (%s); not asked again for %.0f s", self.replicas[i].location, exc, DOWN_FOR_S)
 
     @property
@@ -111,8 +140,9 @@ class ReplicatedStore:
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         whole = offset == 0 and length is None
         failures: list[tuple[ObjectStore, str, StoreError | None]] = []
+        left_alone = self._left_alone()
         for i, replica in enumerate(self.replicas):
-            down = self._down_because(i)
+            down = left_alone[i]
             if down is not None:
                 failures.append((replica, "is down", down))
                 continue
@@ -133,9 +163,9 @@ class ReplicatedStore:
         if all(isinstance(exc, ObjectNotFound) for _, _, exc in failures):
             raise ObjectNotFound(f"object {key} not found in any replica ({self.location})")
         detail = "; ".join(f"{r.location} {why}" for r, why, _ in failures)
-        if all(isinstance(exc, (ObjectNotFound, LocationMissing)) for _, _, exc in failures):
-            # no replica is there at all (a bucket missing, a file for a folder) or has the object
-            raise LocationMissing(f"no replica holds {key}: " + "; ".join(str(exc) for _, _, exc in failures))
+        kind = _common_failure([exc for _, _, exc in failures])
+        if kind is not None:  # each replica failed so: the one store the replicas stand for did
+            raise kind(f"no replica holds {key}: " + "; ".join(str(exc) for _, _, exc in failures))
         if all(exc is None or isinstance(exc, ObjectNotFound) for _, _, exc in failures):
             raise IntegrityError(f"no replica has a good copy of {key}: {detail}")
         raise StoreError(f"reading {key}: no replica could serve it: {detail}")
@@ -143,8 +173,9 @@ class ReplicatedStore:
     def get_from_each(self, key: str) -> Iterator[tuple[str, bytes | None]]:
         """(location, object or None where it has none) from each replica that answers with a copy
         that checks out (a warning names one whose copy does not: it is as good as unreachable)."""
+        left_alone = self._left_alone()
         for i, replica in enumerate(self.replicas):
-            if self._is_down(i):
+            if left_alone[i] is not None:
                 continue
             try:
                 data = replica.get(key)
@@ -162,9 +193,11 @@ class ReplicatedStore:
 
     def exists(self, key: str) -> bool:
         errors: list[tuple[ObjectStore, StoreError]] = []
+        left_alone = self._left_alone()
         for i, replica in enumerate(self.replicas):
-            if self._is_down(i):
-                errors.append((replica, StoreError("down")))
+            down = left_alone[i]
+            if down is not None:
+                errors.append((replica, down))
                 continue
             try:
                 if replica.exists(key):
@@ -174,15 +207,18 @@ class ReplicatedStore:
                 self._mark_down(i, exc)
         if len(errors) == len(self.replicas):
             replica, exc = errors[0]
-            raise StoreError(f"looking up {key}: replica {replica.location} failed: {exc}") from exc
+            kind = _common_failure([exc for _, exc in errors]) or StoreError
+            raise kind(f"looking up {key}: replica {replica.location} failed: {exc}") from exc
         return False
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         seen: set[str] = set()
         failed: list[tuple[ObjectStore, StoreError]] = []
+        left_alone = self._left_alone()
         for i, replica in enumerate(self.replicas):
-            if self._is_down(i):
-                failed.append((replica, StoreError("down")))
+            down = left_alone[i]
+            if down is not None:
+                failed.append((replica, down))
                 continue
             try:
                 for key, size in replica.list(prefix):
@@ -194,7 +230,8 @@ class ReplicatedStore:
                 self._mark_down(i, exc)
         if len(failed) == len(self.replicas):
             replica, exc = failed[0]
-            raise StoreError(f"listing {prefix or '/'}: replica {replica.location} failed: {exc}") from exc
+            kind = _common_failure([exc for _, exc in failed]) or StoreError
+            raise kind(f"listing {prefix or '/'}: replica {replica.location} failed: {exc}") from exc
 
     def delete(self, key: str) -> None:
         self._write(f"deleting {key}", None, range(len(self.replicas)), lambda r: r.delete(key))
