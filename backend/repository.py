@@ -516,6 +516,8 @@ def read_config(store: ObjectStore) -> bytes:
                                      "interrupted `fsmount migrate` was copying to it, run that migrate "
                                      "again to finish it") from None
         raise RepositoryNotFound(f"no repository at {store.location} (run `fsmount init` first)") from None
+    except FolderMissing:  # as an empty folder says it (a live mount takes it for a store that is down)
+        raise RepositoryNotFound(f"no repository at {store.location} (run `fsmount init` first)") from None
     except LocationMissing as exc:  # exit 10, as for an empty folder: a script then runs `init`
         raise RepositoryNotFound(f"no repository at {store.location}: {exc}") from None
 
