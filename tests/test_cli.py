@@ -422,9 +422,22 @@ def test_migrate_names_its_destination_without_the_secret_of_its_url(cli, tmp_pa
 
 
 @pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"])
-@pytest.mark.parametrize("value", ["notaurl", "http://", "ftp://host"])
+@pytest.mark.parametrize("value", ["notaurl", "http://", "ftp://host", "http://[::1"])
 def test_a_malformed_endpoint_setting_is_a_usage_error_naming_it(cli, variable: str, value: str) -> None:
     """It was a storage failure (exit 15) of `s3:bucket`, with botocore's "Invalid endpoint"."""
     cli.env.update(AWS_ACCESS_KEY_ID="id", AWS_SECRET_ACCESS_KEY="secret", **{variable: value})
     err = cli("-r", "s3:bucket/x", "snapshots", check=2).stderr.decode()
     assert err == f'fsmount: {variable} is not an endpoint URL: "{value}" (give http(s)://HOST[:PORT])\n', err
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("http://KEY:SECRET@host:abc/bucket", "s3:http://host:abc/bucket: the endpoint's port is not a number"),
+    ("http://KEY:SECRET@host/B_ad", 's3:http://host/B_ad: "B_ad" is not a bucket name'),
+    ("http://KEY:SECRET@host/bucket/../x", "s3:http://host/bucket/../x: a prefix may not hold `..`"),
+    ("http://KEY:SECRET@[::1/bucket", "s3:http://[::1/bucket: the endpoint's host is malformed"),
+])
+def test_a_malformed_s3_url_is_a_usage_error_without_its_secret(cli, url: str, says: str) -> None:
+    """An unclosed IPv6 bracket was a ValueError traceback; the other errors repeated KEY:SECRET."""
+    err = cli("-r", f"s3:{url}", "snapshots", check=2).stderr.decode()
+    assert err.startswith(f"fsmount: {says}"), err
+    assert "SECRET" not in err and err.count("\n") == 1, err

@@ -96,19 +96,11 @@ class S3Store:
         rest = location.removeprefix("s3:")
         endpoint = None
         if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", rest):
-            parts = urlsplit(rest)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise UsageError(f"{location}: the endpoint must be an http:// or https:// URL with a host")
-            try:
-                parts.port  # noqa: B018  (raises on a port that is not a number)
-            except ValueError:
-                raise UsageError(f"{location}: the endpoint's port is not a number") from None
-            netloc = parts.netloc.rpartition("@")[2]  # never keep user:secret@ from a URL
-            endpoint = f"{parts.scheme}://{netloc}"
-            rest = parts.path
+            endpoint, rest = _split_endpoint(rest)
+            location = f"s3:{endpoint}{rest}"  # as messages show it: never with a user:secret@
         bucket, _, prefix = rest.lstrip("/").partition("/")
         if not _BUCKET_NAME.fullmatch(bucket):
-            raise UsageError(f"{location}: {bucket!r} is not a bucket name (3-63 lowercase letters, digits, dots "
+            raise UsageError(f'{location}: "{bucket}" is not a bucket name (3-63 lowercase letters, digits, dots '
                              "and hyphens); write s3:BUCKET/PREFIX or s3:https://HOST/BUCKET/PREFIX")
         if ".." in prefix.split("/"):
             raise UsageError(f"{location}: a prefix may not hold `..`")
@@ -408,6 +400,24 @@ def translate_error(exc: BaseException, *, doing: str, store: S3Store, key: str 
     return StoreError(f"{doing}: {exc}")
 
 
+def _split_endpoint(url: str) -> tuple[str, str]:
+    """`http(s)://[user:secret@]host[:port]/bucket/prefix` as its endpoint, without the user:secret@,
+    and the path after it; UsageError if it is no such URL."""
+    netloc = url.partition("://")[2].partition("/")[0]
+    shown = url.replace(netloc, netloc.rpartition("@")[2], 1)
+    try:
+        parts = urlsplit(url)  # raises on an unclosed IPv6 bracket
+    except ValueError:
+        raise UsageError(f"s3:{shown}: the endpoint's host is malformed") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"s3:{shown}: the endpoint must be an http:// or https:// URL with a host")
+    try:
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError:
+        raise UsageError(f"s3:{shown}: the endpoint's port is not a number") from None
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}", parts.path
+
+
 def _code(exc: bex.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
@@ -435,8 +445,8 @@ def _endpoint_from_environment() -> str | None:
 
 
 def _is_endpoint_url(value: str) -> bool:
-    parts = urlsplit(value)
     try:
+        parts = urlsplit(value)  # raises on an unclosed IPv6 bracket
         parts.port  # noqa: B018  (raises on a port that is not a number)
     except ValueError:
         return False
