@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from backend.errors import CONTROL_ESCAPES, shown_name
+from backend.errors import CONTROL_ESCAPES, FsmountError, shown_name
 from backend.progress import Progress
 
 if TYPE_CHECKING:
@@ -107,6 +107,12 @@ def emit_json(doc: Any) -> None:
     _json_emitted = True
     json.dump(_valid_text(doc), sys.stdout, indent=2, default=_json_default)
     sys.stdout.write("\n")
+
+
+def error_fields(failure: FsmountError | None) -> dict[str, Any]:
+    """What the CLI's edge would print for `failure` under --json, for a command that prints its
+    document and then raises it: `{"error": message, "exit_code": code}`, or {} without one."""
+    return {} if failure is None else {"error": one_line(str(failure)), "exit_code": failure.exit_code}
 
 
 def json_emitted() -> bool:

@@ -547,3 +547,42 @@ def test_verify_repair_json_without_anything_to_heal_says_so(cli, tmp_path: Path
     healing = json.loads(run(cli, "verify", "--repair", "--json").stdout)["healing"]
     assert [(h["location"], h["healed"], h["unhealed"], h["unhealed_objects"]) for h in healing] == [
         (str(replica), 0, 0, []) for replica in two_replicas]
+
+
+def test_verify_repair_json_says_what_it_healed_when_a_replica_refuses_writes(cli, tmp_path: Path,
+                                                                            two_replicas) -> None:
+    """verify stopped at the replica that refused the copies before printing its document: stdout
+    held only {"error", "exit_code"}, and a script could not tell that the other replica was healed."""
+    a, b = two_replicas
+    run(cli, "init")
+    run(cli, "backup", make_source(tmp_path))
+    snapshot = next((a / "snapshots").iterdir())
+    snapshot.unlink()  # a heals it from b
+    refuse_pack_writes(b)  # b lacks every pack, and cannot take them back
+
+    doc = json.loads(run(cli, "verify", "--read-data", "--repair", "--json", check=15).stdout)
+
+    assert [(h["location"], h["healed"], h["unhealed"]) for h in doc["healing"]] == [(str(a), 1, 0), (str(b), 0, 0)]
+    assert doc["exit_code"] == 15 and doc["error"].startswith(f"could not write to {b}: "), doc
+    assert snapshot.exists()
+
+
+def test_verify_repair_json_says_what_it_healed_when_a_replica_cannot_be_reached(cli, tmp_path: Path,
+                                                                               two_replicas) -> None:
+    a, b = two_replicas
+    c = tmp_path / "replica-c"
+    cli.replicas = (*cli.replicas, "-r", c)
+    run(cli, "init")
+    run(cli, "backup", make_source(tmp_path))
+    snapshot = next((a / "snapshots").iterdir())
+    snapshot.unlink()  # a heals it from b
+    c.rename(tmp_path / "elsewhere")  # as on a disk not mounted
+
+    proc = run(cli, "verify", "--repair", "--json", check=15)
+
+    doc = json.loads(proc.stdout)
+    assert [(h["location"], h["healed"]) for h in doc["healing"]] == [(str(a), 1), (str(b), 0), (str(c), 0)], doc
+    assert doc["exit_code"] == 15 and doc["error"].startswith(f"replica {c} cannot be reached: "), doc
+    assert snapshot.exists()
+    plain = run(cli, "verify", "--repair", check=15)
+    assert plain.stdout == b"" and f"replica {c} cannot be reached" in plain.stderr.decode(), plain

@@ -9,7 +9,7 @@ from backend.replicas import ReplicaState, check_replicas, different_repositorie
 from backend.stores.replicated import ReplicatedStore
 
 from ..context import AppContext
-from ..output import BarProgress, counted, emit_json, human_bytes, json_option, say
+from ..output import BarProgress, counted, emit_json, error_fields, human_bytes, json_option, say
 
 
 def _replicated(app: AppContext) -> ReplicatedStore:
@@ -25,7 +25,7 @@ def _print_states(app: AppContext, states: list[ReplicaState], *, recorded: int 
     """The states, one line each (or JSON, with the `failure` the command then raises, if any)."""
     if app.json:
         emit_json({"replicas": [s.summary() for s in states], "recorded_degraded_writes": recorded}
-                  | _error_fields(failure))
+                  | error_fields(failure))
         return
     for state in states:
         if not state.reachable:
@@ -46,11 +46,6 @@ def _print_states(app: AppContext, states: list[ReplicaState], *, recorded: int 
             say(f"  not healed (no replica has a good copy): {key}")
     if recorded:
         say(f"{counted(recorded, 'object was', 'objects were')} recorded as missed by degraded writes")
-
-
-def _error_fields(failure: FsmountError | None) -> dict:
-    """What the CLI's edge would print for `failure` under --json, for a document printed before it."""
-    return {} if failure is None else {"error": str(failure), "exit_code": failure.exit_code}
 
 
 @click.group(invoke_without_command=True)
@@ -79,7 +74,7 @@ def replicas(ctx: click.Context) -> None:
         failure: FsmountError = UsageError(mixed)
         if app.json:
             emit_json({"replicas": [{key: s.summary()[key] for key in ("location", "reachable", "error", "repository")}
-                                    for s in states]} | _error_fields(failure))
+                                    for s in states]} | error_fields(failure))
         raise failure
     failure = None
     if any(not s.reachable for s in states):

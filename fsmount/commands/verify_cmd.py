@@ -7,12 +7,23 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from backend.errors import IntegrityError, StoreError
+from backend.errors import FsmountError, IntegrityError, StoreError
 from backend.verify import DAMAGED_FILE, DAMAGED_SNAPSHOT, Damage, Problem, VerifyReport, check_copies
 from backend.verify import verify as run_verify
 
 from ..context import AppContext
-from ..output import BarProgress, counted, display_name, emit_json, human_bytes, json_option, json_path, line_name, say
+from ..output import (
+    BarProgress,
+    counted,
+    display_name,
+    emit_json,
+    error_fields,
+    human_bytes,
+    json_option,
+    json_path,
+    line_name,
+    say,
+)
 
 if TYPE_CHECKING:
     from backend.replicas import ReplicaState
@@ -42,7 +53,11 @@ def verify(app: AppContext, read_data: bool, repair: bool) -> None:
     damaged) copies count too. With --repair, each replica is first compared with the others
     and healed from a good copy, then the index is rebuilt to name exactly the packs in the store.
     """
-    healing = _repair(app, read_data) if repair and len(app.locations()) > 1 else []
+    healing, failure = _repair(app, read_data) if repair and len(app.locations()) > 1 else ([], None)
+    if failure is not None:  # a replica not reached or refusing writes: what was healed is said first
+        if app.json:
+            emit_json({"healing": [_json_healing(state) for state in healing]} | error_fields(failure))
+        raise failure
     with app.open_repository() as repo:
         if repair:
             _repair_index(app, repo)
@@ -175,8 +190,9 @@ def _repair_index(app: AppContext, repo: Repository) -> None:
 UNHEALED_SHOWN = 5  # keys of objects that could not be healed named, per replica
 
 
-def _repair(app: AppContext, read_data: bool) -> list[ReplicaState]:
-    """Heal each replica from the others; returns their states."""
+def _repair(app: AppContext, read_data: bool) -> tuple[list[ReplicaState], FsmountError | None]:
+    """Heal each replica from the others; returns their states, and the failure that must stop
+    verify (a replica that cannot be reached, or refuses the copies) if any."""
     from backend.lock import guard_writes
     from backend.replicas import check_replicas
     from backend.stores.replicated import ReplicatedStore
@@ -191,14 +207,14 @@ def _repair(app: AppContext, read_data: bool) -> list[ReplicaState]:
         store.close()
     for state in states:
         if not state.reachable:
-            raise StoreError(f"replica {state.location} cannot be reached: {state.error}")
+            return states, StoreError(f"replica {state.location} cannot be reached: {state.error}")
         if not app.json and (state.healed or state.unhealed):
             say(f"{state.location}: healed {counted(state.healed, 'object')}"
                 + (f", could not heal {len(state.unhealed)} (no replica has a good copy): "
                    f"{', '.join(state.unhealed[:UNHEALED_SHOWN])}" if state.unhealed else ""))
     for state in states:  # the copies exist, but this replica refuses them: nothing below would help
         if state.write_error is not None:
-            raise StoreError(f"could not write to {state.location}: {state.write_error}")
+            return states, StoreError(f"could not write to {state.location}: {state.write_error}")
     if not any(state.unhealed for state in states):
         app.degraded_log().clear()
-    return states
+    return states, None
