@@ -76,6 +76,7 @@ REMOTE_TASK_SCALE = 8
 
 _ALL, _PARTIAL = "all", "partial"  # restore a whole subtree / only toward selected paths
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_LOOKS_FOR_A_RACE = 3  # how often an entry may appear at a name between a look and a create
 # What `_make_temp` names an entry, exactly: `.fsmount-restore-<pid space>-<pid>-<16 hex>`, as
 # stores/local.py names its temporary files; before, `.fsmount-restore-<16 hex>`, without the writer.
 _TEMP_NAME = re.compile(rb"\.fsmount-restore-(?:([0-9a-f]{8}|x)-([1-9][0-9]*)-)?[0-9a-f]{16}")
@@ -546,12 +547,22 @@ class Restore:
         special file, so that a failure leaves the entry there as it was. A directory in the way
         can only be removed first (`delete`), and a snapshot's hard-linked file is made under its
         own name, since its other names are linked to it at once."""
-        name, dir_fd = node.name, job.fd
         if job.fresh:
             try:
-                return os.open(name, _CREATE, 0o600, dir_fd=dir_fd), False, None
+                return os.open(node.name, _CREATE, 0o600, dir_fd=job.fd), False, None
             except FileExistsError:
                 pass
+        for _ in range(_LOOKS_FOR_A_RACE):
+            try:
+                return self._open_looked_up(job, node)
+            except FileExistsError:  # another restore into the target made it after our look: look again
+                pass
+        return self._open_looked_up(job, node)
+
+    def _open_looked_up(self, job: _DirJob, node: Node) -> tuple[int, bool, bytes | None]:
+        """`_open_file` for what is at the name now; FileExistsError if an entry appears there
+        between the look and the open."""
+        name, dir_fd = node.name, job.fd
         try:
             st = os.lstat(name, dir_fd=dir_fd)
         except FileNotFoundError:
