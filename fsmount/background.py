@@ -2,7 +2,9 @@
 
 `start()` runs `fsmount ... -f` detached (its own session, output to a log file) and waits on a
 pipe until the daemon says `ready` or reports its error, so `fsmount mount` returns only once the
-mount is live or fails with the daemon's one-line message and exit code. A passphrase the parent
+mount is live or fails with the daemon's one-line message and exit code. Warnings the daemon has
+for the user before it is ready (`report_warning`: it mounted without its store) come the same way,
+so that they reach the terminal and not only the daemon's log. A passphrase the parent
 already has (perhaps typed at a prompt) travels through a second pipe, never through the
 environment or the command line.
 """
@@ -27,8 +29,9 @@ class DaemonFailed(FsmountError):
         self.exit_code = exit_code
 
 
-def start(argv: list[str], log_path: str, passphrase: bytes, *, timeout_s: float = 120.0) -> int:
-    """Start `fsmount ARGV` (which must include -f) detached; returns its pid once it is ready."""
+def start(argv: list[str], log_path: str, passphrase: bytes, *, timeout_s: float = 120.0) -> tuple[int, list[str]]:
+    """Start `fsmount ARGV` (which must include -f) detached; returns its pid once it is ready, and
+    the warnings it reported before."""
     ready_r, ready_w = os.pipe()
     pass_r, pass_w = os.pipe()
     os.write(pass_w, passphrase)
@@ -39,10 +42,14 @@ def start(argv: list[str], log_path: str, passphrase: bytes, *, timeout_s: float
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     os.close(ready_w)
     os.close(pass_r)
+    warnings: list[str] = []
     with os.fdopen(ready_r, "rb") as pipe:
         reply = pipe.readline().decode(errors="replace").strip()
+        while reply.startswith("warning "):
+            warnings.append(reply.removeprefix("warning "))
+            reply = pipe.readline().decode(errors="replace").strip()
     if reply == "ready":
-        return proc.pid
+        return proc.pid, warnings
     try:
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -61,6 +68,16 @@ def is_daemon() -> bool:
 def report_ready() -> None:
     """In a daemon started by `start()`: tell the parent the mount is live."""
     _report("ready")
+
+
+def report_warning(message: str) -> None:
+    """In a daemon started by `start()`, before it is ready: a warning for the parent to print."""
+    fd = os.environ.get(READY_FD_ENV)
+    if fd is not None:
+        try:
+            os.write(int(fd), b"warning " + message.replace("\n", " ").encode(errors="backslashreplace") + b"\n")
+        except OSError:
+            pass
 
 
 def report_failure(message: str, exit_code: int) -> None:

@@ -25,7 +25,7 @@ import click
 
 from backend.errors import UsageError
 
-from .background import inherited_passphrase
+from .background import inherited_passphrase, report_warning
 
 log = logging.getLogger(__name__)
 
@@ -310,8 +310,10 @@ class AppContext:
         repo = Repository.open_from_copies(store, self.passphrase(), unanswered, backlog=backlog,
                                            cache_dir=self.cache_dir, on_rejoin=self._lock_on_rejoin(),
                                            **options)  # type: ignore[arg-type]
-        log.warning("the store does not answer (%s); mounting from the copies of the repository's config and "
-                    "key kept here: snapshots wait on local disk until the store is back", unanswered)
+        warning = (f"the store does not answer ({unanswered}); mounting from the copies of the repository's "
+                   "config and key kept here: snapshots wait on local disk until the store is back")
+        log.warning("%s", warning)
+        report_warning(warning)  # a daemon's log is not where the user looks
         return repo
 
     @contextlib.contextmanager

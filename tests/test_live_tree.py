@@ -951,6 +951,26 @@ def test_a_folder_mounts_while_the_repository_s_disk_is_not_mounted_and_uploads_
     assert (restored / "during.txt").read_text() == "written with the disk away\n"
 
 
+def test_mounting_without_the_store_says_so_on_the_terminal(cli, source: Path, tmp_path: Path) -> None:
+    """The warning went only to the daemon's log: `fsmount mount` said `mounted ...` and nothing else."""
+    cli("backup", source)
+    repo = Path(cli.env["FSMOUNT_REPOSITORY"])
+    away = tmp_path / "disk-not-mounted"
+    repo.rename(away)
+    try:
+        mounted = cli("mount", source)
+        try:
+            err = mounted.stderr.decode()
+            assert "warning: the store does not answer" in err and "snapshots wait on local disk" in err, err
+        finally:
+            away.rename(repo)
+            wait_for_empty_backlog(cli, source)
+            cli("umount", source)
+    finally:
+        if away.exists():
+            away.rename(repo)
+
+
 def test_replicas_whose_disks_are_all_unmounted_let_the_folder_mount_as_one_would(cli, tmp_path: Path) -> None:
     """Each replica's folder missing was one error of no particular kind to the replicated store,
     so the mount failed where one such folder let it start from the local copies."""

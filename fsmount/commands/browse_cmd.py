@@ -49,11 +49,13 @@ def mount_snapshots(app: AppContext, mountpoint: str, foreground: bool, cache_si
                 "--cache-size", cache_size, *(["--allow-other"] if allow_other else []), mountpoint]
         if app.cache_dir:
             argv = ["--cache-dir", app.cache_dir, *argv]
-        pid = background.start(argv, log_path, app.passphrase())
+        pid, daemon_warnings = background.start(argv, log_path, app.passphrase())
         if app.json:
             emit_json({**json_path("mountpoint", os.path.abspath(mountpoint)), "pid": pid, **json_path("log", log_path)})
         elif not app.quiet:
             say(f"snapshots mounted at {path_line(mountpoint)} (daemon pid {pid}, log {log_path})")
+        for warning in daemon_warnings:
+            say(f"warning: {warning}", err=True)
         return
     from ..snapshot_mount import SnapshotMount
 

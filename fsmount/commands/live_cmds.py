@@ -84,7 +84,7 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
         if host:
             argv += ["--host", host]
         argv += ["--backlog-limit", backlog_limit]
-        pid = background.start(argv, log_path, app.passphrase())
+        pid, daemon_warnings = background.start(argv, log_path, app.passphrase())
         if app.json:
             emit_json({**json_path("mountpoint", target), **json_path("source", source), "pid": pid,
                        **json_path("log", log_path)})
@@ -92,7 +92,7 @@ def mount(app: AppContext, source: str, mountpoint: str | None, every: str | Non
             say(f"mounted {path_line(source)} at {path_line(target)} (daemon pid {pid}, log {log_path})")
         if not app.quiet:
             _warn_if_cwd_is_underneath(target)
-        for warning in warnings:
+        for warning in [*(f"warning: {w}" for w in daemon_warnings), *warnings]:
             say(warning, err=True)
         return
     from ..live_daemon import LiveMount, source_id
