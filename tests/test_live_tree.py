@@ -880,10 +880,13 @@ def test_status_and_umount_say_the_store_is_down_and_the_backlog_waits_for_the_n
             shown = cli("status", mnt).stdout.decode()
             (mnt / "during.txt").write_text("written while the store was down\n")
             cli("snapshot", mnt)
+            waiting = cli("status", mnt).stdout.decode()
             err = cli("umount", mnt, check=15).stderr.decode()
         finally:
             away.rename(repo)
     assert "not answering since" in shown, shown
+    # what waits on local disk is not said to be uploaded
+    assert "uploaded " not in waiting and "saved " in waiting and "backlog      1 snapshot" in waiting, waiting
     assert "1 snapshot (" in err and "the next mount of this folder uploads them" in err, err
     with live_mount(cli, source) as mnt:
         wait_for_empty_backlog(cli, mnt)

@@ -188,9 +188,12 @@ def status(app: AppContext, mountpoint: str) -> None:
                 f"added {human_bytes(reply['last_bytes_added'])}")
     else:
         last = f"{reply['last_snapshot'][:8]} (before this mount)" if reply.get("last_snapshot") else "none yet"
+    waiting = (reply.get("backlog") or {}).get("objects")
     uploaded = reply.get("upload_rate_bytes_per_s") and (
-        f"uploaded     {human_bytes(reply['bytes_added'])} by {_count(reply['snapshots_taken'], 'snapshot')} "
-        f"of this mount, {human_bytes(reply['upload_rate_bytes_per_s'])}/s while they ran")
+        f"{'saved' if waiting else 'uploaded':<13}{human_bytes(reply['bytes_added'])} by "
+        f"{_count(reply['snapshots_taken'], 'snapshot')} of this mount, "
+        f"{human_bytes(reply['upload_rate_bytes_per_s'])}/s while they ran"
+        + (" (what the store has not taken yet waits in the backlog, below)" if waiting else ""))
     lines = [
         (f"mount        {line_name(os.fsencode(reply['mountpoint']))} (pid {reply['pid']}) of "
          f"{line_name(os.fsencode(reply['source']))}"),
