@@ -26,7 +26,7 @@ from functools import partial
 import pyfuse3
 import trio
 
-from backend.errors import FsmountError, StoreError, UsageError
+from backend.errors import FsmountError, StoreError, UsageError, shown_name
 from backend.fsnode import is_within
 from backend.repository import Repository
 from backend.stores import local_folders
@@ -94,7 +94,7 @@ def honoured_like(source_fd: int) -> set[str]:
 class SourceLock:
     """An exclusive claim on a source folder, held for the life of its mount."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, source: bytes):
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, "lock")
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -103,7 +103,8 @@ class SourceLock:
         except BlockingIOError:
             holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip()
             os.close(self._fd)
-            raise UsageError(f"this folder is already mounted by another fsmount (pid {holder or '?'})") from None
+            raise UsageError(f"{shown_name(source)} is already mounted by another fsmount (pid {holder or '?'}): "
+                             "unmount that one first") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
@@ -137,7 +138,7 @@ class LiveMount:
         """Mount, call `ready()`, serve until unmounted, take the final snapshot."""
         self._refuse_covering_own_files()
         live_dir = os.path.join(self.repo.cache_dir, "live", source_id(self.source))
-        lock = SourceLock(live_dir)  # held: no other daemon serves this source
+        lock = SourceLock(live_dir, self.source)  # held: no other daemon serves this source
         try:
             source_fd = self._open_source()
         except BaseException:

@@ -376,7 +376,7 @@ def test_second_mount_of_the_same_source_is_refused(cli, source: Path, tmp_path:
         other = tmp_path / "other"
         other.mkdir()
         proc = cli("mount", source, other, check=2)
-        assert "already mounted by another fsmount" in proc.stderr.decode()
+        assert f"{source} is already mounted by another fsmount" in proc.stderr.decode()
 
 
 def test_a_mount_whose_path_has_a_newline_is_known_as_mounted(cli, tmp_path: Path) -> None:

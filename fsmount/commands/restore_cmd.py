@@ -13,7 +13,7 @@ from backend.restore import Problem, Restore, RestoreResult, TargetDiskFull, che
 from backend.snapshot import resolve_snapshot
 
 from ..context import AppContext
-from ..output import BarProgress, emit_json, human_bytes, json_option, json_path, line_name, path_line, say
+from ..output import BarProgress, counted, emit_json, human_bytes, json_option, json_path, line_name, path_line, say
 from .snapshot_paths import snapshot_path
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def restore(app: AppContext, snapshot_ref: str, paths: tuple[str, ...], target: 
 def _disk_full_message(result: RestoreResult, destination: str) -> str:
     s = result.stats
     return (f"the disk of {path_line(destination)} is full ({result.disk_full}): the restore stopped after "
-            f"{s.files} files and {s.dirs} dirs, {human_bytes(s.bytes_written)} written"
+            f"{counted(s.files, 'file')} and {counted(s.dirs, 'folder')}, {human_bytes(s.bytes_written)} written"
             + (f" ({s.failed} failed otherwise)" if s.failed else "")
             + "; what it had not finished is as it was. Free some space and run it again")
 
