@@ -74,6 +74,20 @@ def test_missing_pack_is_found_without_reading_data(cli, tmp_path: Path, repo_pa
     assert f"snapshot {snapshot['short_id']}" in out
 
 
+def test_verify_json_of_a_damaged_repository_carries_its_error_as_every_failing_command_does(
+        cli, tmp_path: Path, repo_path: Path) -> None:
+    """The document had `ok: false` but no `error` nor `exit_code`, which every other failing
+    command's JSON has (README: a document printed first takes the two keys)."""
+    _, snapshot = backed_up_source(cli, tmp_path)
+    assert "error" not in json.loads(cli("verify", "--json").stdout)
+    pack, _, _ = locate_block(repo_path, snapshot["id"], b"docs/victim.bin")
+    pack.unlink()
+    proc = cli("verify", "--json", check=14)
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] is False and doc["exit_code"] == 14, doc
+    assert doc["error"] == proc.stderr.decode().strip().removeprefix("fsmount: "), (doc["error"], proc.stderr)
+
+
 def test_block_that_no_index_knows_is_named(cli, tmp_path: Path, repo_path: Path) -> None:
     _, snapshot = backed_up_source(cli, tmp_path)
     unknown = bytes(range(32))

@@ -66,15 +66,17 @@ def verify(app: AppContext, read_data: bool, repair: bool) -> None:
         if not repair:
             check_copies(report, repo.store, read_data=read_data,
                          progress=BarProgress("replicas", enabled=not app.quiet and not app.json))
+    damage = None if report.ok else IntegrityError(
+        f"the repository has {counted(len(report.errors), 'error')}" + _affected(report.damaged))
     if app.json:
         doc = _json_report(report)
         if repair:
             doc["healing"] = [_json_healing(state) for state in healing]
-        emit_json(doc)
+        emit_json(doc | error_fields(damage))  # as every failing command's document has them
     else:
         _print_report(report, read_data=read_data, quiet=app.quiet)
-    if not report.ok:
-        raise IntegrityError(f"the repository has {counted(len(report.errors), 'error')}" + _affected(report.damaged))
+    if damage is not None:
+        raise damage
 
 
 def _affected(damaged: list[Damage]) -> str:
