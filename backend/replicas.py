@@ -27,6 +27,7 @@ from .errors import FsmountError, ObjectNotFound, StoreError
 from .lock import LockLost
 from .progress import Progress
 from .stores.base import ObjectStore
+from .stores.local import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ class DegradedLog:
             os.fsync(f.fileno())
             _KNOWN[self.path] = (_identity(os.fstat(f.fileno())), known | set(new))
         if created:
-            _fsync_folder(os.path.dirname(os.path.abspath(self.path)))
+            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
     def entries(self) -> list[tuple[str, str]]:
         """Each recorded (replica, key) once, oldest first."""
@@ -312,11 +313,3 @@ def _drop_torn_last_line(f: BinaryIO) -> None:
     if f.read(1) != b"\n":
         f.seek(0)
         f.truncate(f.read().rfind(b"\n") + 1)
-
-
-def _fsync_folder(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

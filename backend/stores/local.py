@@ -106,7 +106,7 @@ class LocalStore:
             finally:
                 os.close(fd)
             os.rename(tmp, path)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         except OSError as exc:
             _remove_quietly(tmp)
             raise _store_error(f"writing {key} to {self.root}", exc) from exc
@@ -173,7 +173,8 @@ class LocalStore:
         pass
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
+    """Make the entries of `directory` durable (a file created or renamed in it)."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
