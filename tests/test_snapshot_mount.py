@@ -208,7 +208,7 @@ def test_every_change_is_refused_as_read_only(repo, mounted: Path, tmp_path: Pat
     wait_for(snap.exists)
 
     attempts = {
-        "open for writing": lambda: open(snap / "f", "r+"),
+        "open for writing": lambda: os.close(os.open(snap / "f", os.O_RDWR)),
         "truncate": lambda: os.truncate(snap / "f", 0),
         "create": lambda: (snap / "new").write_text("x"),
         "mkdir": lambda: (snap / "d" / "sub").mkdir(),
