@@ -218,17 +218,11 @@ class Uploader:
         check_name_free(name, await trio.to_thread.run_sync(self._snapshots_known_here))
 
     def _snapshots_known_here(self) -> list[Snapshot]:
-        """The snapshots this mount knows without the store: `_known`, and the backlog's (read from
-        local disk; one a previous mount left there after `umount --lazy` may not be in `_known`)."""
+        """The snapshots known without the store: `_known`, and those this machine keeps copies of
+        or holds in this mount's backlog (`Repository.snapshots_known_here`: another mount of the
+        same repository here took some of them, perhaps while the store was down too)."""
         known = dict(self._known)
-        backlog = self.repo.backlog
-        for key in backlog.keys_waiting("snapshots/") if backlog is not None else ():
-            snapshot_id = key.removeprefix("snapshots/")
-            if snapshot_id not in known:
-                try:
-                    known[snapshot_id] = self.repo.load_snapshot(snapshot_id)
-                except FsmountError as exc:  # uploaded meanwhile, so read from the store, which failed
-                    log.debug("snapshot %s left out of the name check: %s", snapshot_id[:8], exc)
+        known.update((snapshot.id, snapshot) for snapshot in self.repo.snapshots_known_here())
         return list(known.values())
 
     def _skipped(self, why: str) -> None:

@@ -954,6 +954,31 @@ def test_a_folder_mounts_while_the_repository_s_disk_is_not_mounted_and_uploads_
     assert (restored / "during.txt").read_text() == "written with the disk away\n"
 
 
+def test_two_mounts_of_one_repository_without_its_store_refuse_a_name_the_other_took(
+        cli, source: Path, tmp_path: Path) -> None:
+    """Each checked a name against what it knew itself: both took "one", and the repository then
+    held two snapshots of that name."""
+    other = tmp_path / "other-folder"
+    other.mkdir()
+    (other / "b.txt").write_text("b\n")
+    cli("backup", source)
+    repo = Path(cli.env["FSMOUNT_REPOSITORY"])
+    away = tmp_path / "disk-not-mounted"
+    repo.rename(away)
+    try:
+        with live_mount(cli, source) as first, live_mount(cli, other) as second:
+            assert json.loads(cli("snapshot", first, "--name", "one", "--json").stdout)["in_backlog"]
+            refused = cli("snapshot", second, "--name", "one", check=2).stderr.decode()
+            assert 'named "one" already' in refused, refused
+            away.rename(repo)
+            wait_for_empty_backlog(cli, first)
+            wait_for_empty_backlog(cli, second)
+    finally:
+        if away.exists():
+            away.rename(repo)
+    assert [s["name"] for s in snapshots(cli)].count("one") == 1
+
+
 def test_mounting_without_the_store_says_so_on_the_terminal(cli, source: Path, tmp_path: Path) -> None:
     """The warning went only to the daemon's log: `fsmount mount` said `mounted ...` and nothing else."""
     cli("backup", source)
