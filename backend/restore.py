@@ -59,7 +59,7 @@ from .repository import Repository
 from .snapshot import Snapshot
 from .source import key_of
 from .stores import local_folders, on_local_disk
-from .stores.local import STALE_TMP_S, pid_space, process_exists
+from .stores.local import temp_writer, writer_gone
 from .tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, HOLE, SOCKET, SYMLINK, Node
 
 log = logging.getLogger(__name__)
@@ -981,16 +981,10 @@ def _metadata_matches(fd: int, node: Node) -> bool:
 
 
 def _writer_gone(temp: re.Match[bytes], st: os.stat_result) -> bool:
-    """Whether the restore that made the temporary file `temp` has ended: its process is gone, or,
-    for a pid this process cannot see (another machine or pid namespace sharing the folder), the
-    file is `STALE_TMP_S` old. A name without a writer is an older fsmount's, from before restores
-    named it: removed, as those were."""
+    """Whether the restore that made the temporary file `temp` has ended (`writer_gone`). A name
+    without a writer is an older fsmount's, from before restores named it: removed, as those were."""
     space, pid = temp.group(1), temp.group(2)
-    if pid is None:
-        return True
-    if pid_space() and space.decode() == pid_space():
-        return not process_exists(int(pid))
-    return time.time() - st.st_mtime > STALE_TMP_S
+    return pid is None or writer_gone(space.decode(), pid.decode(), st.st_mtime)
 
 
 def _special_matches(dir_fd: int, node: Node, st: os.stat_result) -> bool:
@@ -1035,7 +1029,7 @@ def _create_temp(dir_fd: int) -> tuple[int, bytes]:
 def _make_temp(make: Callable[[bytes], None]) -> bytes:
     """The temporary name (`_TEMP_NAME`) under which `make` made an entry, trying another name if
     one is taken."""
-    writer = f"{pid_space() or 'x'}-{os.getpid()}-".encode()
+    writer = temp_writer().encode()
     while True:
         temp = b".fsmount-restore-" + writer + os.urandom(8).hex().encode()
         try:

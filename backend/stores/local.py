@@ -88,7 +88,7 @@ class LocalStore:
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         directory = os.path.dirname(path)
-        tmp = os.path.join(directory, f"{_TMP_PREFIX}{pid_space() or 'x'}-{os.getpid()}-{secrets.token_hex(8)}")
+        tmp = os.path.join(directory, f"{_TMP_PREFIX}{temp_writer()}{secrets.token_hex(8)}")
         try:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -182,17 +182,29 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def temp_writer() -> str:
+    """The part of a temporary file's name that names its writer, `<pid space>-<pid>-` (here and
+    in restore.py): what `writer_gone` reads back."""
+    return f"{pid_space() or 'x'}-{os.getpid()}-"
+
+
+def writer_gone(space: str, pid: str, mtime: float) -> bool:
+    """Whether the writer a temporary file's name names (`temp_writer`) has ended: its process is
+    gone, or, for one this process cannot see (another machine or pid namespace), the file, last
+    written at `mtime`, is `STALE_TMP_S` old."""
+    if pid_space() and space == pid_space() and pid.isdigit():
+        return not process_exists(int(pid))
+    return time.time() - mtime > STALE_TMP_S
+
+
 def _remove_if_stale(entry: os.DirEntry[str]) -> None:
     """Remove the temporary file `entry` if its writer is gone (see the module docstring)."""
     space, _, rest = entry.name.removeprefix(_TMP_PREFIX).partition("-")
     pid, _, _ = rest.partition("-")
-    if pid_space() and space == pid_space() and pid.isdigit():
-        stale = not process_exists(int(pid))
-    else:
-        try:
-            stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_TMP_S
-        except OSError:
-            return
+    try:
+        stale = writer_gone(space, pid, entry.stat(follow_symlinks=False).st_mtime)
+    except OSError:
+        return
     if stale:
         _remove_quietly(entry.path)  # a folder only read (another user's, read-only) keeps it
 
