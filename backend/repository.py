@@ -183,13 +183,15 @@ class Repository:
     @classmethod
     def open(cls, store: ObjectStore, passphrase: bytes, *, cache_dir: str | None = None,
              backlog: str | None = None, backlog_limit_bytes: int = DEFAULT_BACKLOG_LIMIT,
-             key: OpenedKey | None = None) -> Repository:
+             key: OpenedKey | None = None, config_bytes: bytes | None = None) -> Repository:
         """The repository in `store`. With `backlog` (a name), writes the store cannot take now wait in
-        a local backlog of that name instead (stores/backlog.py); `repo.backlog` drains it. `key`:
-        the master key, when the caller has opened it already (to take a lock), saving a scrypt."""
-        config_bytes = read_config(store)
+        a local backlog of that name instead (stores/backlog.py); `repo.backlog` drains it. `key` and
+        `config_bytes`: the master key and the config, when the caller has opened and checked them
+        already (to take a lock), saving a scrypt and reading every replica's config again."""
+        if config_bytes is None:
+            config_bytes = read_config(store)
+            check_replicas_hold_one_repository(store)
         config = Config.decode(config_bytes)
-        check_replicas_hold_one_repository(store)
         if key is None:
             key = open_key(store, passphrase)
         root = cache_dir or default_cache_dir()

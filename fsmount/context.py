@@ -91,6 +91,7 @@ class AppContext:
     no_lock: bool = False
     _lock: RepositoryLock | None = field(default=None, repr=False)  # held until the command ends
     _opened_key: OpenedKey | None = field(default=None, repr=False)  # opened to take the lock
+    _config_bytes: bytes | None = field(default=None, repr=False)  # read and checked to take the lock
     _unanswered: StoreError | None = field(default=None, repr=False)  # the store did not answer for the lock
     _passphrase: bytes | None = field(default=None, repr=False)
     _replicated: list = field(default_factory=list, repr=False)
@@ -132,7 +133,8 @@ class AppContext:
         from backend.repository import Config, check_replicas_hold_one_repository, open_key
 
         try:
-            Config.decode(store.get("config"))
+            config_bytes = store.get("config")
+            Config.decode(config_bytes)
         except StoreError as exc:  # no repository (or no store) there: the command reports it
             if store_did_not_answer(exc):
                 self._unanswered = exc
@@ -141,6 +143,7 @@ class AppContext:
         if self._opened_key is None:
             self._opened_key = open_key(store, self.passphrase())
         self._lock = self._acquire_lock(self._opened_key.master, mode)
+        self._config_bytes = config_bytes  # Repository.open reads and checks it no second time
 
     def _acquire_lock(self, key: MasterKey, mode: LockMode) -> RepositoryLock:
         from backend.lock import RepositoryLock
@@ -302,7 +305,8 @@ class AppContext:
         if unanswered is None:
             try:
                 return Repository.open(store, self.passphrase(), cache_dir=self.cache_dir, key=self._opened_key,
-                                       backlog=backlog, **options)  # type: ignore[arg-type]
+                                       config_bytes=self._config_bytes, backlog=backlog,
+                                       **options)  # type: ignore[arg-type]
             except StoreError as exc:
                 if backlog is None or not store_did_not_answer(exc):
                     raise

@@ -586,3 +586,13 @@ def test_verify_repair_json_says_what_it_healed_when_a_replica_cannot_be_reached
     assert snapshot.exists()
     plain = run(cli, "verify", "--repair", check=15)
     assert plain.stdout == b"" and f"replica {c} cannot be reached" in plain.stderr.decode(), plain
+
+
+def test_a_replica_without_the_repository_is_read_and_said_once(cli, tmp_path: Path, two_replicas) -> None:
+    """Taking the lock read every replica's config, and opening the repository read them all again:
+    the warning about the empty replica came twice."""
+    a, b = two_replicas
+    cli("-r", a, "init")
+    b.mkdir()
+    err = run(cli, "snapshots").stderr.decode()
+    assert err.count(f"replica {b} holds no repository yet") == 1, err
