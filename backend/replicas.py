@@ -229,6 +229,8 @@ class DegradedLog:
 
     def __init__(self, path: str):
         self.path = path
+        # The file's identity after this object last recorded into it, and the entries it then held.
+        self._remembered: tuple[tuple[int, int, int, int], set[tuple[str, str]]] | None = None
 
     def record(self, entries: list[tuple[str, str]]) -> None:
         if not entries:
@@ -244,7 +246,7 @@ class DegradedLog:
             f.write(lines.encode())
             f.flush()
             os.fsync(f.fileno())
-            _KNOWN[self.path] = (_identity(os.fstat(f.fileno())), known | set(new))
+            self._remembered = (_identity(os.fstat(f.fileno())), known | set(new))
         if created:
             fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
@@ -253,23 +255,22 @@ class DegradedLog:
         return list(dict.fromkeys(self._read()))
 
     def clear(self) -> None:
-        _KNOWN.pop(self.path, None)
+        self._remembered = None
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
 
     def _known(self) -> set[tuple[str, str]]:
-        """What the file holds: remembered from this process's last `record` while the file is as
-        it left it (a live mount records after every object stored; reading it all each time grew
-        with the square of the objects a replica missed)."""
+        """What the file holds: remembered from this object's last `record` while the file is as it
+        left it (a live mount records after every object stored; reading it all each time grew with
+        the square of the objects a replica missed)."""
         try:
             identity = _identity(os.stat(self.path))
         except FileNotFoundError:
             return set()
-        remembered = _KNOWN.get(self.path)
-        if remembered is not None and remembered[0] == identity:
-            return remembered[1]
+        if self._remembered is not None and self._remembered[0] == identity:
+            return self._remembered[1]
         return set(self._read())
 
     def _read(self) -> list[tuple[str, str]]:
@@ -287,10 +288,6 @@ class DegradedLog:
         except FsmountError:
             log.warning("%s: ignoring its last line, torn by a crash while it was written", self.path)
         return entries
-
-
-# path -> (the file's identity after this process last recorded into it, the entries it then held)
-_KNOWN: dict[str, tuple[tuple[int, int, int, int], set[tuple[str, str]]]] = {}
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:

@@ -92,6 +92,7 @@ class AppContext:
     _lock: RepositoryLock | None = field(default=None, repr=False)  # held until the command ends
     _opened_key: OpenedKey | None = field(default=None, repr=False)  # opened to take the lock
     _config_bytes: bytes | None = field(default=None, repr=False)  # read and checked to take the lock
+    _degraded_log: DegradedLog | None = field(default=None, repr=False)
     _unanswered: StoreError | None = field(default=None, repr=False)  # the store did not answer for the lock
     _passphrase: bytes | None = field(default=None, repr=False)
     _replicated: list = field(default_factory=list, repr=False)
@@ -224,14 +225,17 @@ class AppContext:
                         "there (e.g. %s in %s): run `fsmount replicas sync`", len(missing), missing[0][1], missing[0][0])
 
     def degraded_log(self) -> DegradedLog:
-        """Where degraded writes to these replicas are recorded until `replicas sync` heals them."""
+        """Where degraded writes to these replicas are recorded until `replicas sync` heals them
+        (one object for the command, which remembers what it recorded)."""
         from backend.replicas import DegradedLog
         from backend.repository import default_cache_dir
 
-        name = hashlib.sha256("\n".join(sorted(self.locations())).encode()).hexdigest()[:16]
-        directory = os.path.join(self.cache_dir or default_cache_dir(), "degraded")
-        os.makedirs(directory, exist_ok=True)
-        return DegradedLog(os.path.join(directory, f"{name}.jsonl"))
+        if self._degraded_log is None:
+            name = hashlib.sha256("\n".join(sorted(self.locations())).encode()).hexdigest()[:16]
+            directory = os.path.join(self.cache_dir or default_cache_dir(), "degraded")
+            os.makedirs(directory, exist_ok=True)
+            self._degraded_log = DegradedLog(os.path.join(directory, f"{name}.jsonl"))
+        return self._degraded_log
 
     def record_degraded_writes(self) -> int:
         """Persist what degraded writes left out of a replica; how many objects that was."""
