@@ -197,10 +197,10 @@ class Uploader:
 
         Free among the store's snapshots while the store takes writes. While it does not (the
         backlog holds what it could not take, or the store failed its last read), or when its
-        listing fails, free among the snapshots known here instead: the last listing, this mount's,
-        and those waiting in the backlog. Asking a store that is down held the snapshot's instant
-        for the whole retry budget and then failed it, where an unnamed one waits on local disk;
-        a listing that fails here makes the snapshot's writes wait on local disk at once. What this misses is a snapshot another machine
+        listing fails, free among the snapshots known here instead (`_snapshots_known_here`).
+        Asking a store that is down held the snapshot's instant for the whole retry budget and then
+        failed it, where an unnamed one waits on local disk; a listing that fails here makes the
+        snapshot's writes wait on local disk at once. What this misses is a snapshot another machine
         named so since the last listing; the two then get folders apart (`folder_names` appends the
         short id), as when two machines take one name at the same moment with the store up."""
         check_name(name)

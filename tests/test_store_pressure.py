@@ -38,10 +38,18 @@ pytestmark = pytest.mark.s3
 OUTAGE_S = 60.0
 
 
-def use_s3(cli, server, endpoint: str, bucket: str) -> None:
+def use_s3(cli, server, endpoint: str, bucket: str, *, retry_s: float = 2.0) -> None:
     key_id, secret = server.credentials
     cli.env.update(AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret, AWS_DEFAULT_REGION="us-east-1",
-                   FSMOUNT_REPOSITORY=f"s3:{endpoint}/{bucket}/repo", FSMOUNT_STORE_RETRY_S="2")
+                   FSMOUNT_REPOSITORY=f"s3:{endpoint}/{bucket}/repo", FSMOUNT_STORE_RETRY_S=str(retry_s))
+
+
+def folder_and_mountpoint(tmp_path: Path) -> tuple[Path, Path]:
+    """A folder to mount, and a folder to mount it at."""
+    source, mountpoint = tmp_path / "work", tmp_path / "mnt"
+    source.mkdir()
+    mountpoint.mkdir()
+    return source, mountpoint
 
 
 def wait_for_status(cli, mnt: Path, condition, timeout_s: float = 90.0) -> dict:
@@ -151,9 +159,8 @@ def test_the_first_named_snapshot_of_an_outage_waits_out_one_retry_budget_not_tw
     """With the backlog empty, its name was checked on the store's listing (one retry budget),
     then its first write waited out another before the snapshot went to local disk."""
     server = own_s3_server
-    use_s3(cli, server, server.endpoint, "first-named")
     budget_s = 4.0
-    cli.env["FSMOUNT_STORE_RETRY_S"] = str(budget_s)
+    use_s3(cli, server, server.endpoint, "first-named", retry_s=budget_s)
     cli("init")
     source = tmp_path / "work"
     source.mkdir()
@@ -195,13 +202,10 @@ def test_ls_snapshots_answers_at_once_while_the_store_is_down_and_asks_it_again_
     """Every `ls .snapshots` more than refresh_s after the last one listed the store again, and
     waited out a whole retry budget before it answered from what it knew."""
     server = own_s3_server
-    use_s3(cli, server, server.endpoint, "listing")
     budget_s = 8.0
-    cli.env["FSMOUNT_STORE_RETRY_S"] = str(budget_s)
+    use_s3(cli, server, server.endpoint, "listing", retry_s=budget_s)
     cli("init")
-    source, mountpoint = tmp_path / "work", tmp_path / "mnt"
-    source.mkdir()
-    mountpoint.mkdir()
+    source, mountpoint = folder_and_mountpoint(tmp_path)
     with live_mount(cli, source, mountpoint) as mnt:
         cli("snapshot", mnt, "--name", "before")
         snapshots = mnt / ".snapshots"
@@ -235,9 +239,7 @@ def test_a_folder_mounts_and_snapshots_with_the_store_unreachable_and_uploads_on
     server = own_s3_server
     use_s3(cli, server, server.endpoint, "plane")
     cli("init")
-    source, mountpoint = tmp_path / "work", tmp_path / "mnt"
-    source.mkdir()
-    mountpoint.mkdir()
+    source, mountpoint = folder_and_mountpoint(tmp_path)
     (source / "kept.txt").write_text("there all along\n")
     with live_mount(cli, source, mountpoint) as mnt:
         cli("snapshot", mnt, "--name", "before")
@@ -285,13 +287,10 @@ def test_reading_a_snapshot_s_data_only_in_the_store_fails_at_once_while_it_is_d
         cli, own_s3_server, tmp_path: Path) -> None:
     """Every such read waited out a whole retry budget before it failed with EIO."""
     server = own_s3_server
-    use_s3(cli, server, server.endpoint, "eio")
     budget_s = 8.0
-    cli.env["FSMOUNT_STORE_RETRY_S"] = str(budget_s)
+    use_s3(cli, server, server.endpoint, "eio", retry_s=budget_s)
     cli("init")
-    source, mountpoint = tmp_path / "work", tmp_path / "mnt"
-    source.mkdir()
-    mountpoint.mkdir()
+    source, mountpoint = folder_and_mountpoint(tmp_path)
     (source / "stored.bin").write_bytes(os.urandom(300_000))
     with live_mount(cli, source, mountpoint) as mnt:
         cli("snapshot", mnt, "--name", "before")
